@@ -1,0 +1,29 @@
+"""clipxfer: make CLIP useful on your own images.
+
+The public Python API; the ``clipxfer`` command line is a thin layer over it. Names are
+imported lazily so ``clipxfer --help`` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "ClipxferError": "clipxfer.errors",
+    "load_encoder": "clipxfer.encoders",
+    "Encoder": "clipxfer.encoders",
+    "available_models": "clipxfer.encoders.registry",
+    "LabelledImages": "clipxfer.data",
+    "load_dataset": "clipxfer.data",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'clipxfer' has no attribute {name!r}")

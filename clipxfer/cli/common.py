@@ -1,0 +1,69 @@
+"""Pieces every command shares: model options, JSON output, and turning errors into one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from ..errors import ClipxferError
+
+
+def model_options(func):
+    """``--model``, ``--device`` and ``--precision``, passed on as keyword arguments."""
+    func = click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        default="auto",
+        show_default=True,
+        help="Weight precision; auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32.",
+    )(func)
+    func = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(func)
+    func = click.option(
+        "--model",
+        "model",
+        default=None,
+        metavar="SPEC",
+        help="lite, tiny, MODEL:PRETRAINED (see 'clipxfer models'), MODEL:random, MODEL:/path/ckpt, hf-hub:ORG/NAME."
+        " Default: ViT-B-32:laion2b_s34b_b79k, or lite when its weights are not available.",
+    )(func)
+    return func
+
+
+def load_model(model: str | None, device: str, precision: str):
+    """The encoder for the standard model options."""
+    from ..encoders import load_encoder
+
+    return load_encoder(model, device=device, precision=precision)
+
+
+def emit_json(value) -> None:
+    """Print ``value`` as indented JSON on stdout."""
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+class ErrorReportingGroup(click.Group):
+    """A click group that prints :class:`ClipxferError` as ``error: ...`` and exits 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ClipxferError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+def reports_errors(func):
+    """Decorator form of :class:`ErrorReportingGroup` for code called outside click."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ClipxferError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,126 @@
+"""The encoder protocol every backend implements.
+
+An encoder turns images and texts into L2-normalised float32 rows in one shared space, and
+names itself with a stable ``id`` that every artifact (index, head, bench result) records.
+Backends implement two methods, :meth:`Encoder.encode_pixels` and :meth:`Encoder.encode_texts`;
+decoding, batching and normalisation of inputs live here once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..images import ImageLike, load_model_input
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """What one image batch gives.
+
+    ``embeddings``: ``(n, dim)`` L2-normalised rows in the shared image-text space.
+    ``features``: ``(n, feature_dim)`` the representation few-shot probes train on; for CLIP
+    models the same array as ``embeddings``, for ``lite`` the 1280-d backbone features.
+    """
+
+    embeddings: np.ndarray
+    features: np.ndarray
+
+
+def l2_normalize(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero), as float32."""
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, 1e-12)
+
+
+class Encoder(ABC):
+    """Base class of all encoders; see the module docstring for the contract."""
+
+    #: Stable identifier, e.g. ``open_clip:ViT-B-32:laion2b_s34b_b79k`` or ``lite:...``.
+    id: str
+    #: Width of the shared image-text embedding.
+    dim: int
+    #: Width of :attr:`ImageEncoding.features`.
+    feature_dim: int
+    #: Side of the square ``uint8`` input :meth:`encode_pixels` expects.
+    input_size: int
+    #: Per-channel mean and std applied to pixels scaled to [0, 1].
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+    dtype: torch.dtype
+    #: Exponentiated CLIP temperature: logits = logit_scale * image @ text.T
+    logit_scale: float = 100.0
+
+    @abstractmethod
+    def _forward_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised NCHW pixels on ``self.device`` in ``self.dtype`` -> (embeddings, features)."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Texts -> ``(n, dim)`` L2-normalised float32 embeddings."""
+
+    def pixels_to_tensor(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``uint8 (n, H, W, 3)`` -> normalised channels-last NCHW tensor on the model's device.
+
+        The uint8 batch crosses to the device first, so a GPU receives a quarter of the bytes
+        and does the scaling itself.
+        """
+        batch = torch.as_tensor(pixels)
+        if batch.device != self.device:
+            batch = batch.to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).to(torch.float32)
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        batch = (batch - mean) / std
+        return batch.to(self.dtype).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray | torch.Tensor) -> ImageEncoding:
+        """Encode a ``uint8 (n, input_size, input_size, 3)`` batch."""
+        if len(pixels) == 0:
+            empty = np.zeros((0, self.dim), np.float32)
+            return ImageEncoding(empty, np.zeros((0, self.feature_dim), np.float32))
+        embeddings, features = self._forward_images(self.pixels_to_tensor(pixels))
+        embeddings = l2_normalize(embeddings.float().cpu().numpy())
+        if features is None:
+            return ImageEncoding(embeddings, embeddings)
+        return ImageEncoding(embeddings, features.float().cpu().numpy())
+
+    def embed_images(
+        self,
+        images: Sequence[ImageLike],
+        batch_size: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> ImageEncoding:
+        """Decode and encode images (paths, PIL images or uint8 arrays), ``batch_size`` at a time.
+
+        Unreadable images raise :class:`~clipxfer.errors.ImageDecodeError`; the indexer uses
+        its own pipeline that skips them instead. ``progress(n)`` is called after each batch.
+        """
+        embedding_parts, feature_parts = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = np.stack([load_model_input(item, self.input_size) for item in chunk])
+            encoded = self.encode_pixels(pixels)
+            embedding_parts.append(encoded.embeddings)
+            feature_parts.append(encoded.features)
+            if progress:
+                progress(len(chunk))
+        if not embedding_parts:
+            return self.encode_pixels(np.zeros((0, self.input_size, self.input_size, 3), np.uint8))
+        embeddings = np.concatenate(embedding_parts)
+        same = all(e is f for e, f in zip(embedding_parts, feature_parts))
+        return ImageEncoding(embeddings, embeddings if same else np.concatenate(feature_parts))
+
+    def encode_images(self, images: Sequence[ImageLike], batch_size: int = 64) -> np.ndarray:
+        """Images -> ``(n, dim)`` L2-normalised float32 embeddings in the shared space."""
+        return self.embed_images(images, batch_size).embeddings
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} on {self.device} ({self.dtype})>"

@@ -1,0 +1,201 @@
+"""The open_clip backend: any open_clip model with pretrained weights, hf-hub names, local
+checkpoints, and random-initialised models (``tiny`` for tests, ``MODEL:random`` for benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import open_clip
+import torch
+
+from ..device import choose_device, choose_precision
+from ..errors import ClipxferError
+from .base import Encoder, l2_normalize
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_MODEL = "clipxfer-tiny"
+RANDOM_TAG = "random"
+RANDOM_SEED = 0
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class MissingWeightsError(ClipxferError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+@lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """True when the Hugging Face hub answers a TCP connect within two seconds.
+
+    Asked once per process, so an offline machine fails in milliseconds instead of after
+    huggingface_hub's minute of retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Make huggingface_hub use its cache without asking the network for newer revisions."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _hf_cached_file(repo_id: str, filename: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return found if isinstance(found, str) else None
+
+
+def cached_weights(model_name: str, tag: str) -> str | None:
+    """Path of the cached weights for an open_clip ``model_name``/``tag`` pair, or None."""
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        return None
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        # open_clip's own convention: 'org/repo/' means the default file names, 'org/repo/file' one file.
+        repo_id, filename = os.path.split(hub)
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        for name in candidates:
+            found = _hf_cached_file(repo_id, name)
+            if found:
+                return found
+    url = cfg.get("url", "")
+    if url:
+        local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)
+        if local.is_file():
+            return str(local)
+    return None
+
+
+def hf_hub_model_cached(repo_id: str) -> bool:
+    """True when an ``hf-hub:`` model's config is in the local Hugging Face cache."""
+    return _hf_cached_file(repo_id, "open_clip_config.json") is not None
+
+
+def list_pretrained_pairs() -> list[dict]:
+    """Every ``model:pretrained`` pair open_clip knows, with whether its weights are cached here."""
+    return [
+        {"spec": f"{model}:{tag}", "model": model, "pretrained": tag, "cached": cached_weights(model, tag) is not None}
+        for model, tag in open_clip.list_pretrained()
+    ]
+
+
+def _missing_weights_message(what: str) -> str:
+    return (
+        f"the weights for {what} are not in the local cache and cannot be downloaded (no network). "
+        "Run once where the network is reachable so open_clip caches them (Hugging Face cache, "
+        "~/.cache/huggingface), copy that cache here, or pass a local checkpoint as MODEL:/path/to/weights.pt; "
+        "to work fully offline use --model lite (the bundled offline encoder, far weaker than CLIP) "
+        "or --model tiny (random weights, for tests)."
+    )
+
+
+def _file_id(path: Path) -> str:
+    """Content hash of a checkpoint, so the id survives the file being moved."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "file-" + digest.hexdigest()[:16]
+
+
+class OpenClipEncoder(Encoder):
+    """An open_clip model.
+
+    ``pretrained`` is an open_clip tag (``laion2b_s34b_b79k``), a path to a checkpoint, ``random``
+    (random init from a fixed seed) or None for an ``hf-hub:`` model name.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None,
+        device: str | None = None,
+        precision: str | None = None,
+    ):
+        self.device = choose_device(device)
+        self.dtype = choose_precision(self.device, precision)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        model = self._create_model(model_name, pretrained)
+        model = model.eval().to(self.device, dtype=self.dtype)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        preprocess = open_clip.get_model_preprocess_cfg(model)
+        size = preprocess.get("size", model.visual.image_size)
+        self.input_size = int(size if isinstance(size, int) else size[0])
+        self.mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+        self.dim = self.feature_dim = int(self._embed_dim())
+        self.logit_scale = float(model.logit_scale.exp().float().item())
+
+    def _embed_dim(self) -> int:
+        with torch.inference_mode():
+            probe = self.tokenizer(["a"]).to(self.device)
+            return self.model.encode_text(probe).shape[-1]
+
+    def _create_model(self, model_name: str, pretrained: str | None) -> torch.nn.Module:
+        if model_name.startswith("hf-hub:"):
+            self.id = f"open_clip:{model_name}"
+            repo_id = model_name[len("hf-hub:"):]
+            cached = hf_hub_model_cached(repo_id)
+            if not cached and not hub_reachable():
+                raise MissingWeightsError(_missing_weights_message(model_name))
+            with _hub_offline() if cached else contextlib.nullcontext():
+                return open_clip.create_model(model_name)
+        if pretrained in (None, RANDOM_TAG):
+            self.id = f"open_clip:{model_name}:{RANDOM_TAG}-seed{RANDOM_SEED}"
+            # Random init from a fixed seed, without disturbing the caller's random state.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_SEED)
+                return open_clip.create_model(model_name, pretrained=None)
+        if Path(pretrained).expanduser().is_file():
+            path = Path(pretrained).expanduser()
+            self.id = f"open_clip:{model_name}:{_file_id(path)}"
+            return open_clip.create_model(model_name, pretrained=str(path))
+        self.id = f"open_clip:{model_name}:{pretrained}"
+        weights = cached_weights(model_name, pretrained)
+        if weights is None:
+            if not hub_reachable():
+                raise MissingWeightsError(_missing_weights_message(f"'{model_name}:{pretrained}'"))
+            return open_clip.create_model(model_name, pretrained=pretrained)
+        return open_clip.create_model(model_name, pretrained=weights)
+
+    def _forward_images(self, pixels: torch.Tensor):
+        return self.model.encode_image(pixels), None
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            parts.append(self.model.encode_text(tokens).float().cpu().numpy())
+        if not parts:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalize(np.concatenate(parts))

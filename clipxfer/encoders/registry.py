@@ -1,0 +1,120 @@
+"""The one place that turns a model name (``--model SPEC``) into an encoder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import open_clip
+
+from ..errors import ClipxferError
+from .base import Encoder
+
+DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
+LITE = "lite"
+TINY = "tiny"
+
+SPEC_HELP = (
+    "use 'lite' (offline), 'tiny' (tests), a MODEL:PRETRAINED pair from 'clipxfer models', "
+    "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME"
+)
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """``'ViT-B-32:laion2b_s34b_b79k'`` -> (model, tag); a bare model name gets its first tag."""
+    if spec.startswith("hf-hub:"):
+        return spec, None
+    model, _, tag = spec.partition(":")
+    if model not in open_clip.list_models():
+        raise ClipxferError(f"unknown model '{spec}': {SPEC_HELP}")
+    if tag:
+        if tag == "random" or Path(tag).expanduser().is_file():
+            return model, tag
+        if tag not in open_clip.list_pretrained_tags_by_model(model):
+            known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise ClipxferError(
+                f"unknown pretrained tag '{tag}' for {model} (known: {known}); or give a checkpoint path that exists"
+            )
+        return model, tag
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if not tags:
+        raise ClipxferError(f"{model} has no pretrained weights in open_clip: use {model}:random or {model}:/path")
+    return model, tags[0]
+
+
+def load_encoder(spec: str | None = None, device: str | None = None, precision: str | None = None) -> Encoder:
+    """Build the encoder named by ``spec``.
+
+    ``None``/``'default'`` is open_clip ViT-B-32 (LAION-2B) when its weights are cached or
+    downloadable, else the offline ``lite`` encoder with one warning line on stderr.
+    """
+    from .lite import LiteEncoder
+    from .openclip import TINY_MODEL, MissingWeightsError, OpenClipEncoder
+
+    if spec in (None, "", "default"):
+        try:
+            return load_encoder(DEFAULT_MODEL, device, precision)
+        except MissingWeightsError:
+            print(
+                f"warning: {DEFAULT_MODEL} weights are not available offline; using the 'lite' encoder "
+                "(far weaker than CLIP). Pass --model to choose.",
+                file=sys.stderr,
+            )
+            return LiteEncoder(device, precision)
+    if spec == LITE:
+        return LiteEncoder(device, precision)
+    if spec == TINY:
+        return _quiet(OpenClipEncoder, TINY_MODEL, None, device, precision)
+    model, tag = _split_spec(spec)
+    return _quiet(OpenClipEncoder, model, tag, device, precision)
+
+
+def _quiet(factory, *args):
+    """open_clip logs 'initialized randomly' at WARNING for random models; the id says so already."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return factory(*args)
+    finally:
+        root.setLevel(previous)
+
+
+@lru_cache(maxsize=4)
+def cached_encoder(spec: str | None = None, device: str | None = None, precision: str | None = None) -> Encoder:
+    """:func:`load_encoder`, memoised per process (tests and the bench reuse one model)."""
+    return load_encoder(spec, device, precision)
+
+
+BACKENDS = [
+    {"spec": LITE, "description": "offline: EfficientNet-Lite0 + MiniLM aligned by ConSE (far weaker than CLIP)"},
+    {"spec": TINY, "description": "tiny random-init open_clip model, for tests"},
+    {"spec": "MODEL:PRETRAINED", "description": "any open_clip pair below (weights via the Hugging Face cache)"},
+    {"spec": "MODEL:random", "description": "open_clip architecture with random weights (benchmarks)"},
+    {"spec": "MODEL:/path", "description": "open_clip architecture with a local checkpoint file"},
+    {"spec": "hf-hub:ORG/NAME", "description": "open_clip model from the Hugging Face hub"},
+]
+
+
+def available_models() -> dict:
+    """Backends, every open_clip ``model:pretrained`` pair with its cached flag, and the default."""
+    from .openclip import list_pretrained_pairs
+
+    pairs = list_pretrained_pairs()
+    default_cached = any(p["spec"] == DEFAULT_MODEL and p["cached"] for p in pairs)
+    return {"backends": BACKENDS, "open_clip": pairs, "default": DEFAULT_MODEL, "default_cached": default_cached}
+
+
+def spec_for_id(model_id: str) -> str:
+    """The ``--model`` value that rebuilds the encoder with this id (best effort for files)."""
+    from .lite import LITE_ID
+    from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
+
+    if model_id == LITE_ID:
+        return LITE
+    name = model_id.removeprefix("open_clip:")
+    if name == f"{TINY_MODEL}:{RANDOM_TAG}-seed{RANDOM_SEED}":
+        return TINY
+    return name.removesuffix(f"-seed{RANDOM_SEED}")

@@ -1,0 +1,61 @@
+"""Encoding a labelled dataset once: features cached on disk per (encoder, dataset items)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .data import LabelledImages
+from .encoders.base import Encoder, ImageEncoding
+from .paths import cache_dir
+
+
+def dataset_fingerprint(encoder_id: str, dataset: LabelledImages) -> str:
+    """A hash of the encoder id and each item's key (plus size and mtime for files)."""
+    digest = hashlib.sha256(encoder_id.encode())
+    for key, source in zip(dataset.keys, dataset.sources):
+        digest.update(key.encode())
+        if isinstance(source, (str, os.PathLike)):
+            stat = Path(source).stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def encode_dataset(encoder: Encoder, dataset: LabelledImages, use_cache: bool = True, progress: bool = False) -> ImageEncoding:
+    """Embeddings and probe features of every item of ``dataset``, from the cache when possible."""
+    path = cache_dir() / "features" / f"{dataset_fingerprint(encoder.id, dataset)}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            stored = load_file(path)
+            return ImageEncoding(stored["embeddings"], stored.get("features", stored["embeddings"]))
+        except Exception:  # a damaged cache entry is recomputed
+            pass
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(dataset), desc=f"encoding {dataset.name}", unit="img", file=sys.stderr)
+    encoding = encoder.embed_images(dataset.sources, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    if use_cache:
+        arrays = {"embeddings": encoding.embeddings}
+        if encoding.features is not encoding.embeddings:
+            arrays["features"] = encoding.features
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        save_file(arrays, str(tmp))
+        os.replace(tmp, path)
+    return encoding
+
+
+def take(encoding: ImageEncoding, indices: np.ndarray) -> ImageEncoding:
+    """The rows at ``indices`` of both arrays."""
+    embeddings = encoding.embeddings[indices]
+    features = embeddings if encoding.features is encoding.embeddings else encoding.features[indices]
+    return ImageEncoding(embeddings, features)

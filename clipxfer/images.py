@@ -1,0 +1,162 @@
+"""Finding image files and decoding them safely: the one place in clipxfer that opens images.
+
+Everything downstream sees either an RGB ``PIL.Image`` or a ``uint8`` array of shape
+``(size, size, 3)`` that is already resized and centre-cropped for a model. Decoding problems
+become :class:`~clipxfer.errors.ImageDecodeError` with a one-line reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageDecodeError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+# Images above this many pixels are refused instead of decoded (decompression bombs).
+# 100 megapixels covers real camera photos (a 12 MP phone photo is 12e6).
+MAX_PIXELS = 100_000_000
+
+# A truncated file is a corrupt file: PIL must not silently fill the rest with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def is_image_path(path: Path) -> bool:
+    """True when the file name has one of the image extensions, in any case."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(root: str | os.PathLike) -> Iterator[Path]:
+    """Yield image files below ``root``, recursively, in a stable sorted order.
+
+    Symbolic links to folders are followed once: a folder reached again through a link
+    (a symlink loop) is skipped.
+    """
+    root = Path(root)
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if is_image_path(path) and path.is_file():
+                yield path
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite a transparent image onto white: models never saw transparency, and black
+    (what a plain convert gives) turns every logo into a dark blob."""
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16/32-bit greyscale to 8-bit RGB by scaling the used range, instead of PIL's clipping."""
+    values = np.asarray(img, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    scale = 255.0 / (high - low) if high > low else 0.0
+    grey = ((values - low) * scale).round().astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: CMYK, palette, transparency, 16-bit and float greyscale included."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return _flatten_alpha(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_bit_depth_to_rgb(img)
+    return img.convert("RGB")
+
+
+def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Open ``path`` as an upright RGB image, or raise :class:`ImageDecodeError`.
+
+    ``draft_size`` lets JPEGs decode at a reduced scale (DCT scaling) when the model only needs
+    ``draft_size`` pixels on the short side: a 12-megapixel photo then decodes several times faster.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise ImageDecodeError(
+                        path, f"{width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
+                    )
+                if draft_size and img.format == "JPEG":
+                    # Keep the short side at least twice the target so the final resize still antialiases.
+                    img.draft("RGB", _draft_target(img.size, 2 * draft_size))
+                img.load()
+                upright = ImageOps.exif_transpose(img)
+                return to_rgb(upright)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not an image file PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(path, f"refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def _draft_target(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    width, height = size
+    scale = short_side / min(width, height)
+    return (max(1, int(width * scale)), max(1, int(height * scale)))
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the short side to ``size`` (bicubic) and centre-crop a square, as open_clip's
+    preprocessing does; returns ``uint8`` ``(size, size, 3)``."""
+    width, height = img.size
+    # Same arithmetic as torchvision's Resize(size): the long side is truncated, not rounded.
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def as_pil(item: ImageLike) -> Image.Image:
+    """A path, PIL image, or ``uint8`` array (HxW or HxWxC) as an RGB PIL image."""
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise ImageDecodeError("<array>", f"expected a uint8 array, got {item.dtype}")
+        return to_rgb(Image.fromarray(item))
+    return open_image(item)
+
+
+def load_model_input(item: ImageLike, size: int) -> np.ndarray:
+    """Decode anything image-like into the ``uint8 (size, size, 3)`` array a model consumes."""
+    if isinstance(item, (str, os.PathLike)):
+        img = open_image(item, draft_size=size)
+    else:
+        img = as_pil(item)
+    return resize_center_crop(img, size)

@@ -1,0 +1,43 @@
+"""Where clipxfer keeps its files on disk: one place, overridable by environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root of clipxfer's caches (text embeddings, dataset features, exported samples).
+
+    ``CLIPXFER_CACHE`` wins, then ``$XDG_CACHE_HOME/clipxfer``, then ``~/.cache/clipxfer``.
+    """
+    if os.environ.get("CLIPXFER_CACHE"):
+        root = Path(os.environ["CLIPXFER_CACHE"])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipxfer"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def default_index_path() -> Path:
+    """The index used when ``--index`` is not given.
+
+    ``CLIPXFER_INDEX`` wins, then ``$XDG_DATA_HOME/clipxfer/index``, then
+    ``~/.local/share/clipxfer/index``.
+    """
+    if os.environ.get("CLIPXFER_INDEX"):
+        return Path(os.environ["CLIPXFER_INDEX"])
+    data_home = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return data_home / "clipxfer" / "index"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

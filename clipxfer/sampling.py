@@ -1,0 +1,105 @@
+"""Few-shot splits: K training images per class, a validation set from the rest of the training
+pool, and a held-out test set, all drawn from explicit seeds and written out as a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import LabelledImages
+from .errors import ClipxferError
+
+#: Seed of the train/test partition of datasets without a fixed split: the same for every
+#: few-shot seed, so all seeds and methods are scored on one test set.
+PARTITION_SEED = 0
+TEST_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class FewShotSplit:
+    """Indices into a dataset; ``shots`` and ``seed`` record how they were drawn."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    shots: int
+    seed: int
+
+    def manifest(self, dataset: LabelledImages) -> pd.DataFrame:
+        """One row per used item: ``key,label,split`` (split = train, val or test)."""
+        rows = [
+            (dataset.keys[i], dataset.classnames[dataset.labels[i]], role)
+            for role, indices in (("train", self.train), ("val", self.val), ("test", self.test))
+            for i in indices
+        ]
+        return pd.DataFrame(rows, columns=["path", "label", "split"])
+
+    def manifest_hash(self, dataset: LabelledImages) -> str:
+        """A short hash identifying exactly which items were drawn for what."""
+        text = self.manifest(dataset).to_csv(index=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def write_manifest(self, dataset: LabelledImages, path: str | Path) -> Path:
+        """Write the drawn manifest as CSV, so the run can be repeated exactly."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.StringIO()
+        self.manifest(dataset).to_csv(buffer, index=False)
+        path.write_text(buffer.getvalue())
+        return path
+
+
+def partition_train_test(dataset: LabelledImages) -> tuple[np.ndarray, np.ndarray]:
+    """Train pool and test indices: the dataset's own split where it has one, else a stratified
+    30% test hold-out drawn with :data:`PARTITION_SEED`."""
+    splits = dataset.splits
+    if (splits == "test").any():
+        return np.flatnonzero(splits != "test"), np.flatnonzero(splits == "test")
+    rng = np.random.default_rng(PARTITION_SEED)
+    train, test = [], []
+    for label in range(len(dataset.classnames)):
+        members = rng.permutation(np.flatnonzero(dataset.labels == label))
+        cut = int(round(len(members) * TEST_FRACTION)) if len(members) > 1 else 0
+        test.extend(members[:cut])
+        train.extend(members[cut:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64))
+
+
+def default_val_shots(shots: int) -> int:
+    """Validation images per class: as many as the training shots, between 2 and 4 (CoOp's
+    recipe caps validation at 4 per class so tuning does not cost more labels than training)."""
+    return min(max(shots, 2), 4)
+
+
+def draw_few_shot(
+    dataset: LabelledImages,
+    shots: int,
+    seed: int,
+    val_shots: int | None = None,
+    max_test: int | None = None,
+) -> FewShotSplit:
+    """Draw ``shots`` training and ``val_shots`` validation images per class from the training
+    pool with ``seed``; the test set is the held-out partition (optionally capped at ``max_test``
+    items, drawn with :data:`PARTITION_SEED` so it stays the same across seeds)."""
+    if shots < 1:
+        raise ClipxferError(f"--shots {shots}: the number of training images per class must be at least 1")
+    val_shots = default_val_shots(shots) if val_shots is None else val_shots
+    pool, test = partition_train_test(dataset)
+    if max_test is not None and len(test) > max_test:
+        test = np.sort(np.random.default_rng(PARTITION_SEED).choice(test, size=max_test, replace=False))
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label, name in enumerate(dataset.classnames):
+        members = rng.permutation(pool[dataset.labels[pool] == label])
+        if len(members) < shots:
+            print(f"warning: class '{name}' has {len(members)} training image(s), fewer than --shots {shots}; using all",
+                  file=sys.stderr)
+        train.extend(members[:shots])
+        val.extend(members[shots : shots + val_shots])
+    return FewShotSplit(np.array(train, np.int64), np.array(val, np.int64), test, shots, seed)
