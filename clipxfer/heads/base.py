@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ..encoders.base import ImageEncoding
+from ..encoders.base import Encoder, ImageEncoding
 from ..encoders.registry import spec_for_id
 from ..errors import ClipxferError
 
@@ -36,6 +37,24 @@ def register_head(cls: type["Head"]) -> type["Head"]:
     return cls
 
 
+@dataclass
+class FewShotData:
+    """Everything a few-shot method may fit on: encoded training and validation images with
+    labels, the zero-shot head of the same classes (the prior most methods start from), the
+    encoder (CoOp trains through its text tower), and the draw that produced the data."""
+
+    encoder: Encoder
+    classnames: list[str]
+    train: ImageEncoding
+    train_labels: np.ndarray
+    val: ImageEncoding
+    val_labels: np.ndarray
+    zeroshot: "Head"
+    shots: int
+    seed: int
+    manifest_hash: str = ""
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, numerically stable."""
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -48,8 +67,9 @@ class Head(ABC):
 
     Subclasses set ``method``, keep their arrays in ``self.weights`` and their settings in
     ``self.config`` (hyperparameters, shots, seed, manifest hash, validation score, ...), and
-    implement :meth:`logits`. Construction from training data is each method's own ``fit``
-    function, since methods need different inputs.
+    implement :meth:`logits`. Few-shot methods also implement the classmethod
+    ``fit(data: FewShotData, **options) -> Head`` so the CLI and the benchmark train every method
+    the same way; options are method hyperparameters with sensible defaults.
     """
 
     method: ClassVar[str]
