@@ -13,11 +13,19 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "ClipxferError": "clipxfer.errors",
+    "run_transfer": "clipxfer.transfer",
+    "predict": "clipxfer.transfer",
     "load_encoder": "clipxfer.encoders",
     "Encoder": "clipxfer.encoders",
     "available_models": "clipxfer.encoders.registry",
     "LabelledImages": "clipxfer.data",
     "load_dataset": "clipxfer.data",
+    "classify_folder": "clipxfer.classify",
+    "classify_index": "clipxfer.classify",
+    "fit_zeroshot": "clipxfer.heads.zeroshot",
+    "load_templates": "clipxfer.prompts",
+    "classification_report": "clipxfer.metrics",
+    "Index": "clipxfer.index",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -23,6 +23,10 @@ def main():
 # One module per group of commands; adding commands is adding a module here.
 COMMAND_MODULES = [
     "models",
+    "index",
+    "classify",
+    "bench",
+    "transfer",
 ]
 
 for _name in COMMAND_MODULES:

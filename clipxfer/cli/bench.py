@@ -1,0 +1,54 @@
+"""``clipxfer bench``: zero-shot vs adapted accuracy over shots and seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import main
+from .common import emit_json
+
+
+@main.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", "data", multiple=True, metavar="NAME|PATH",
+              help="Built-in dataset (fashion-mnist, digits, mnist-5k), ImageFolder or CSV manifest; repeatable.")
+@click.option("--methods", help="Comma-separated: zeroshot,probe,tip,tipf,coop,mix.")
+@click.option("--shots", help="Comma-separated shots per class, e.g. 1,2,4,8,16.")
+@click.option("--seeds", help="Comma-separated seeds, e.g. 1,2,3.")
+@click.option("--model", default=None, metavar="SPEC", help="Encoder (see 'clipxfer models').")
+@click.option("--templates", default=None, help="Template set or file for --data datasets (default simple).")
+@click.option("--max-test", type=int, default=None, help="Cap the test set of --data datasets (default 2000).")
+@click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON.")
+def bench(config_file, data, methods, shots, seeds, model, templates, max_test, out_dir, as_json):
+    """Benchmark zero-shot against few-shot methods; writes results.csv, summary.md, plot.png.
+
+    CONFIG_FILE is an optional TOML file (see the README); options given here override it.
+    Re-running with the same --out skips finished cells.
+    """
+    from ..bench.config import (
+        DEFAULT_MAX_TEST, BenchConfig, DatasetSpec, load_config, parse_int_list, with_overrides,
+    )  # fmt: skip
+    from ..bench.report import summarize
+    from ..bench.runner import run_bench
+
+    config = load_config(config_file) if config_file else BenchConfig(datasets=())
+    datasets = tuple(
+        DatasetSpec(source=d, templates=templates or "simple", max_test=max_test or DEFAULT_MAX_TEST) for d in data
+    )
+    config = with_overrides(
+        config,
+        datasets=datasets or None,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
+        shots=parse_int_list(shots, "--shots") if shots else None,
+        seeds=parse_int_list(seeds, "--seeds") if seeds else None,
+        model=model,
+    )
+    table = run_bench(config, out_dir)
+    if as_json:
+        emit_json(summarize(table).to_dict(orient="records"))
+    else:
+        click.echo(Path(out_dir, "summary.md").read_text())
+        click.echo(f"wrote {out_dir}/results.csv, summary.md, plot.png")

@@ -1,0 +1,131 @@
+"""``clipxfer classify`` (zero-shot classification of a folder or an index) and ``clipxfer prompts``."""
+
+from __future__ import annotations
+
+import click
+
+from . import main
+from .common import emit_json, load_model, model_options
+
+
+@main.command()
+@click.argument("folder", required=False, type=click.Path(file_okay=False))
+@click.option("--index", "index_path", type=click.Path(), help="Classify the images of this index (no re-encoding).")
+@click.option("--classes", help='Class names: "a,b,c" or a text file, one per line. Default: the subfolder names.')
+@click.option("--templates", default="simple", show_default=True, help="Template set name (see 'clipxfer prompts') or a file.")
+@click.option("--descriptions", type=click.Path(dir_okay=False), help="Per-class descriptions: CSV class,description or JSON.")
+@click.option("--top-k", "top_k", default=3, show_default=True, type=click.IntRange(min=1), help="Labels per image.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write per-image predictions here (CSV).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix figure here (labelled images).")
+@click.option("--save-head", type=click.Path(dir_okay=False), help="Also save the zero-shot head (.safetensors).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
+@model_options
+def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, as_json, model, device, precision):
+    """Zero-shot classify the images in FOLDER, or in an index with --index.
+
+    Each class becomes prompts (every template, plus its descriptions if given); an image gets the
+    class whose mean prompt embedding is nearest. A labelled FOLDER (one subfolder per class; their
+    names are the classes unless --classes is given) is scored: accuracy, balanced accuracy,
+    macro-F1, per-class recall, confusion matrix, expected calibration error (15 bins). An index
+    is scored the same way when its images lie in class subfolders of its root. Any other folder
+    gets predictions only, printed or written with --out (columns path[,label],pred_1,prob_1,...).
+
+    \b
+    --json prints an object with the keys:
+      source, model, classes, templates, num_templates, num_descriptions,
+      n                  images classified
+      labelled           true when true labels were known
+      accuracy, balanced_accuracy, macro_f1, top5_accuracy (more than 5 classes),
+      ece, mean_confidence          null when unlabelled
+      per_class_recall, support     class -> value (null when unlabelled)
+      confusion_matrix              rows true, columns predicted, in classes order
+      predicted_counts              class -> images predicted as it
+      predictions                   unlabelled only: [{path, top: [[class, prob], ...]}]
+      out, plot, head               paths written, or null
+    """
+    from ..classify import classify_folder, classify_index
+    from ..errors import ClipxferError
+    from ..prompts import load_classnames, load_templates
+
+    if (folder is None) == (index_path is None):
+        raise ClipxferError("give a FOLDER of images or --index PATH (one of the two)")
+    class_list = load_classnames(classes) if classes else None
+    load_templates(templates)  # a bad set name fails before a model loads
+    if index_path is not None:
+        result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True)
+    else:
+        encoder = load_model(model, device, precision)
+        result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True)
+    written = {"out": None, "plot": None, "head": None}
+    if out:
+        written["out"] = str(result.save_table(out, top_k))
+    if plot:
+        written["plot"] = str(result.plot_confusion(plot))
+    if save_head:
+        written["head"] = str(result.head.save(save_head))
+    if as_json:
+        emit_json({**result.summary(top_k), **written})
+        return
+    _print_result(result, top_k, written)
+
+
+def _print_result(result, top_k: int, written: dict) -> None:
+    import pandas as pd
+
+    click.echo(
+        f"{result.source}: {len(result.paths)} images, {len(result.classnames)} classes, "
+        f"templates {result.templates} ({len(result.head.config['templates'])}), model {result.head.model_id}"
+    )
+    report = result.report
+    if report is not None:
+        top5 = f"\ntop-5 accuracy     {report['top5_accuracy']:.4f}" if report["top5_accuracy"] is not None else ""
+        click.echo(
+            f"accuracy           {report['accuracy']:.4f}\n"
+            f"balanced accuracy  {report['balanced_accuracy']:.4f}\n"
+            f"macro-F1           {report['macro_f1']:.4f}{top5}\n"
+            f"ECE (15 bins)      {report['ece']:.4f}  (mean confidence {report['mean_confidence']:.4f})"
+        )
+        click.echo("per-class recall:")
+        width = max(len(name) for name in result.classnames)
+        for name in result.classnames:
+            recall = report["per_class_recall"][name]
+            shown = "   -  " if recall is None else f"{recall:.4f}"
+            click.echo(f"  {name:<{width}}  {shown}  (n={report['support'][name]})")
+        if len(result.classnames) <= 20:
+            frame = pd.DataFrame(report["confusion_matrix"], index=result.classnames, columns=result.classnames)
+            click.echo("confusion matrix (rows true, columns predicted):")
+            click.echo(frame.to_string())
+        else:
+            click.echo("confusion matrix: too many classes to print; use --plot cm.png or --json")
+    elif not written["out"]:
+        click.echo(result.table(top_k).to_string(index=False))
+    for key, label in (("out", "predictions"), ("plot", "confusion matrix"), ("head", "head")):
+        if written[key]:
+            click.echo(f"wrote {label} to {written[key]}")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of {name, description, templates, example, path}.")
+def prompts(name, as_json):
+    """List the prompt template sets, or print the templates of set NAME (a set name or a file).
+
+    A set is a text file, one template per line with {} where the class name goes and # comment
+    lines; any such file works wherever a set name does (--templates FILE).
+    """
+    from ..prompts import list_template_sets, load_templates
+
+    if name:
+        templates = load_templates(name)
+        if as_json:
+            emit_json({"name": name, "templates": templates})
+        else:
+            click.echo("\n".join(templates))
+        return
+    listing = list_template_sets()
+    if as_json:
+        emit_json(listing)
+        return
+    width = max(len(entry["name"]) for entry in listing)
+    for entry in listing:
+        click.echo(f"{entry['name']:<{width}}  {entry['templates']:>3}  {entry['description']}")

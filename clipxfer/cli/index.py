@@ -1,0 +1,138 @@
+"""``clipxfer index``, ``search``, ``info``, ``dups``: build and query an image index."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import ClipxferError
+from . import main
+from .common import emit_json, model_options
+
+INDEX_OPTION = click.option(
+    "--index",
+    "index_path",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Index folder. Default: $CLIPXFER_INDEX, else ~/.local/share/clipxfer/index.",
+)
+
+
+@main.command("index")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@INDEX_OPTION
+@model_options
+@click.option(
+    "--index-type",
+    type=click.Choice(["flat", "hnsw", "ivf", "auto"]),
+    default=None,
+    help="flat (exact, the default for a new index), hnsw, ivf (IVF-PQ) or auto (by collection size and RAM).",
+)
+@click.option("--workers", type=int, default=None, help="Decoding processes (0: decode in this process).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable file (after saving what is done).")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts and failed files as JSON.")
+def index_command(folder, index_path, model, device, precision, index_type, workers, batch_size, fail_fast, as_json):
+    """Index the images below FOLDER (again: only new and changed files are encoded)."""
+    from ..index import Index
+
+    report = Index.update(
+        folder,
+        model,
+        path=index_path,
+        index_type=index_type,
+        workers=workers,
+        batch_size=batch_size,
+        fail_fast=fail_fast,
+        progress=True,
+        device=None if device == "auto" else device,
+        precision=None if precision == "auto" else precision,
+    )
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(
+        f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.removed} removed, "
+        f"{report.unchanged} unchanged, {len(report.failed)} failed ({report.index})"
+    )
+    for failure in report.failed:
+        click.echo(f"failed: {failure.path}: {failure.reason}")
+
+
+@main.command()
+@click.argument("query", required=False)
+@click.option("--image", "image", type=click.Path(exists=True, dir_okay=False), help="Search by this image instead.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results.")
+@INDEX_OPTION
+@click.option("--model", default=None, metavar="SPEC", help="Must name the index's model (default: the index's own).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--min-score", type=float, default=None, help="Drop results scoring below this cosine similarity.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {rank, score, path}.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV with columns rank, score, path.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write an HTML page with thumbnails.")
+def search(query, image, k, index_path, model, device, min_score, as_json, as_csv, html_path):
+    """Find indexed images matching a text QUERY (or --image PATH)."""
+    from ..index import Index
+
+    if (query is None) == (image is None):
+        raise ClipxferError("give either a text QUERY or --image PATH")
+    if as_json and as_csv:
+        raise ClipxferError("choose one of --json and --csv")
+    with Index.open(index_path) as idx:
+        encoder = idx.encoder(model, device=None if device == "auto" else device)
+        if image is not None:
+            hits = idx.search_image(Path(image), k, encoder, min_score)
+        else:
+            hits = idx.search_text(query, k, encoder, min_score)
+    if html_path:
+        from ..index.html import results_page
+        from ..paths import atomic_write_bytes
+
+        title = f"clipxfer: {query}" if query is not None else f"clipxfer: images like {Path(image).name}"
+        atomic_write_bytes(Path(html_path), results_page(title, hits).encode("utf-8"))
+    if as_json:
+        emit_json([hit.to_dict() for hit in hits])
+    elif as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["rank", "score", "path"])
+        for hit in hits:
+            writer.writerow([hit.rank, f"{hit.score:.6f}", str(hit.path)])
+    else:
+        for hit in hits:
+            click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}")
+
+
+@main.command()
+@INDEX_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def info(index_path, as_json):
+    """Model, size, index type and last update of an index."""
+    from ..index import Index
+
+    with Index.open(index_path) as idx:
+        details = idx.info()
+    if as_json:
+        emit_json(details)
+        return
+    for key, value in details.items():
+        click.echo(f"{key:<14}{value}")
+
+
+@main.command()
+@INDEX_OPTION
+@click.option("--threshold", type=float, default=0.95, show_default=True, help="Minimum cosine similarity.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {score, a, b}.")
+def dups(index_path, threshold, as_json):
+    """Near-duplicate image pairs in an index, most similar first."""
+    from ..index import Index
+
+    with Index.open(index_path) as idx:
+        pairs = idx.duplicates(threshold)
+    if as_json:
+        emit_json([pair.to_dict() for pair in pairs])
+        return
+    for pair in pairs:
+        click.echo(f"{pair.score:.4f}  {pair.a}  {pair.b}")

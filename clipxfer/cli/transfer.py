@@ -1,0 +1,158 @@
+"""``clipxfer probe|tip|coop|mix`` (few-shot transfer) and ``clipxfer predict`` (apply a head).
+
+Each training command prints zero-shot and adapted accuracy on the same test set; ``--json``
+prints the result object of :func:`clipxfer.transfer.run_transfer` (at least ``method, shots,
+seed, accuracy, zeroshot_accuracy, fit_seconds``).
+"""
+
+from __future__ import annotations
+
+import io
+
+import click
+
+from . import main
+from .common import emit_json, model_options
+
+
+def few_shot_options(func):
+    """Options every training command shares."""
+    for decorator in reversed(
+        [
+            click.argument("data"),
+            click.option("--shots", "-k", type=int, required=True, help="Training images per class (K)."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed of the K-shot draw."),
+            click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+                         help="Head file to write; the drawn manifest goes next to it (.manifest.csv). "
+                              "Default: METHOD-DATA-Kshot-seedS.safetensors here."),
+            click.option("--templates", default="simple", show_default=True,
+                         help="Prompt template set for the zero-shot head (name or text file)."),
+            click.option("--index", "index_path", type=click.Path(), default=None,
+                         help="Take features from this index instead of encoding the images."),
+            click.option("--max-test", type=int, default=None, help="Score on at most this many test images."),
+            click.option("--no-save", is_flag=True, help="Score only; write no head or manifest."),
+            click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+            model_options,
+        ]
+    ):
+        func = decorator(func)
+    return func
+
+
+def _run(method: str, data, shots, seed, out, templates, index_path, max_test, no_save, as_json, model, device,
+         precision, **options):
+    from ..transfer import run_transfer
+
+    result = run_transfer(
+        method, data, shots, seed, model=model, out=out, templates=templates, index_path=index_path,
+        max_test=max_test, device=device, precision=precision, save=not no_save, progress=not as_json, **options,
+    )
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{result['variant']}: {result['shots']} shots/class, seed {result['seed']}, "
+               f"{result['num_classes']} classes, {result['num_test']} test images ({result['model']})")
+    click.echo(f"  zero-shot accuracy  {result['zeroshot_accuracy']:.4f}")
+    click.echo(f"  {method:<9} accuracy  {result['accuracy']:.4f}  "
+               f"({result['accuracy'] - result['zeroshot_accuracy']:+.4f}; fit {result['fit_seconds']:.1f} s)")
+    if result["head"]:
+        click.echo(f"  head: {result['head']}\n  manifest: {result['manifest']}")
+
+
+@main.command()
+@few_shot_options
+@click.option("--prior", type=click.Choice(["auto", "zeroshot", "none"]), default="auto", show_default=True,
+              help="Start from and regularise toward the zero-shot head (zeroshot), not (none), "
+                   "or whichever validates better (auto).")
+@click.option("--l2", type=float, default=None, help="Fixed L2 strength instead of the validation sweep.")
+def probe(prior, l2, **kwargs):
+    """Linear probe (logistic regression) on DATA with K shots per class."""
+    _run("probe", prior=prior, l2=l2, **kwargs)
+
+
+@main.command()
+@few_shot_options
+@click.option("--finetune", is_flag=True, help="Tip-Adapter-F: train the cache keys (AdamW).")
+@click.option("--steps", type=int, default=200, show_default=True, help="Training steps with --finetune.")
+@click.option("--key-space", type=click.Choice(["features", "embeddings"]), default="features", show_default=True,
+              help="What the cache keys are made of.")
+def tip(finetune, steps, key_space, **kwargs):
+    """Tip-Adapter (training-free cache), or Tip-Adapter-F with --finetune."""
+    _run("tip", finetune=finetune, steps=steps, key_space=key_space, **kwargs)
+
+
+@main.command()
+@few_shot_options
+@click.option("--n-ctx", type=int, default=16, show_default=True, help="Number of learned context vectors.")
+@click.option("--ctx-init", default=None, help="Initialise the context from this phrase, e.g. 'a photo of a'.")
+@click.option("--class-token-position", type=click.Choice(["end", "middle", "front"]), default="end",
+              show_default=True)
+@click.option("--class-specific-context", is_flag=True, help="One context per class instead of one shared.")
+@click.option("--max-steps", type=int, default=200, show_default=True, help="Training steps (unless --epochs).")
+@click.option("--epochs", type=int, default=None, help="Passes over the training images instead of --max-steps.")
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+def coop(n_ctx, ctx_init, class_token_position, class_specific_context, max_steps, epochs, lr, **kwargs):
+    """CoOp prompt tuning through the frozen text tower."""
+    _run("coop", n_ctx=n_ctx, ctx_init=ctx_init, class_token_position=class_token_position,
+         class_specific_context=class_specific_context, max_steps=max_steps, epochs=epochs, lr=lr, **kwargs)
+
+
+def _mix_value(ctx, param, value):
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter("a number between 0 and 1, or auto") from None
+    if not 0.0 <= number <= 1.0:
+        raise click.BadParameter("a number between 0 and 1, or auto")
+    return number
+
+
+@main.command()
+@few_shot_options
+@click.option("--base", type=click.Choice(["probe", "coop"]), default="probe", show_default=True,
+              help="The adapted head mixed with zero-shot.")
+@click.option("--mix", "mix_value", default="auto", show_default=True, callback=_mix_value,
+              help="Weight of the adapted head in [0, 1], or auto (chosen on validation).")
+def mix(base, mix_value, **kwargs):
+    """WiSE-FT weight-space mixing of the zero-shot head with a probe or CoOp head."""
+    _run("mix", base=base, mix=mix_value, **kwargs)
+
+
+@main.command()
+@click.argument("head", type=click.Path(dir_okay=False))
+@click.argument("folder", required=False, type=click.Path(file_okay=False))
+@click.option("--index", "index_path", type=click.Path(), default=None, help="Classify every image of this index.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write path,label,probability plus one column per class to this CSV.")
+@click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON.")
+@model_options
+def predict(head, folder, index_path, out, as_json, model, device, precision):
+    """Classify the images in FOLDER (or --index PATH) with a saved HEAD."""
+    from ..paths import atomic_write_bytes
+    from ..transfer import predict as run_predict
+
+    fitted, table, probs = run_predict(head, folder, index_path, model=model, device=device, precision=precision,
+                                       progress=not as_json)
+    if out:
+        full = table.copy()
+        for i, name in enumerate(fitted.classnames):
+            full[f"p:{name}"] = probs[:, i]
+        buffer = io.StringIO()
+        full.to_csv(buffer, index=False)
+        atomic_write_bytes(out, buffer.getvalue().encode())
+    if as_json:
+        emit_json({
+            "head": str(head), "method": fitted.method, "model": fitted.model_id, "classes": fitted.classnames,
+            "predictions": [
+                {"path": row.path, "label": row.label, "probability": float(row.probability),
+                 "probabilities": {n: float(p) for n, p in zip(fitted.classnames, probs[i])}}
+                for i, row in enumerate(table.itertuples())
+            ],
+        })
+        return
+    for row in table.itertuples():
+        click.echo(f"{row.label}\t{row.probability:.3f}\t{row.path}")
+    if out:
+        click.echo(f"wrote {out}", err=True)

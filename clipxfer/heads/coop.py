@@ -1,0 +1,331 @@
+"""CoOp (Zhou et al., IJCV 2022): learn the prompt's context words as vectors, through the frozen
+text tower, against cached image embeddings.
+
+A class prompt is ``[SOS] ctx_1 .. ctx_M CLASSNAME . [EOS]`` in token-embedding space (class
+token at the ``end``; ``middle`` splits the context around it, ``front`` puts it first). The
+context is one set of vectors for all classes (unified) or one per class
+(``class_specific_context``), initialised randomly (N(0, 0.02), CoOp's default) or from the
+token embeddings of a phrase such as ``"a photo of a"``. Training minimises cross-entropy of
+``logit_scale * image @ text.T`` with the text tower frozen; the validation split picks the
+step to keep (early stopping). Mirrors CoOp's ``trainers/coop.py`` (PromptLearner, TextEncoder).
+
+The saved head holds the final class text weights, so predicting needs no text tower, plus the
+learned context vectors (``ctx``) for inspection or re-use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..encoders.base import Encoder, ImageEncoding
+from ..errors import ClipxferError
+from .base import FewShotData, Head, register_head
+from .linear import val_score
+
+POSITIONS = ("end", "middle", "front")
+PLACEHOLDER = "X"
+
+
+# --------------------------------------------------------------------------- text towers
+
+
+class OpenClipTower:
+    """open_clip's causal text transformer, run from token embeddings (a float32 copy, frozen,
+    so a bf16 encoder stays untouched and gradients flow only to the context)."""
+
+    def __init__(self, encoder: Encoder):
+        model = encoder.model  # type: ignore[attr-defined]
+        source = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+        pool = getattr(source, "text_pool_type", getattr(source, "pool_type", None))
+        if (
+            source is None
+            or not hasattr(source, "token_embedding")
+            or getattr(source, "cls_emb", None) is not None
+            or getattr(source, "use_pad_mask", False)
+            or pool not in ("argmax", "eos", "last")
+        ):
+            raise ClipxferError(f"coop: the text tower of {encoder.id} is not supported (needs a CLIP-style causal text transformer)")
+        parts = nn.Module()
+        for name in ("token_embedding", "transformer", "ln_final"):
+            setattr(parts, name, copy.deepcopy(getattr(source, name)))
+        parts.positional_embedding = nn.Parameter(source.positional_embedding.detach().clone())
+        projection = source.text_projection
+        parts.text_projection = copy.deepcopy(projection) if isinstance(projection, nn.Module) else (
+            None if projection is None else nn.Parameter(projection.detach().clone())
+        )
+        self.parts = parts.float().to(encoder.device).requires_grad_(False).eval()
+        self.attn_mask = None if source.attn_mask is None else source.attn_mask.float().to(encoder.device)
+        self.pool = pool
+        self.eos_id = getattr(source, "text_eos_id", getattr(source, "eos_id", None))
+        self.tokenizer = encoder.tokenizer  # type: ignore[attr-defined]
+        self.device = encoder.device
+        self.width = parts.token_embedding.weight.shape[1]
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.tokenizer(list(texts)).to(self.device)
+        if self.attn_mask is not None:
+            # Causal attention: positions after the last end token never reach a pooled one, so
+            # dropping the padding changes nothing and saves most of a 77-token pass.
+            ids = ids[:, : int((ids != 0).sum(dim=1).max())]
+        return ids, (ids != 0).long()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.parts.token_embedding(ids)
+
+    def encode(self, embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = embeddings + self.parts.positional_embedding[: embeddings.shape[1]]
+        length = x.shape[1]
+        mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
+        x = self.parts.transformer(x, attn_mask=mask)
+        x = self.parts.ln_final(x)
+        if self.pool == "argmax":
+            where = ids.argmax(dim=-1)
+        elif self.pool == "eos":
+            where = (ids == self.eos_id).int().argmax(dim=-1)
+        else:
+            where = torch.full((len(ids),), x.shape[1] - 1, device=x.device)
+        x = x[torch.arange(len(x), device=x.device), where]
+        projection = self.parts.text_projection
+        if projection is not None:
+            x = projection(x) if isinstance(projection, nn.Module) else x @ projection
+        return nn.functional.normalize(x, dim=-1)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        yield
+
+
+class LiteTower:
+    """The ``lite`` encoder's MiniLM, through its ``token_embeddings`` / ``encode_token_embeddings``."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+        self.device = encoder.device
+        self.width = encoder.text_model.get_input_embeddings().weight.shape[1]  # type: ignore[attr-defined]
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.encoder.tokenizer(list(texts), padding=True, return_tensors="pt").to(self.device)  # type: ignore[attr-defined]
+        return batch["input_ids"], batch["attention_mask"]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder.token_embeddings(ids)  # type: ignore[attr-defined]
+
+    def encode(self, embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_token_embeddings(embeddings, mask)  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The encoder's own text model, frozen while CoOp trains (no weight gradients)."""
+        params = list(self.encoder.text_model.parameters())  # type: ignore[attr-defined]
+        saved = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, saved):
+                p.requires_grad_(flag)
+
+
+def text_tower(encoder: Encoder):
+    """The trainable-prompt view of ``encoder``'s text tower."""
+    if hasattr(encoder, "encode_token_embeddings"):
+        return LiteTower(encoder)
+    if hasattr(encoder, "model"):
+        return OpenClipTower(encoder)
+    raise ClipxferError(f"coop: no text tower to train through in {encoder.id}")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+class PromptLearner(nn.Module):
+    """Class prompts with learnable context (CoOp's PromptLearner, for any :func:`text_tower`)."""
+
+    def __init__(
+        self,
+        tower,
+        classnames: Sequence[str],
+        n_ctx: int,
+        ctx_init: str | None,
+        position: str,
+        class_specific: bool,
+        generator: torch.Generator,
+    ):
+        super().__init__()
+        if position not in POSITIONS:
+            raise ClipxferError(f"coop: class token position must be one of {', '.join(POSITIONS)}, not {position!r}")
+        names = [name.replace("_", " ") for name in classnames]
+        if ctx_init:
+            init_ids, init_mask = tower.tokenize([ctx_init])
+            n_ctx = int(init_mask.sum()) - 2  # without the start and end tokens
+            with torch.no_grad():
+                vectors = tower.embed(init_ids)[0, 1 : 1 + n_ctx].float().cpu()
+            if class_specific:
+                vectors = vectors.unsqueeze(0).repeat(len(names), 1, 1)
+            prefix = ctx_init
+        else:
+            if n_ctx < 1:
+                raise ClipxferError(f"coop: --n-ctx {n_ctx}: need at least one context vector")
+            shape = (len(names), n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
+            vectors = torch.randn(shape, generator=generator) * 0.02
+            prefix = " ".join([PLACEHOLDER] * n_ctx)
+        self.ctx = nn.Parameter(vectors.to(tower.device))
+        self.n_ctx, self.position, self.class_specific = n_ctx, position, class_specific
+        _, name_mask = tower.tokenize(names)
+        self.name_lens = [int(n) - 2 for n in name_mask.sum(dim=1)]
+        self.ids, self.mask = tower.tokenize([f"{prefix} {name}." for name in names])
+        with torch.no_grad():
+            self.register_buffer("token_embeddings", tower.embed(self.ids).float())
+
+    def forward(self) -> torch.Tensor:
+        """``(num_classes, seq_len, width)`` prompt embeddings."""
+        frozen, n = self.token_embeddings, self.n_ctx
+        count = frozen.shape[0]
+        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(count, -1, -1)
+        prefix = frozen[:, :1]
+        if self.position == "end":
+            return torch.cat([prefix, ctx, frozen[:, 1 + n :]], dim=1)
+        prompts, half = [], n // 2
+        for i, length in enumerate(self.name_lens):
+            name = frozen[i : i + 1, 1 + n : 1 + n + length]
+            suffix = frozen[i : i + 1, 1 + n + length :]
+            c = ctx[i : i + 1]
+            if self.position == "middle":
+                parts = [prefix[i : i + 1], c[:, :half], name, c[:, half:], suffix]
+            else:
+                parts = [prefix[i : i + 1], name, c, suffix]
+            prompts.append(torch.cat(parts, dim=1))
+        return torch.cat(prompts, dim=0)
+
+
+# --------------------------------------------------------------------------- the head
+
+
+@register_head
+class CoOpHead(Head):
+    """logits = logit_scale * embeddings @ class_weights.T, class weights from learned prompts."""
+
+    method = "coop"
+
+    @property
+    def class_weights(self) -> np.ndarray:
+        return self.weights["class_weights"]
+
+    def logits(self, encoding: ImageEncoding) -> np.ndarray:
+        return self.config["logit_scale"] * encoding.embeddings @ self.class_weights.T
+
+    @classmethod
+    def fit(
+        cls,
+        data: FewShotData,
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_token_position: str = "end",
+        class_specific_context: bool = False,
+        max_steps: int = 200,
+        epochs: int | None = None,
+        lr: float = 2e-3,
+        batch_size: int = 32,
+        eval_every: int = 10,
+        patience: int = 10,
+        progress: bool = False,
+    ) -> "CoOpHead":
+        """Train the context on ``data.train`` (AdamW, cosine schedule, ``batch_size`` images a
+        step, ``max_steps`` steps or ``epochs`` passes), scoring validation every ``eval_every``
+        steps and stopping after ``patience`` scores without improvement; keeps the best."""
+        encoder = data.encoder
+        tower = text_tower(encoder)
+        generator = torch.Generator().manual_seed(data.seed)
+        learner = PromptLearner(
+            tower, data.classnames, n_ctx, ctx_init, class_token_position, class_specific_context, generator
+        )
+        device = tower.device
+        scale = float(data.zeroshot.config.get("logit_scale", encoder.logit_scale))
+        train_x = torch.as_tensor(data.train.embeddings, device=device)
+        train_y = torch.as_tensor(data.train_labels, device=device)
+        val_x = torch.as_tensor(data.val.embeddings, device=device)
+        steps_per_epoch = max(1, -(-len(train_x) // batch_size))
+        total = epochs * steps_per_epoch if epochs else max_steps
+        optimizer = torch.optim.AdamW([learner.ctx], lr=lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+
+        def class_text() -> torch.Tensor:
+            return tower.encode(learner(), learner.ids, learner.mask)
+
+        def evaluate() -> tuple[tuple[float, float], np.ndarray, float]:
+            with torch.no_grad():
+                text = class_text()
+                val_logits = (scale * val_x @ text.T).float().cpu().numpy()
+                train_loss = nn.functional.cross_entropy(scale * train_x @ text.T, train_y).item()
+            return val_score(val_logits, data.val_labels), text.float().cpu().numpy(), train_loss
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="coop", unit="step", file=sys.stderr)
+        with tower.frozen():
+            best_score, best_text, initial_loss = evaluate()
+            best_ctx, best_step, best_loss, stale, step = learner.ctx.detach().cpu().clone(), 0, initial_loss, 0, 0
+            history = [round(initial_loss, 5)]
+            order = torch.randperm(len(train_x), generator=generator)
+            for step in range(1, total + 1):
+                start = ((step - 1) % steps_per_epoch) * batch_size
+                if start == 0 and step > 1:
+                    order = torch.randperm(len(train_x), generator=generator)
+                batch = order[start : start + batch_size].to(device)
+                logits = scale * train_x[batch] @ class_text().T
+                loss = nn.functional.cross_entropy(logits, train_y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if bar:
+                    bar.update(1)
+                if step % eval_every == 0 or step == total:
+                    score, text, train_loss = evaluate()
+                    history.append(round(train_loss, 5))
+                    if score > best_score:
+                        best_score, best_text, best_ctx, best_step, best_loss = (
+                            score, text, learner.ctx.detach().cpu().clone(), step, train_loss)
+                        stale = 0
+                    else:
+                        stale += 1
+                        if stale >= patience:
+                            break
+        if bar:
+            bar.close()
+        config = {
+            "variant": "coop",
+            "n_ctx": learner.n_ctx,
+            "ctx_init": ctx_init or "",
+            "class_token_position": class_token_position,
+            "class_specific_context": class_specific_context,
+            "logit_scale": scale,
+            "lr": lr,
+            "batch_size": batch_size,
+            "max_steps": total,
+            "steps_run": step,
+            "best_step": best_step,
+            "eval_every": eval_every,
+            "patience": patience,
+            "train_loss_initial": initial_loss,
+            "train_loss_final": best_loss,
+            "train_loss_history": history,
+            "templates": data.zeroshot.config.get("templates"),
+            "shots": data.shots,
+            "seed": data.seed,
+            "manifest_hash": data.manifest_hash,
+            "val_accuracy": best_score[0],
+            "val_loss": -best_score[1],
+        }
+        weights = {"class_weights": best_text, "ctx": best_ctx.float().numpy()}
+        return cls(encoder.id, data.classnames, weights, config)

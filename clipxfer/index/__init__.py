@@ -1,0 +1,9 @@
+"""Index a folder of images and search it: SQLite metadata and vectors, FAISS for search.
+
+``from clipxfer.index import Index``; see :mod:`clipxfer.index.index` for the on-disk layout
+and why a crash at any moment leaves a loadable index.
+"""
+
+from .index import DuplicatePair, Hit, Index, UpdateReport, resolve_index_path
+
+__all__ = ["Index", "Hit", "DuplicatePair", "UpdateReport", "resolve_index_path"]

@@ -1,0 +1,197 @@
+"""The indexing encode pipeline: image files -> decoded uint8 batches -> encoder -> vectors.
+
+Decoding runs in worker processes while the main process encodes the previous batch, so the
+model waits on decoding as little as possible. A file that cannot be decoded becomes a
+:class:`Failure` (path and a one-line reason) in the output stream instead of an exception.
+
+Workers start with ``forkserver`` (``spawn`` where that does not exist): forking a process that
+already runs torch's thread pools can deadlock. This module imports neither torch nor the
+encoders at import time, so a worker only pays for numpy and PIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ClipxferError, ImageDecodeError
+from .images import load_model_input
+
+if TYPE_CHECKING:  # torch stays out of the worker processes
+    from .encoders.base import Encoder, ImageEncoding
+
+DEFAULT_BATCH_SIZE = 64
+# Paths per worker task: large enough that inter-process overhead is small, small enough that
+# every worker has work while a batch is being encoded.
+CHUNK_SIZE = 16
+
+
+def default_workers() -> int:
+    """Decode worker processes used when none are asked for."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the index stores about one decoded file besides its vectors."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    sha256: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A file that could not be used, with the one-line reason."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """One encoded batch: ``files[i]`` has row ``i`` of ``encoding``."""
+
+    files: list[FileInfo]
+    encoding: "ImageEncoding"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (how moved and renamed files are recognised)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _upright_size(path: Path) -> tuple[int, int]:
+    """Width and height as displayed, i.e. after the EXIF orientation (header read only)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            width, height = height, width
+    return width, height
+
+
+def decode_file(path: Path, size: int) -> tuple[np.ndarray, FileInfo] | Failure:
+    """Decode one file for a model with ``size`` px input; never raises for a bad file."""
+    try:
+        stat = path.stat()
+        pixels = load_model_input(path, size)
+        width, height = _upright_size(path)
+        # Hashed after decoding: the bytes are in the page cache by now.
+        info = FileInfo(path, stat.st_size, stat.st_mtime_ns, file_sha256(path), width, height)
+        return pixels, info
+    except ImageDecodeError as exc:
+        return Failure(path, exc.reason)
+    except Exception as exc:  # anything else a hostile file triggers in a decoder
+        return Failure(path, f"cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
+
+
+def decode_chunk(paths: Sequence[Path], size: int) -> list[tuple[np.ndarray, FileInfo] | Failure]:
+    """Worker task: decode a few files."""
+    return [decode_file(Path(p), size) for p in paths]
+
+
+def _chunks(items: Sequence[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def _ignore_sigint() -> None:
+    """Worker initialiser: Ctrl-C is the main process's to handle (it stops the pool cleanly)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main_is_importable() -> bool:
+    """Worker processes re-import the main script; code piped to ``python -`` has none."""
+    import sys
+
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.isfile(main_file)
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def decoded_files(
+    paths: Sequence[Path], size: int, workers: int | None = None, prefetch: int = 2 * DEFAULT_BATCH_SIZE
+) -> Iterator[tuple[np.ndarray, FileInfo] | Failure]:
+    """Decode ``paths`` in order, in ``workers`` processes (0: in this process).
+
+    About ``prefetch`` images (at least two chunks per worker) are in flight: enough that the
+    workers keep decoding the next batch while the caller encodes one, few enough to bound memory.
+    """
+    paths = [Path(p) for p in paths]
+    workers = default_workers() if workers is None else workers
+    if workers <= 0 or len(paths) <= CHUNK_SIZE or not _main_is_importable():
+        for path in paths:
+            yield decode_file(path, size)
+        return
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=_pool_context(), initializer=_ignore_sigint
+    ) as pool:
+        pending: deque[Future] = deque()
+        chunks = _chunks(paths, CHUNK_SIZE)
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(decode_chunk, chunk, size))
+                if len(pending) >= max(2 * workers, -(-prefetch // CHUNK_SIZE)):
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        except BrokenProcessPool:
+            raise ClipxferError(
+                "a decoding worker process died (a file crashed the image decoder?); what was encoded is kept: "
+                "re-run with --workers 0 to find the file"
+            ) from None
+        finally:
+            # On an early exit (Ctrl-C, fail-fast, a closed generator) drop queued work.
+            for future in pending:
+                future.cancel()
+
+
+def encode_files(
+    encoder: "Encoder",
+    paths: Iterable[str | os.PathLike],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+) -> Iterator[EncodedBatch | Failure]:
+    """Decode ``paths`` in parallel and encode them ``batch_size`` at a time.
+
+    Yields :class:`Failure` for each unreadable file as soon as it is seen, and an
+    :class:`EncodedBatch` per full batch (the last one may be short), in input order.
+    Decoding of the next batches continues in the workers while a batch is encoded.
+    """
+    pixels: list[np.ndarray] = []
+    files: list[FileInfo] = []
+    for result in decoded_files(list(paths), encoder.input_size, workers, prefetch=2 * batch_size):
+        if isinstance(result, Failure):
+            yield result
+            continue
+        pixels.append(result[0])
+        files.append(result[1])
+        if len(files) >= batch_size:
+            yield EncodedBatch(files, encoder.encode_pixels(np.stack(pixels)))
+            pixels, files = [], []
+    if files:
+        yield EncodedBatch(files, encoder.encode_pixels(np.stack(pixels)))

@@ -1,0 +1,139 @@
+"""Few-shot transfer end to end: the Python API and the probe/tip/coop/mix/predict commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from clipxfer.cli import main
+from clipxfer.errors import ClipxferError
+from clipxfer.heads import load_head
+from clipxfer.transfer import run_transfer
+
+from .conftest import random_images
+
+CLASSES = ["bird", "fish", "tree"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A small ImageFolder: 3 classes x 10 images, tinted per class so even tiny can tell them apart."""
+    root = tmp_path_factory.mktemp("labelled")
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i, image in enumerate(random_images(10, seed=c)):
+            tinted = image // 4
+            tinted[..., c] = 255
+            Image.fromarray(tinted).save(root / name / f"{i}.png")
+    return root
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    "command,extra",
+    [("probe", []), ("tip", []), ("tip", ["--finetune", "--steps", "10"]), ("coop", ["--max-steps", "6", "--n-ctx", "4"]),
+     ("mix", ["--mix", "auto"]), ("mix", ["--mix", "0.5"])],
+)
+def test_training_commands_end_to_end(tmp_path, folder, command, extra):
+    out = tmp_path / "head.safetensors"
+    result = invoke(command, folder, "--shots", 3, "--seed", 1, "--model", "tiny", "--device", "cpu",
+                    "--out", out, "--json", *extra)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    for key in ("method", "shots", "seed", "accuracy", "zeroshot_accuracy", "fit_seconds"):
+        assert key in report
+    assert report["method"] == command and report["shots"] == 3 and report["seed"] == 1
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["num_test"] == 9
+    manifest = pd.read_csv(tmp_path / "head.manifest.csv")
+    assert (manifest["split"] == "train").sum() == 9 and set(manifest["label"]) == set(CLASSES)
+    head = load_head(out)
+    assert head.config["shots"] == 3 and head.config["seed"] == 1 and head.config["manifest_hash"]
+
+
+def test_text_output_and_predict(tmp_path, folder):
+    out = tmp_path / "probe.safetensors"
+    result = invoke("probe", folder, "-k", 4, "--model", "tiny", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "zero-shot accuracy" in result.output and "probe     accuracy" in result.output
+    result = invoke("predict", out, folder / "fish", "--json", "--device", "cpu", "--out", tmp_path / "preds.csv")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.output)["predictions"]
+    assert len(predictions) == 10 and all(p["label"] in CLASSES for p in predictions)
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
+    table = pd.read_csv(tmp_path / "preds.csv")
+    assert list(table.columns[:3]) == ["path", "label", "probability"] and "p:fish" in table.columns
+
+
+def test_same_seed_same_numbers(folder, tiny):
+    runs = [run_transfer("tip", folder, 3, seed=5, encoder=tiny, save=False) for _ in range(2)]
+    assert runs[0]["accuracy"] == runs[1]["accuracy"] and runs[0]["manifest_hash"] == runs[1]["manifest_hash"]
+    other = run_transfer("tip", folder, 3, seed=6, encoder=tiny, save=False)
+    assert other["manifest_hash"] != runs[0]["manifest_hash"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, folder):
+    out = tmp_path / "h.safetensors"
+    cases = [
+        (["probe", folder, "--shots", 0], "at least 1"),
+        (["probe", tmp_path / "missing", "--shots", 2], "unknown dataset"),
+    ]
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    Image.fromarray(random_images(1)[0]).save(one / "only" / "a.png")
+    cases.append((["tip", one, "--shots", 1], "at least two"))
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\nnope.png,bird\nnope2.png,fish\n")
+    cases.append((["probe", csv, "--shots", 1], "does not exist"))
+    for args, message in cases:
+        result = CliRunner().invoke(main, [str(a) for a in args] + ["--model", "tiny", "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and result.output.count("\n") == 1
+        assert not out.exists() and not (tmp_path / "h.manifest.csv").exists()
+
+
+def test_head_used_with_another_model(tmp_path, folder, tiny):
+    run_transfer("probe", folder, 2, encoder=tiny, out=tmp_path / "p.safetensors")
+    with pytest.raises(ClipxferError, match="use --model tiny"):
+        load_head(tmp_path / "p.safetensors", model_id="lite:efficientnet-lite0+all-MiniLM-L6-v2:conse-top10")
+
+
+# --------------------------------------------------------------------------- lite, real data
+
+
+@pytest.fixture(scope="module")
+def fashion_16(lite):
+    """Fashion-MNIST, 16 shots per class, seed 0, 1,000 test images, encoded once (cached)."""
+    from clipxfer.data import fashion_mnist
+    from clipxfer.transfer import prepare_task
+
+    return prepare_task(lite, fashion_mnist(), 16, 0, max_test=1000)
+
+
+def _acc(head, task):
+    return float((head.predict(task.test) == task.test_labels).mean())
+
+
+@pytest.mark.slow
+def test_lite_fashion_mnist_16_shots(fashion_16):
+    from clipxfer.transfer import fit_head
+
+    zeroshot = _acc(fashion_16.data.zeroshot, fashion_16)
+    assert _acc(fit_head("probe", fashion_16.data), fashion_16) >= 0.75
+    assert _acc(fit_head("tip", fashion_16.data), fashion_16) >= zeroshot + 0.20
+
+
+@pytest.mark.slow
+def test_lite_fashion_mnist_coop_beats_zeroshot(fashion_16):
+    from clipxfer.transfer import fit_head
+
+    zeroshot = _acc(fashion_16.data.zeroshot, fashion_16)
+    head = fit_head("coop", fashion_16.data, max_steps=40, lr=5e-3, eval_every=10)
+    assert _acc(head, fashion_16) > zeroshot
