@@ -1,19 +1,21 @@
 """Batched JPEG decoding and resizing on the model's device (nvjpeg on CUDA).
 
-On a GPU, PIL decoding in worker processes caps indexing at about a thousand images a second;
-the model itself runs tens of thousands. Here file bytes are read by threads, decoded in batches
-by ``torchvision.io.decode_jpeg`` on the device, resized per group of equal sizes with one
-antialiased bicubic interpolate each, and centre-cropped, so pixels never come back to the CPU.
+On a GPU, PIL decoding in worker processes caps indexing at about a thousand images a second
+while the model runs tens of thousands. Here threads read and hash the files, JPEGs are decoded
+in batches by ``torchvision.io.decode_jpeg`` on the device, resized with one antialiased bicubic
+interpolate per group of equal sizes, and centre-cropped, so pixels never return to the CPU.
 
-Only plain JPEGs take this path. Anything else (PNG, CMYK or EXIF-rotated JPEGs, files the
-batch decoder rejects) is handed back for the PIL path in :mod:`clipxfer.images`, which handles
-every case; this module is an accelerator, not a second decoder to keep correct.
-The same code runs on the CPU (``device='cpu'``), which is how the tests check it.
+Only plain JPEGs take this path: a few-byte header walk (no PIL) rejects CMYK, EXIF-rotated and
+non-JPEG files, and anything the batch decoder refuses, and the pipeline decodes those with
+PIL as usual. This module accelerates; :mod:`clipxfer.images` stays the one decoder that must
+handle every case. The same code runs on the CPU (``device='cpu'``), which is how tests check it.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import hashlib
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,44 +23,77 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-EXIF_ORIENTATION = 0x0112
+SOI = b"\xff\xd8"
+EXIF_ORIENTATION_TAG = 0x0112
+# Start-of-frame markers (baseline, progressive, ...) whose segment holds the component count.
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 @dataclass
-class DeviceBatch:
-    """Decoded ``pixels`` (uint8, NHWC, on the device) for ``decoded`` paths; ``fallback`` are
-    the paths this module leaves to the PIL path."""
+class RawFile:
+    """A file read once: its bytes, stat and content hash (None where it could not be read)."""
 
-    decoded: list[Path]
-    pixels: torch.Tensor
-    fallback: list[Path]
+    path: Path
+    data: bytes | None
+    size: int = 0
+    mtime_ns: int = 0
+    sha256: str = ""
 
 
-def _is_plain_jpeg(path: Path, data: bytes) -> bool:
-    """A JPEG that nvjpeg can decode as displayed: RGB/grey, no EXIF rotation."""
-    if not data.startswith(JPEG_MAGIC):
-        return False
-    from PIL import Image
-
+def read_file(path: Path) -> RawFile:
+    """Read, stat and hash one file; meant for a thread pool (both release the GIL)."""
     try:
-        with Image.open(path) as img:  # header only; no pixel decoding
-            return img.mode in ("RGB", "L") and img.getexif().get(EXIF_ORIENTATION, 1) == 1
-    except Exception:
+        stat = path.stat()
+        data = path.read_bytes()
+    except OSError:
+        return RawFile(path, None)
+    return RawFile(path, data, stat.st_size, stat.st_mtime_ns, hashlib.sha256(data).hexdigest())
+
+
+def _exif_orientation(segment: bytes) -> int:
+    """EXIF orientation from an APP1 payload (``Exif\\0\\0`` + TIFF), 1 when absent or unreadable."""
+    if not segment.startswith(b"Exif\x00\x00") or len(segment) < 14:
+        return 1
+    tiff = segment[6:]
+    endian = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if endian is None:
+        return 1
+    try:
+        (ifd_offset,) = struct.unpack(endian + "I", tiff[4:8])
+        (count,) = struct.unpack(endian + "H", tiff[ifd_offset : ifd_offset + 2])
+        for i in range(count):
+            entry = tiff[ifd_offset + 2 + 12 * i : ifd_offset + 14 + 12 * i]
+            tag, _, _, value = struct.unpack(endian + "HHIH", entry[:10])
+            if tag == EXIF_ORIENTATION_TAG:
+                return value
+    except struct.error:
+        return 1
+    return 1
+
+
+def is_plain_jpeg(data: bytes) -> bool:
+    """True for a JPEG with 1 or 3 colour components and no EXIF rotation: the files the
+    device decoder turns into exactly what PIL would show."""
+    if not data.startswith(SOI):
         return False
-
-
-def read_files(paths: Sequence[Path], threads: int = 16) -> list[bytes | None]:
-    """File contents, read concurrently (file reads release the GIL); None for unreadable files."""
-
-    def read(path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except OSError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(read, paths))
+    position, components, orientation = 2, 0, 1
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return False
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
+        payload = data[position + 4 : position + 2 + length]
+        if marker == 0xE1:
+            orientation = _exif_orientation(payload)
+        elif marker in SOF_MARKERS and len(payload) >= 6:
+            components = payload[5]
+        elif marker == 0xDA:  # start of scan: the header is over
+            break
+        position += 2 + length
+    return components in (1, 3) and orientation == 1
 
 
 def resize_center_crop_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -86,33 +121,51 @@ def resize_center_crop_batch(images: list[torch.Tensor], size: int) -> torch.Ten
     return out
 
 
-def decode_batch(paths: Sequence[Path], size: int, device: torch.device, threads: int = 16) -> DeviceBatch:
-    """Decode the plain JPEGs among ``paths`` on ``device``; everything else goes to ``fallback``."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+@dataclass
+class DeviceBatch:
+    """``pixels[i]`` (uint8 NHWC on the device) is ``decoded[i]``, whose original (height, width)
+    is ``sizes[i]``; ``fallback`` files are left to the PIL path."""
 
-    paths = [Path(p) for p in paths]
-    contents = read_files(paths, threads)
+    decoded: list[RawFile]
+    sizes: list[tuple[int, int]]
+    pixels: torch.Tensor
+    fallback: list[RawFile]
+
+
+def decode_on_device(files: Sequence[RawFile], size: int, device: torch.device) -> DeviceBatch:
+    """Decode the plain JPEGs among ``files`` on ``device`` in one batch."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still work.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
     chosen, fallback = [], []
-    for path, data in zip(paths, contents):
-        if data is not None and _is_plain_jpeg(path, data):
-            chosen.append((path, data))
-        else:
-            fallback.append(path)
-    if not chosen:
-        return DeviceBatch([], torch.empty((0, size, size, 3), dtype=torch.uint8, device=device), fallback)
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d in chosen]
-    try:
-        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-        decoded = [p for p, _ in chosen]
-    except RuntimeError:
-        # The batch decoder gives nothing back if one file is bad: retry one by one.
-        images, decoded = [], []
-        for (path, _), tensor in zip(chosen, tensors):
-            try:
-                images.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
-                decoded.append(path)
-            except RuntimeError:
-                fallback.append(path)
+    for raw in files:
+        (chosen if raw.data is not None and is_plain_jpeg(raw.data) else fallback).append(raw)
+    tensors = [torch.frombuffer(bytearray(f.data), dtype=torch.uint8) for f in chosen]
+    images: list[torch.Tensor] = []
+    decoded: list[RawFile] = []
+    if tensors:
+        try:
+            images = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+            decoded = list(chosen)
+        except RuntimeError:
+            # The batch decoder returns nothing if one file is bad: retry one by one.
+            for raw, tensor in zip(chosen, tensors):
+                try:
+                    images.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                    decoded.append(raw)
+                except RuntimeError:
+                    fallback.append(raw)
     if not images:
-        return DeviceBatch([], torch.empty((0, size, size, 3), dtype=torch.uint8, device=device), fallback)
-    return DeviceBatch(decoded, resize_center_crop_batch(images, size), fallback)
+        empty = torch.empty((0, size, size, 3), dtype=torch.uint8, device=device)
+        return DeviceBatch([], [], empty, fallback)
+    sizes = [(int(image.shape[1]), int(image.shape[2])) for image in images]
+    return DeviceBatch(decoded, sizes, resize_center_crop_batch(images, size), fallback)
+
+
+def default_reader_threads() -> int:
+    """Threads that read and hash files for the device path."""
+    return min(32, 2 * (os.cpu_count() or 1))

@@ -15,7 +15,7 @@ import hashlib
 import multiprocessing
 import os
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,13 +175,22 @@ def encode_files(
     paths: Iterable[str | os.PathLike],
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
+    device_decode: bool | None = None,
 ) -> Iterator[EncodedBatch | Failure]:
     """Decode ``paths`` in parallel and encode them ``batch_size`` at a time.
 
     Yields :class:`Failure` for each unreadable file as soon as it is seen, and an
     :class:`EncodedBatch` per full batch (the last one may be short), in input order.
     Decoding of the next batches continues in the workers while a batch is encoded.
+
+    ``device_decode`` (default: when the encoder runs on CUDA) decodes JPEGs on the encoder's
+    device instead, see :func:`encode_files_on_device`.
     """
+    if device_decode is None:
+        device_decode = getattr(encoder, "device", None) is not None and encoder.device.type == "cuda"
+    if device_decode:
+        yield from encode_files_on_device(encoder, paths, batch_size)
+        return
     pixels: list[np.ndarray] = []
     files: list[FileInfo] = []
     for result in decoded_files(list(paths), encoder.input_size, workers, prefetch=2 * batch_size):
@@ -195,3 +204,53 @@ def encode_files(
             pixels, files = [], []
     if files:
         yield EncodedBatch(files, encoder.encode_pixels(np.stack(pixels)))
+
+
+def encode_files_on_device(
+    encoder: "Encoder", paths: Iterable[str | os.PathLike], batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None
+) -> Iterator[EncodedBatch | Failure]:
+    """:func:`encode_files` for GPUs: threads read and hash the next batches' files while the
+    device decodes (nvjpeg), resizes and encodes the current one (see :mod:`clipxfer.gpu_decode`).
+
+    Files the device decoder does not take (PNGs, CMYK or rotated JPEGs, broken files) are
+    decoded with PIL in this process, so results match :func:`encode_files` file for file; within
+    a batch, device-decoded files come first.
+    """
+    import torch
+
+    from .gpu_decode import decode_on_device, default_reader_threads, read_file
+
+    batches = _chunks([Path(p) for p in paths], batch_size)
+    with ThreadPoolExecutor(max_workers=threads or default_reader_threads()) as pool:
+        window: deque[list[Future]] = deque()
+
+        def read_ahead() -> None:
+            chunk = next(batches, None)
+            if chunk:
+                window.append([pool.submit(read_file, path) for path in chunk])
+
+        read_ahead()
+        read_ahead()  # two batches in flight: one being read while one is encoded
+        while window:
+            raws = [future.result() for future in window.popleft()]
+            read_ahead()
+            batch = decode_on_device(raws, encoder.input_size, encoder.device)
+            files = [
+                FileInfo(raw.path, raw.size, raw.mtime_ns, raw.sha256, width, height)
+                for raw, (height, width) in zip(batch.decoded, batch.sizes)
+            ]
+            extra_pixels = []
+            for raw in batch.fallback:
+                result = decode_file(raw.path, encoder.input_size)
+                if isinstance(result, Failure):
+                    yield result
+                    continue
+                extra_pixels.append(result[0])
+                files.append(result[1])
+            if not files:
+                continue
+            pixels = batch.pixels
+            if extra_pixels:
+                extra = torch.from_numpy(np.stack(extra_pixels)).to(pixels.device)
+                pixels = torch.cat([pixels, extra])
+            yield EncodedBatch(files, encoder.encode_pixels(pixels))

@@ -137,3 +137,19 @@ def test_lite_fashion_mnist_coop_beats_zeroshot(fashion_16):
     zeroshot = _acc(fashion_16.data.zeroshot, fashion_16)
     head = fit_head("coop", fashion_16.data, max_steps=40, lr=5e-3, eval_every=10)
     assert _acc(head, fashion_16) > zeroshot
+
+
+def test_features_from_an_index_match_encoding(tmp_path, folder, tiny):
+    """With --index the stored vectors are used (no re-encoding) and give the same numbers."""
+    from clipxfer.index import Index
+
+    Index.update(folder, tiny, path=tmp_path / "idx", workers=0)
+    from_index = run_transfer("probe", folder, 3, encoder=tiny, index_path=tmp_path / "idx", save=False)
+    encoded = run_transfer("probe", folder, 3, encoder=tiny, save=False)
+    assert from_index["manifest_hash"] == encoded["manifest_hash"]
+    assert abs(from_index["accuracy"] - encoded["accuracy"]) < 1e-9
+    out = tmp_path / "p.safetensors"
+    run_transfer("probe", folder, 3, encoder=tiny, out=out)
+    result = invoke("predict", out, "--index", tmp_path / "idx", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["predictions"]) == 30

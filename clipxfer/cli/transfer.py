@@ -53,7 +53,8 @@ def _run(method: str, data, shots, seed, out, templates, index_path, max_test, n
     click.echo(f"{result['variant']}: {result['shots']} shots/class, seed {result['seed']}, "
                f"{result['num_classes']} classes, {result['num_test']} test images ({result['model']})")
     click.echo(f"  zero-shot accuracy  {result['zeroshot_accuracy']:.4f}")
-    click.echo(f"  {method:<9} accuracy  {result['accuracy']:.4f}  "
+    label = "tipf" if result["variant"] == "tipf" else method
+    click.echo(f"  {label:<9} accuracy  {result['accuracy']:.4f}  "
                f"({result['accuracy'] - result['zeroshot_accuracy']:+.4f}; fit {result['fit_seconds']:.1f} s)")
     if result["head"]:
         click.echo(f"  head: {result['head']}\n  manifest: {result['manifest']}")
