@@ -156,9 +156,15 @@ def prepare_task(
 
 
 def fit_head(method: str, data: FewShotData, **options) -> Head:
-    """Fit few-shot ``method`` (probe, tip, coop, mix; or zeroshot) on ``data``."""
+    """Fit few-shot ``method`` (probe, tip, coop, mix; or zeroshot) on ``data``. Option ``init``:
+    a meta-trained head (``clipxfer meta-train``) to start from (see :func:`clipxfer.meta.fit_with_init`)."""
     if method == "zeroshot":
         return data.zeroshot
+    init = options.pop("init", None)
+    if init is not None:
+        from .meta import fit_with_init
+
+        return fit_with_init(method, data, init, **options)
     if method not in HEAD_TYPES or not hasattr(HEAD_TYPES[method], "fit"):
         raise ClipxferError(f"unknown method '{method}': use one of {', '.join(FEW_SHOT_METHODS)}")
     return HEAD_TYPES[method].fit(data, **options)

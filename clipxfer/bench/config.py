@@ -22,6 +22,11 @@ METHODS: dict[str, tuple[str, dict]] = {
     "tipf": ("tip", {"finetune": True}),
     "coop": ("coop", {}),
     "mix": ("mix", {}),
+    "transductive": ("transductive", {}),
+    # Meta-learned initialisations (clipxfer meta-train); the artifact comes from --meta PATH,
+    # i.e. method_options {"meta-probe": {"init": PATH}}.
+    "meta-probe": ("probe", {}),
+    "meta-coop": ("coop", {}),
 }
 DEFAULT_METHODS = ["zeroshot", "probe", "tip", "tipf", "mix"]
 DEFAULT_SHOTS = [1, 2, 4, 8, 16]
@@ -71,6 +76,10 @@ class BenchConfig:
             raise ClipxferError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
         if not self.methods:
             raise ClipxferError("no methods given: use --methods zeroshot,probe,...")
+        no_init = [m for m in self.methods if m.startswith("meta-") and not self.method_options.get(m, {}).get("init")]
+        if no_init:
+            raise ClipxferError(f"method(s) {', '.join(no_init)} need a meta-trained head: pass --meta PATH "
+                                "(made by 'clipxfer meta-train')")
         bad_shots = [k for k in self.shots if not isinstance(k, int) or k < 1]
         if bad_shots or not self.shots:
             raise ClipxferError(f"shots must be whole numbers >= 1, got {list(self.shots)}")

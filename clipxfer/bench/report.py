@@ -32,14 +32,15 @@ def summary_markdown(table: pd.DataFrame) -> str:
     lines += [f"Model: `{model_ids}`. Accuracy on the held-out test set, mean +- std over seeds; "
               "in brackets the gain over zero-shot.", ""]  # fmt: skip
     for dataset, rows in summary.groupby("dataset"):
-        shots = sorted(s for s in rows["shots"].unique() if s > 0)
+        adapted = rows[rows["method"] != "zeroshot"]  # label-free (0-shot) cells of transductive methods too
+        shots = sorted(int(s) for s in adapted["shots"].unique())
         zs = rows[rows["method"] == "zeroshot"]
         lines += [f"## {dataset}", ""]
         if len(zs):
             lines += [f"Zero-shot: {zs['accuracy_mean'].iloc[0]:.3f} (n_test = {int(table[table['dataset'] == dataset]['n_test'].iloc[0])})", ""]
         lines.append("| method | " + " | ".join(f"{k} shots" for k in shots) + " |")
         lines.append("| --- |" + " --- |" * len(shots))
-        for method, method_rows in rows[rows["shots"] > 0].groupby("method", sort=False):
+        for method, method_rows in adapted.groupby("method", sort=False):
             by_shots = method_rows.set_index("shots")
             cells = []
             for k in shots:

@@ -22,6 +22,7 @@ from ..metrics import classification_report
 from ..paths import atomic_write_bytes
 from ..prompts import load_templates
 from ..sampling import FewShotSplit, draw_few_shot
+from ..transfer import fit_head
 from .config import METHODS, BenchConfig, DatasetSpec
 
 CSV_COLUMNS = [
@@ -99,11 +100,16 @@ def evaluate(head: Head, encoding: ImageEncoding, labels: np.ndarray, classnames
 
 
 def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, encoder: Encoder, options: dict) -> dict:
-    """Fit one method on one draw and score it on the shared test set."""
-    split = prepared.splits[(shots, seed)]
+    """Fit one method on one draw and score it on the shared test set. Transductive methods
+    (a head class with ``transductive = True``) also get the test images, unlabelled; shots 0
+    is a label-free cell (no training or validation images)."""
+    split = prepared.splits.get((shots, seed)) or label_free_split(prepared)
     labels = prepared.dataset.labels
     test = prepared.rows(split.test)
     head_method, method_options = METHODS[method]
+    fit_options = {**method_options, **options.get(method, {})}
+    if getattr(HEAD_TYPES[head_method], "transductive", False):
+        fit_options["unlabelled"] = test
     data = FewShotData(
         encoder=encoder,
         classnames=prepared.dataset.classnames,
@@ -117,7 +123,7 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
         manifest_hash=split.manifest_hash(prepared.dataset),
     )
     started = time.perf_counter()
-    head = HEAD_TYPES[head_method].fit(data, **{**method_options, **options.get(method, {})})
+    head = fit_head(head_method, data, **fit_options)
     fit_seconds = time.perf_counter() - started
     val_accuracy = float((head.predict(data.val) == data.val_labels).mean()) if len(split.val) else float("nan")
     return {
@@ -134,14 +140,24 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
     }
 
 
+def label_free_split(prepared: PreparedDataset) -> FewShotSplit:
+    """No training or validation images, the shared test set: the split of a 0-shot cell."""
+    test = next(iter(prepared.splits.values())).test
+    empty = np.zeros(0, dtype=np.int64)
+    return FewShotSplit(empty, empty, test, 0, 0)
+
+
 def plan_cells(config: BenchConfig) -> list[tuple[DatasetSpec, str, int, int]]:
-    """Every cell of the run; zero-shot needs no shots, so it is one cell (shots 0, seed 0)."""
+    """Every cell of the run; zero-shot needs no shots, so it is one cell (shots 0, seed 0);
+    transductive methods also get that label-free cell beside their shots."""
     cells = []
     for spec in config.datasets:
         for method in config.methods:
             if method == "zeroshot":
                 cells.append((spec, method, 0, 0))
             else:
+                if getattr(HEAD_TYPES[METHODS[method][0]], "transductive", False):
+                    cells.append((spec, method, 0, 0))
                 cells.extend((spec, method, k, s) for k in config.shots for s in config.seeds)
     return cells
 

@@ -27,6 +27,9 @@ COMMAND_MODULES = [
     "classify",
     "bench",
     "transfer",
+    "adapt",
+    "meta",
+    "episodes",
 ]
 
 for _name in COMMAND_MODULES:

@@ -14,15 +14,17 @@ from .common import emit_json
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", "data", multiple=True, metavar="NAME|PATH",
               help="Built-in dataset (fashion-mnist, digits, mnist-5k), ImageFolder or CSV manifest; repeatable.")
-@click.option("--methods", help="Comma-separated: zeroshot,probe,tip,tipf,coop,mix.")
+@click.option("--methods", help="Comma-separated: zeroshot,probe,tip,tipf,coop,mix,transductive,meta-probe,meta-coop.")
 @click.option("--shots", help="Comma-separated shots per class, e.g. 1,2,4,8,16.")
 @click.option("--seeds", help="Comma-separated seeds, e.g. 1,2,3.")
 @click.option("--model", default=None, metavar="SPEC", help="Encoder (see 'clipxfer models').")
 @click.option("--templates", default=None, help="Template set or file for --data datasets (default simple).")
 @click.option("--max-test", type=int, default=None, help="Cap the test set of --data datasets (default 2000).")
 @click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--meta", "meta", type=click.Path(dir_okay=False), default=None,
+              help="Meta-trained head (clipxfer meta-train) for the meta-probe and meta-coop methods.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON.")
-def bench(config_file, data, methods, shots, seeds, model, templates, max_test, out_dir, as_json):
+def bench(config_file, data, methods, shots, seeds, model, templates, max_test, meta, out_dir, as_json):
     """Benchmark zero-shot against few-shot methods; writes results.csv, summary.md, plot.png.
 
     CONFIG_FILE is an optional TOML file (see the README); options given here override it.
@@ -46,6 +48,10 @@ def bench(config_file, data, methods, shots, seeds, model, templates, max_test, 
         seeds=parse_int_list(seeds, "--seeds") if seeds else None,
         model=model,
     )
+    if meta:
+        options = {**config.method_options, **{m: {**config.method_options.get(m, {}), "init": meta}
+                                               for m in ("meta-probe", "meta-coop")}}
+        config = with_overrides(config, method_options=options)
     table = run_bench(config, out_dir)
     if as_json:
         emit_json(summarize(table).to_dict(orient="records"))

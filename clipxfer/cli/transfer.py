@@ -66,9 +66,11 @@ def _run(method: str, data, shots, seed, out, templates, index_path, max_test, n
               help="Start from and regularise toward the zero-shot head (zeroshot), not (none), "
                    "or whichever validates better (auto).")
 @click.option("--l2", type=float, default=None, help="Fixed L2 strength instead of the validation sweep.")
-def probe(prior, l2, **kwargs):
+@click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
+              help="Start from a meta-trained head (clipxfer meta-train).")
+def probe(prior, l2, init, **kwargs):
     """Linear probe (logistic regression) on DATA with K shots per class."""
-    _run("probe", prior=prior, l2=l2, **kwargs)
+    _run("probe", prior=prior, l2=l2, **({"init": init} if init else {}), **kwargs)
 
 
 @main.command()
@@ -92,9 +94,15 @@ def tip(finetune, steps, key_space, **kwargs):
 @click.option("--max-steps", type=int, default=200, show_default=True, help="Training steps (unless --epochs).")
 @click.option("--epochs", type=int, default=None, help="Passes over the training images instead of --max-steps.")
 @click.option("--lr", type=float, default=2e-3, show_default=True)
-def coop(n_ctx, ctx_init, class_token_position, class_specific_context, max_steps, epochs, lr, **kwargs):
+@click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
+              help="Start from a meta-trained head (clipxfer meta-train).")
+def coop(n_ctx, ctx_init, class_token_position, class_specific_context, max_steps, epochs, lr, init, **kwargs):
     """CoOp prompt tuning through the frozen text tower."""
-    _run("coop", n_ctx=n_ctx, ctx_init=ctx_init, class_token_position=class_token_position,
+    if init:  # the meta-trained context vectors replace --n-ctx/--ctx-init
+        kwargs["init"] = init
+    else:
+        kwargs.update(n_ctx=n_ctx, ctx_init=ctx_init)
+    _run("coop", class_token_position=class_token_position,
          class_specific_context=class_specific_context, max_steps=max_steps, epochs=epochs, lr=lr, **kwargs)
 
 

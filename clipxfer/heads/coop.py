@@ -163,7 +163,14 @@ class PromptLearner(nn.Module):
         if position not in POSITIONS:
             raise ClipxferError(f"coop: class token position must be one of {', '.join(POSITIONS)}, not {position!r}")
         names = [name.replace("_", " ") for name in classnames]
-        if ctx_init:
+        if isinstance(ctx_init, (np.ndarray, torch.Tensor)):
+            # Learned context vectors (e.g. meta-trained, clipxfer.meta): their count sets n_ctx.
+            vectors = torch.as_tensor(np.asarray(ctx_init), dtype=torch.float32).clone()
+            n_ctx = vectors.shape[-2]
+            if class_specific and vectors.dim() == 2:
+                vectors = vectors.unsqueeze(0).repeat(len(names), 1, 1)
+            prefix = " ".join([PLACEHOLDER] * n_ctx)
+        elif ctx_init:
             init_ids, init_mask = tower.tokenize([ctx_init])
             n_ctx = int(init_mask.sum()) - 2  # without the start and end tokens
             with torch.no_grad():

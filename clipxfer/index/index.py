@@ -95,6 +95,23 @@ def resolve_index_path(path: str | os.PathLike | None) -> Path:
     return Path(path).expanduser() if path else default_index_path()
 
 
+# Lock descriptors held by this process. Forked children (the decode workers) close their
+# copies at once, so a worker outliving a killed writer can never keep the index locked.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class WriterLock:
     """Exclusive right to update one index folder; a second writer gets a clear error.
 
@@ -119,10 +136,12 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            _HELD_LOCK_FDS.discard(self.fd)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

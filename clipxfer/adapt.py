@@ -1,0 +1,174 @@
+"""Transductive adaptation end to end: labelled data (scored on its test split) + unlabelled
+target images (a folder or an index) -> a :class:`~clipxfer.heads.transductive.TransductiveHead`
+-> zero-shot and adapted accuracy on the same test set. ``clipxfer adapt`` is a thin layer over
+:func:`run_adapt`."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import LabelledImages, load_dataset
+from .encoders.base import Encoder, ImageEncoding
+from .errors import ClipxferError
+from .features import encode_dataset
+from .heads.base import FewShotData
+from .heads.transductive import TransductiveHead
+from .paths import atomic_write_bytes
+from .sampling import PARTITION_SEED, FewShotSplit, partition_train_test
+from .transfer import (
+    FewShotTask, _index_rows, default_head_path, encode_items, manifest_path_for, prepare_task, score,
+)  # fmt: skip
+
+
+def encode_unlabelled(
+    encoder: Encoder,
+    folder: str | os.PathLike | None = None,
+    index_path: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> ImageEncoding:
+    """The unlabelled target images: every image under ``folder`` (encoded once, cached) or every
+    row of the index at ``index_path`` (no re-encoding; it must store probe features)."""
+    if (folder is None) == (index_path is None):
+        raise ClipxferError("adapt: give the unlabelled target images as --unlabelled DIR or --index PATH (one of them)")
+    if index_path is not None:
+        _, encoding = _index_rows(index_path, encoder)
+        if encoding.features.shape[1] != encoder.feature_dim:
+            raise ClipxferError(
+                f"{index_path} stores no probe features for {encoder.id}; pass the folder with --unlabelled instead"
+            )
+        if len(encoding.embeddings) == 0:
+            raise ClipxferError(f"{index_path}: the index holds no images; adapt needs unlabelled target images")
+        return encoding
+    from .images import find_images
+
+    root = Path(folder)  # type: ignore[arg-type]
+    if not root.is_dir():
+        raise ClipxferError(f"{root}: not a folder of images (--unlabelled)")
+    paths = [str(p) for p in find_images(root)]
+    if not paths:
+        raise ClipxferError(f"{root}: no images found; adapt needs unlabelled target images")
+    items = LabelledImages(root.name or "unlabelled", ["?"], paths, np.zeros(len(paths)), paths)
+    return encode_dataset(encoder, items, progress=progress)
+
+
+def label_free_task(
+    encoder: Encoder,
+    dataset: LabelledImages,
+    seed: int,
+    templates: str | list[str] = "simple",
+    max_test: int | None = None,
+    progress: bool = False,
+) -> FewShotTask:
+    """The 0-shot task: no training or validation images, the dataset's test split (capped at
+    ``max_test`` like :func:`~clipxfer.sampling.draw_few_shot` does) and the zero-shot head."""
+    from .heads.zeroshot import fit_zeroshot
+    from .prompts import load_templates
+
+    _, test = partition_train_test(dataset)
+    if max_test is not None and len(test) > max_test:
+        test = np.sort(np.random.default_rng(PARTITION_SEED).choice(test, size=max_test, replace=False))
+    empty = np.zeros(0, dtype=np.int64)
+    split = FewShotSplit(empty, empty, test, 0, seed)
+    if len(test) == 0:
+        raise ClipxferError(f"{dataset.name}: no test images to score on; give a 'test' split or more images")
+    test_encoding = encode_items(encoder, dataset, test, None, progress)
+    template_list = load_templates(templates) if isinstance(templates, str) else list(templates)
+    zeroshot = fit_zeroshot(encoder, dataset.classnames, template_list)
+    nothing = ImageEncoding(test_encoding.embeddings[:0], test_encoding.features[:0])
+    data = FewShotData(
+        encoder=encoder, classnames=list(dataset.classnames), train=nothing, train_labels=empty, val=nothing,
+        val_labels=empty, zeroshot=zeroshot, shots=0, seed=seed, manifest_hash=split.manifest_hash(dataset),
+    )  # fmt: skip
+    return FewShotTask(dataset, split, data, test_encoding, dataset.labels[test])
+
+
+def run_adapt(
+    data: str | os.PathLike | LabelledImages,
+    unlabelled: str | os.PathLike | None = None,
+    index_path: str | os.PathLike | None = None,
+    shots: int = 0,
+    seed: int = 0,
+    model: str | None = None,
+    encoder: Encoder | None = None,
+    out: str | os.PathLike | None = None,
+    templates: str | list[str] = "simple",
+    max_test: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    save: bool = True,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Adapt the zero-shot head of ``data``'s classes to the unlabelled images (``unlabelled``
+    folder or ``index_path``), with ``shots`` labelled images per class (0: none), and score
+    zero-shot and the adapted head on ``data``'s test split. Saves the head (and the drawn
+    manifest next to it) unless ``save=False``. ``options`` go to :func:`fit_transductive`.
+
+    Returns the keys of :func:`clipxfer.transfer.run_transfer` plus ``num_unlabelled``,
+    ``iterations``, ``converged``, ``prior_weight``, ``kappa``.
+    """
+    if shots < 0:
+        raise ClipxferError(f"--shots {shots}: give 0 (no labels) or more labelled images per class")
+    dataset = data if isinstance(data, LabelledImages) else load_dataset(data)
+    if encoder is None:
+        from .encoders import load_encoder
+
+        encoder = load_encoder(model, device=device, precision=precision)
+    target = encode_unlabelled(encoder, unlabelled, index_path, progress)
+    if shots == 0:
+        task = label_free_task(encoder, dataset, seed, templates, max_test, progress)
+    else:
+        task = prepare_task(encoder, dataset, shots, seed, templates, None, max_test, progress=progress)
+
+    start = time.perf_counter()
+    head = TransductiveHead.fit(task.data, unlabelled=target, **options)
+    fit_seconds = time.perf_counter() - start
+    zeroshot_scores = score(task.data.zeroshot, task.test, task.test_labels)
+    scores = score(head, task.test, task.test_labels)
+    result: dict[str, Any] = {
+        "method": "transductive",
+        "variant": "transductive",
+        "shots": shots,
+        "seed": seed,
+        "accuracy": scores["accuracy"],
+        "zeroshot_accuracy": zeroshot_scores["accuracy"],
+        "val_accuracy": head.config.get("val_accuracy"),
+        "fit_seconds": round(fit_seconds, 4),
+        "num_classes": len(dataset.classnames),
+        "num_train": int(len(task.split.train)),
+        "num_val": int(len(task.split.val)),
+        "num_test": int(len(task.split.test)),
+        "num_unlabelled": int(len(target.embeddings)),
+        "iterations": head.config["iterations"],
+        "converged": head.config["converged"],
+        "prior_weight": head.config["prior_weight"],
+        "kappa": head.config["kappa"],
+        "model": encoder.id,
+        "dataset": dataset.name,
+        "manifest_hash": task.data.manifest_hash,
+        "options": dict(options),
+        "head": None,
+        "manifest": None,
+    }
+    if "report" in scores:
+        result["report"] = scores["report"]
+    if save:
+        head_path = Path(out) if out is not None else default_head_path("transductive", dataset, shots, seed)
+        if head_path.suffix != ".safetensors":
+            head_path = head_path.with_name(head_path.name + ".safetensors")
+        head.config.update(
+            {"dataset": dataset.name, "test_accuracy": scores["accuracy"], "zeroshot_test_accuracy": zeroshot_scores["accuracy"]}
+        )
+        manifest_path = manifest_path_for(head_path)
+        buffer = io.StringIO()
+        task.split.manifest(dataset).to_csv(buffer, index=False)
+        atomic_write_bytes(manifest_path, buffer.getvalue().encode())
+        result["head"] = str(head.save(head_path))
+        result["manifest"] = str(manifest_path)
+    return result

@@ -1,0 +1,86 @@
+"""Meta-learned heads: the artifact of ``clipxfer meta-train`` (:class:`MetaHead`) and any head
+fitted on top of its feature adapter (:class:`AdaptedHead`).
+
+The adapter is residual on L2-normalised probe features, initialised at identity::
+
+    adapt(x) = x + relu(x @ w1.T + b1) @ w2.T      (w2 = 0 at the start)
+
+A :class:`MetaHead` classifies its base classes by nearest prototype (cosine, times ``scale``) in
+adapted space, so it is a real, portable head; it also carries the meta-learned CoOp context
+vectors (``ctx``) when they were trained. Training lives in :mod:`clipxfer.meta`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..encoders.base import ImageEncoding, l2_normalize
+from .base import HEAD_TYPES, Head, register_head
+
+ADAPTER_KEYS = ("adapter.w1", "adapter.b1", "adapter.w2")
+
+
+def apply_adapter(weights: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """``adapt(normalize(features))`` with the adapter arrays in ``weights`` (see the module docstring)."""
+    x = l2_normalize(features)
+    hidden = np.maximum(x @ weights["adapter.w1"].T + weights["adapter.b1"], 0.0)
+    return (x + hidden @ weights["adapter.w2"].T).astype(np.float32)
+
+
+def adapt_encoding(weights: dict[str, np.ndarray], encoding: ImageEncoding) -> ImageEncoding:
+    """``encoding`` with adapted probe features; the shared-space embeddings (zero-shot, CoOp)
+    stay as they are, also for CLIP models whose features are the embeddings."""
+    return ImageEncoding(encoding.embeddings, apply_adapter(weights, encoding.features))
+
+
+@register_head
+class MetaHead(Head):
+    """Nearest base-class prototype in meta-learned adapted space; see the module docstring.
+
+    Weights: ``adapter.w1``, ``adapter.b1``, ``adapter.w2``, ``prototypes`` and optionally ``ctx``.
+    Config: ``algo``, ``ways``, ``shots``, ``episodes``, ``scale`` and the other training settings.
+    """
+
+    method = "meta"
+
+    @property
+    def adapter(self) -> dict[str, np.ndarray]:
+        return {key: self.weights[key] for key in ADAPTER_KEYS}
+
+    def logits(self, encoding: ImageEncoding) -> np.ndarray:
+        z = l2_normalize(apply_adapter(self.weights, encoding.features))
+        return self.config["scale"] * z @ self.weights["prototypes"].T
+
+
+@register_head
+class AdaptedHead(Head):
+    """Any head fitted on meta-adapted features: ``inner.logits(adapt_encoding(encoding))``.
+
+    Weights: the adapter (``adapter.*``) and the inner head's arrays under ``head.``; config:
+    ``inner_method``, ``inner_config`` and ``init`` (what the meta head was).
+    """
+
+    method = "adapted"
+
+    @property
+    def inner(self) -> Head:
+        arrays = {key[len("head.") :]: value for key, value in self.weights.items() if key.startswith("head.")}
+        return HEAD_TYPES[self.config["inner_method"]](self.model_id, self.classnames, arrays, self.config["inner_config"])
+
+    def logits(self, encoding: ImageEncoding) -> np.ndarray:
+        return self.inner.logits(adapt_encoding(self.weights, encoding))
+
+    @classmethod
+    def wrap(cls, adapter: dict[str, np.ndarray], inner: Head, init: dict[str, Any]) -> "AdaptedHead":
+        """``inner`` (fitted on adapted features) behind ``adapter``, as one head."""
+        weights = {**{key: adapter[key] for key in ADAPTER_KEYS}, **{f"head.{k}": v for k, v in inner.weights.items()}}
+        config = {
+            "variant": f"meta-{inner.config.get('variant', inner.method)}",
+            "inner_method": inner.method,
+            "inner_config": inner.config,
+            "init": init,
+            **{k: inner.config[k] for k in ("shots", "seed", "manifest_hash", "val_accuracy") if k in inner.config},
+        }
+        return cls(inner.model_id, inner.classnames, weights, config)
