@@ -16,12 +16,17 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still work, and
+# TorchCodec is not needed for anything else here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 SOI = b"\xff\xd8"
 EXIF_ORIENTATION_TAG = 0x0112
@@ -134,12 +139,7 @@ class DeviceBatch:
 
 def decode_on_device(files: Sequence[RawFile], size: int, device: torch.device) -> DeviceBatch:
     """Decode the plain JPEGs among ``files`` on ``device`` in one batch."""
-    import warnings
-
-    with warnings.catch_warnings():
-        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still work.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     chosen, fallback = [], []
     for raw in files:

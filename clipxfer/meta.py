@@ -308,7 +308,7 @@ def train_context(
                 outer.zero_grad()
                 learner.ctx.grad = grad.detach().clone()
                 outer.step()
-                losses.append(float(query_loss))
+                losses.append(float(query_loss.detach()))
             if bar:
                 bar.update()
     if bar:

@@ -313,7 +313,7 @@ class CoOpHead(Head):
         config = {
             "variant": "coop",
             "n_ctx": learner.n_ctx,
-            "ctx_init": ctx_init or "",
+            "ctx_init": ctx_init if isinstance(ctx_init, str) else ("vectors" if ctx_init is not None else ""),
             "class_token_position": class_token_position,
             "class_specific_context": class_specific_context,
             "logit_scale": scale,
