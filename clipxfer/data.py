@@ -78,16 +78,27 @@ def check_classes(classnames: Sequence[str], where: str) -> None:
         raise ClipxferError(f"{where}: class names repeat; each class must be named once")
 
 
-def from_image_folder(root: str | os.PathLike) -> LabelledImages:
+def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
     """One subfolder per class (``root/cat/1.jpg``); a ``train``/``test`` level above the class
-    folders (``root/train/cat/1.jpg``) sets the split."""
+    folders (``root/train/cat/1.jpg``) sets the split. With ``classnames`` given, they are the
+    classes (in that order) and a subfolder outside them is an error."""
     root = Path(root)
     if not root.is_dir():
         raise ClipxferError(f"{root}: not a folder; give an ImageFolder (one subfolder per class) or a CSV manifest")
     top = sorted(p.name for p in root.iterdir() if p.is_dir())
     split_dirs = [s for s in top if s in ("train", "test")]
     layers = [(root / s, s) for s in split_dirs] if split_dirs else [(root, "")]
-    classnames = sorted({p.name for base, _ in layers for p in base.iterdir() if p.is_dir()})
+    found = sorted({p.name for base, _ in layers for p in base.iterdir() if p.is_dir()})
+    if classnames is None:
+        classnames = found
+    else:
+        unknown = sorted(set(found) - set(classnames))
+        if unknown:
+            raise ClipxferError(
+                f"{root}: class folder(s) {', '.join(unknown[:5])} are not among the given classes "
+                f"({', '.join(classnames)}); rename the folders or add the classes"
+            )
+        classnames = list(classnames)
     check_classes(classnames, str(root))
     index = {name: i for i, name in enumerate(classnames)}
     sources, labels, keys, splits = [], [], [], []
@@ -207,15 +218,21 @@ BUILTIN_DATASETS: dict[str, Callable[[], LabelledImages]] = {
 }
 
 
-def load_dataset(spec: str | os.PathLike) -> LabelledImages:
-    """A built-in name, an ImageFolder path, or a CSV manifest path."""
+def load_dataset(spec: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
+    """A built-in name, an ImageFolder path, or a CSV manifest path. ``classnames`` (for folders
+    and manifests) fixes the classes and their order: a label outside them is an error."""
     if str(spec) in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[str(spec)]()
+        dataset = BUILTIN_DATASETS[str(spec)]()
+        if classnames is not None and list(classnames) != dataset.classnames:
+            raise ClipxferError(
+                f"{spec} is a built-in dataset with classes {', '.join(dataset.classnames)}; drop --classes"
+            )
+        return dataset
     path = Path(spec)
     if path.suffix.lower() == ".csv":
-        return from_csv(path)
+        return from_csv(path, classnames)
     if path.is_dir():
-        return from_image_folder(path)
+        return from_image_folder(path, classnames)
     raise ClipxferError(
         f"unknown dataset '{spec}': give a built-in name ({', '.join(BUILTIN_DATASETS)}), "
         "an ImageFolder folder, or a CSV manifest (path,label[,split])"

@@ -214,17 +214,19 @@ def run_transfer(
     precision: str | None = None,
     save: bool = True,
     progress: bool = False,
+    classes: list[str] | None = None,
     **options,
 ) -> dict[str, Any]:
     """Fit ``method`` on ``shots`` images per class of ``data`` and score it against zero-shot on
     the same test set; save the head (and the drawn manifest next to it) unless ``save=False``.
 
+    ``classes`` fixes the class list and order of a folder or manifest (unknown labels are errors).
     Returns ``method, shots, seed, accuracy, zeroshot_accuracy, val_accuracy, fit_seconds,
     num_classes, num_train, num_val, num_test, model, manifest_hash, head, manifest, options``.
     """
     if method not in FEW_SHOT_METHODS:
         raise ClipxferError(f"unknown method '{method}': use one of {', '.join(FEW_SHOT_METHODS)}")
-    dataset = data if isinstance(data, LabelledImages) else load_dataset(data)
+    dataset = data if isinstance(data, LabelledImages) else load_dataset(data, classes)
     if encoder is None:
         from .encoders import load_encoder
 

@@ -154,3 +154,13 @@ def test_lite_text_search_over_sample_photos(lite, sample_photos_dir):
     for query, expected in [("a cat", "chelsea"), ("a cup of coffee", "coffee"), ("a rocket launch", "rocket")]:
         best = paths[int((images @ lite.encode_texts([query])[0]).argmax())]
         assert best.stem == expected, query
+
+
+@pytest.mark.parametrize("spec", ["tiny", "ViT-B-32:random"])
+def test_text_encoding_equals_open_clip_encode_text(spec):
+    """Trimming the padding after the longest prompt (and sorting by length) changes nothing."""
+    encoder = load_encoder(spec, "cpu", "fp32")
+    texts = ["a", "a photo of a cat.", "a bad photo of the big red car parked on a rainy street at night.", "dog"]
+    with torch.no_grad():
+        reference = encoder.model.encode_text(encoder.tokenizer(texts), normalize=True).numpy()
+    np.testing.assert_allclose(encoder.encode_texts(texts, batch_size=3), reference, atol=2e-5)

@@ -92,6 +92,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, folder):
     csv = tmp_path / "list.csv"
     csv.write_text("path,label\nnope.png,bird\nnope2.png,fish\n")
     cases.append((["probe", csv, "--shots", 1], "does not exist"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n" + "".join(f"{folder}/{c}/0.png,{c}\n" for c in CLASSES) + f"{folder}/bird/1.png,cat\n")
+    cases.append((["probe", manifest, "--shots", 1, "--classes", ",".join(CLASSES)], "unknown class(es) cat"))
+    cases.append((["probe", folder, "--shots", 1, "--classes", "bird,fish"], "class folder(s) tree are not among"))
     for args, message in cases:
         result = CliRunner().invoke(main, [str(a) for a in args] + ["--model", "tiny", "--out", str(out)])
         assert result.exit_code == 2, result.output

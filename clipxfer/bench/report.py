@@ -19,6 +19,9 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         fit_seconds=("fit_seconds", "mean"),
     )
     grouped["accuracy_std"] = grouped["accuracy_std"].fillna(0.0)
+    # Methods in the order the run listed them, not alphabetically.
+    order = {method: i for i, method in enumerate(table["method"].drop_duplicates())}
+    grouped = grouped.sort_values(["dataset", "method", "shots"], key=lambda col: col.map(order) if col.name == "method" else col)
     zeroshot = table[table["method"] == "zeroshot"].groupby("dataset")["accuracy"].mean()
     grouped["gain_over_zeroshot"] = grouped["accuracy_mean"] - grouped["dataset"].map(zeroshot)
     return grouped
@@ -49,7 +52,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
                     continue
                 r = by_shots.loc[k]
                 gain = "" if pd.isna(r["gain_over_zeroshot"]) else f" ({r['gain_over_zeroshot']:+.3f})"
-                cells.append(f"{r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f}{gain}")
+                spread = f" +- {r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""
+                cells.append(f"{r['accuracy_mean']:.3f}{spread}{gain}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -30,6 +30,9 @@ def few_shot_options(func):
             click.option("--index", "index_path", type=click.Path(), default=None,
                          help="Take features from this index instead of encoding the images."),
             click.option("--max-test", type=int, default=None, help="Score on at most this many test images."),
+            click.option("--classes", default=None, metavar="A,B,C|FILE",
+                         help="The classes, in order (comma-separated or a file); a manifest label or class "
+                              "folder outside them is an error. Default: the labels found in DATA."),
             click.option("--no-save", is_flag=True, help="Score only; write no head or manifest."),
             click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
             model_options,
@@ -39,13 +42,15 @@ def few_shot_options(func):
     return func
 
 
-def _run(method: str, data, shots, seed, out, templates, index_path, max_test, no_save, as_json, model, device,
-         precision, **options):
+def _run(method: str, data, shots, seed, out, templates, index_path, max_test, classes, no_save, as_json, model,
+         device, precision, **options):
+    from ..prompts import load_classnames
     from ..transfer import run_transfer
 
     result = run_transfer(
         method, data, shots, seed, model=model, out=out, templates=templates, index_path=index_path,
-        max_test=max_test, device=device, precision=precision, save=not no_save, progress=not as_json, **options,
+        max_test=max_test, device=device, precision=precision, save=not no_save, progress=not as_json,
+        classes=load_classnames(classes) if classes else None, **options,
     )
     if as_json:
         emit_json(result)

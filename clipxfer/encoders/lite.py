@@ -123,17 +123,20 @@ class LiteEncoder(Encoder):
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        parts = []
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        # Longest first (by characters, a cheap proxy for tokens): each batch pads only to
+        # prompts of about its own length.
+        order = np.argsort([-len(text) for text in texts], kind="stable")
         for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
             batch = self.tokenizer(
-                list(texts[start : start + batch_size]),
+                [texts[i] for i in rows],
                 padding=True,
                 truncation=True,
                 max_length=TEXT_MAX_TOKENS,
                 return_tensors="pt",
             ).to(self.device)
             embeddings = self.token_embeddings(batch["input_ids"])
-            parts.append(self.encode_token_embeddings(embeddings, batch["attention_mask"]).cpu().numpy())
-        if not parts:
-            return np.zeros((0, self.dim), np.float32)
-        return l2_normalize(np.concatenate(parts))
+            out[rows] = self.encode_token_embeddings(embeddings, batch["attention_mask"]).cpu().numpy()
+        return l2_normalize(out)
