@@ -5,7 +5,6 @@ target images (a folder or an index) -> a :class:`~clipxfer.heads.transductive.T
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ from .errors import ClipxferError
 from .features import encode_dataset
 from .heads.base import FewShotData
 from .heads.transductive import TransductiveHead
-from .paths import atomic_write_bytes
 from .sampling import PARTITION_SEED, FewShotSplit, partition_train_test
 from .transfer import (
-    FewShotTask, _index_rows, default_head_path, encode_items, manifest_path_for, prepare_task, score,
+    FewShotTask, _index_rows, encode_items, prepare_task, resolve_head_path, score_and_save,
 )  # fmt: skip
 
 
@@ -129,46 +127,13 @@ def run_adapt(
     start = time.perf_counter()
     head = TransductiveHead.fit(task.data, unlabelled=target, **options)
     fit_seconds = time.perf_counter() - start
-    zeroshot_scores = score(task.data.zeroshot, task.test, task.test_labels)
-    scores = score(head, task.test, task.test_labels)
-    result: dict[str, Any] = {
-        "method": "transductive",
-        "variant": "transductive",
-        "shots": shots,
-        "seed": seed,
-        "accuracy": scores["accuracy"],
-        "zeroshot_accuracy": zeroshot_scores["accuracy"],
-        "val_accuracy": head.config.get("val_accuracy"),
-        "fit_seconds": round(fit_seconds, 4),
-        "num_classes": len(dataset.classnames),
-        "num_train": int(len(task.split.train)),
-        "num_val": int(len(task.split.val)),
-        "num_test": int(len(task.split.test)),
-        "num_unlabelled": int(len(target.embeddings)),
-        "iterations": head.config["iterations"],
-        "converged": head.config["converged"],
-        "prior_weight": head.config["prior_weight"],
-        "kappa": head.config["kappa"],
-        "model": encoder.id,
-        "dataset": dataset.name,
-        "manifest_hash": task.data.manifest_hash,
-        "options": dict(options),
-        "head": None,
-        "manifest": None,
-    }
-    if "report" in scores:
-        result["report"] = scores["report"]
-    if save:
-        head_path = Path(out) if out is not None else default_head_path("transductive", dataset, shots, seed)
-        if head_path.suffix != ".safetensors":
-            head_path = head_path.with_name(head_path.name + ".safetensors")
-        head.config.update(
-            {"dataset": dataset.name, "test_accuracy": scores["accuracy"], "zeroshot_test_accuracy": zeroshot_scores["accuracy"]}
-        )
-        manifest_path = manifest_path_for(head_path)
-        buffer = io.StringIO()
-        task.split.manifest(dataset).to_csv(buffer, index=False)
-        atomic_write_bytes(manifest_path, buffer.getvalue().encode())
-        result["head"] = str(head.save(head_path))
-        result["manifest"] = str(manifest_path)
+    head_path = resolve_head_path(out, "transductive", dataset, shots, seed) if save else None
+    result = score_and_save("transductive", head, task, encoder, fit_seconds, head_path, options)
+    result.update(
+        num_unlabelled=int(len(target.embeddings)),
+        iterations=head.config["iterations"],
+        converged=head.config["converged"],
+        prior_weight=head.config["prior_weight"],
+        kappa=head.config["kappa"],
+    )
     return result

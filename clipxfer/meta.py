@@ -36,7 +36,7 @@ from .encoders.base import Encoder, ImageEncoding, l2_normalize
 from .errors import ClipxferError
 from .features import encode_dataset
 from .heads.base import FewShotData, Head, load_head
-from .heads.meta import ADAPTER_KEYS, AdaptedHead, MetaHead, adapt_encoding
+from .heads.meta import AdaptedHead, MetaHead, adapt_encoding
 from .sampling import partition_train_test
 
 ALGOS = ("reptile", "fomaml")

@@ -194,6 +194,14 @@ def default_head_path(method: str, dataset: LabelledImages, shots: int, seed: in
     return Path(f"{method}-{name}-{shots}shot-seed{seed}.safetensors")
 
 
+def resolve_head_path(out, method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
+    """``out`` (``.safetensors`` added when missing), or the default name for this run."""
+    head_path = Path(out) if out is not None else default_head_path(method, dataset, shots, seed)
+    if head_path.suffix != ".safetensors":
+        head_path = head_path.with_name(head_path.name + ".safetensors")
+    return head_path
+
+
 def manifest_path_for(head_path: Path) -> Path:
     """The drawn manifest lives next to the head: ``head.safetensors`` -> ``head.manifest.csv``."""
     return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".manifest.csv")
@@ -231,22 +239,36 @@ def run_transfer(
         from .encoders import load_encoder
 
         encoder = load_encoder(model, device=device, precision=precision)
-    head_path = Path(out) if out is not None else default_head_path(method, dataset, shots, seed)
-    if head_path.suffix != ".safetensors":
-        head_path = head_path.with_name(head_path.name + ".safetensors")
+    head_path = resolve_head_path(out, method, dataset, shots, seed)
     task = prepare_task(encoder, dataset, shots, seed, templates, index_path, max_test, progress=progress)
 
     start = time.perf_counter()
     head = fit_head(method, task.data, **options)
     fit_seconds = time.perf_counter() - start
 
+    return score_and_save(method, head, task, encoder, fit_seconds, head_path if save else None, options)
+
+
+def score_and_save(
+    method: str,
+    head: Head,
+    task: FewShotTask,
+    encoder: Encoder,
+    fit_seconds: float,
+    head_path: Path | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """Score ``head`` and the zero-shot head on the task's test set and, with a ``head_path``,
+    save the drawn manifest and then the head beside it. Returns the result object of the
+    training commands (see :func:`run_transfer`)."""
+    dataset = task.dataset
     zeroshot_scores = score(task.data.zeroshot, task.test, task.test_labels)
     scores = score(head, task.test, task.test_labels)
     result: dict[str, Any] = {
         "method": method,
         "variant": head.config.get("variant", method),
-        "shots": shots,
-        "seed": seed,
+        "shots": task.data.shots,
+        "seed": task.data.seed,
         "accuracy": scores["accuracy"],
         "zeroshot_accuracy": zeroshot_scores["accuracy"],
         "val_accuracy": head.config.get("val_accuracy"),
@@ -258,13 +280,13 @@ def run_transfer(
         "model": encoder.id,
         "dataset": dataset.name,
         "manifest_hash": task.data.manifest_hash,
-        "options": {k: v for k, v in options.items()},
+        "options": dict(options),
         "head": None,
         "manifest": None,
     }
     if "report" in scores:
         result["report"] = scores["report"]
-    if save:
+    if head_path is not None:
         head.config.update(
             {"dataset": dataset.name, "test_accuracy": scores["accuracy"], "zeroshot_test_accuracy": zeroshot_scores["accuracy"]}
         )

@@ -55,6 +55,16 @@ class FewShotData:
     manifest_hash: str = ""
 
 
+def fit_provenance(data: FewShotData) -> dict[str, Any]:
+    """The config entries every fitted head records about the draw it was fitted on."""
+    return {
+        "templates": data.zeroshot.config.get("templates"),
+        "shots": data.shots,
+        "seed": data.seed,
+        "manifest_hash": data.manifest_hash,
+    }
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, numerically stable."""
     shifted = logits - logits.max(axis=1, keepdims=True)

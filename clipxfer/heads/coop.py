@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..encoders.base import Encoder, ImageEncoding
+from ..encoders.base import Encoder
 from ..errors import ClipxferError
-from .base import FewShotData, Head, register_head
+from .base import FewShotData, fit_provenance, register_head
+from .zeroshot import ZeroShotHead
 from .linear import val_score
 
 POSITIONS = ("end", "middle", "front")
@@ -217,17 +218,11 @@ class PromptLearner(nn.Module):
 
 
 @register_head
-class CoOpHead(Head):
-    """logits = logit_scale * embeddings @ class_weights.T, class weights from learned prompts."""
+class CoOpHead(ZeroShotHead):
+    """A text classifier like the zero-shot head (logits = logit_scale * embeddings @
+    class_weights.T), whose class weights come from learned prompt context instead of templates."""
 
     method = "coop"
-
-    @property
-    def class_weights(self) -> np.ndarray:
-        return self.weights["class_weights"]
-
-    def logits(self, encoding: ImageEncoding) -> np.ndarray:
-        return self.config["logit_scale"] * encoding.embeddings @ self.class_weights.T
 
     @classmethod
     def fit(
@@ -327,10 +322,7 @@ class CoOpHead(Head):
             "train_loss_initial": initial_loss,
             "train_loss_final": best_loss,
             "train_loss_history": history,
-            "templates": data.zeroshot.config.get("templates"),
-            "shots": data.shots,
-            "seed": data.seed,
-            "manifest_hash": data.manifest_hash,
+            **fit_provenance(data),
             "val_accuracy": best_score[0],
             "val_loss": -best_score[1],
         }

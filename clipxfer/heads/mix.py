@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ClipxferError
-from .base import FewShotData, register_head
+from .base import FewShotData, fit_provenance, register_head
 from .linear import PARTS, LinearHead, linear_logits, val_score, zeroshot_parts
 
 MIX_GRID = tuple(float(v) for v in np.round(np.linspace(0.0, 1.0, 21), 2))
@@ -72,10 +72,7 @@ class MixHead(LinearHead):
             "mix": chosen,
             "mix_mode": "auto" if mix == "auto" else "fixed",
             "base_config": adapted_head.config,
-            "templates": data.zeroshot.config.get("templates"),
-            "shots": data.shots,
-            "seed": data.seed,
-            "manifest_hash": data.manifest_hash,
+            **fit_provenance(data),
             "val_accuracy": best_score[0],
             "val_loss": -best_score[1],
         }

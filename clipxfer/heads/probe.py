@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ClipxferError
-from .base import FewShotData, register_head
+from .base import FewShotData, fit_provenance, register_head
 from .linear import LinearHead, probe_inputs, val_score, zeroshot_parts
 
 #: The coarse sweep of the L2 strength (per-sample mean loss + l2/2 * ||W||^2).
@@ -157,10 +157,7 @@ class ProbeHead(LinearHead):
             "l2": best_l2,
             "C": 1.0 / (best_l2 * len(x_train)),
             "zeroshot_scale": float(best["s"]) / spread if use_prior else 0.0,
-            "templates": data.zeroshot.config.get("templates"),
-            "shots": data.shots,
-            "seed": data.seed,
-            "manifest_hash": data.manifest_hash,
+            **fit_provenance(data),
             "val_accuracy": best_score[0],
             "val_loss": -best_score[1],
         }

@@ -20,7 +20,7 @@ import torch
 
 from ..encoders.base import ImageEncoding, l2_normalize
 from ..errors import ClipxferError
-from .base import FewShotData, Head, register_head
+from .base import FewShotData, Head, fit_provenance, register_head
 from .linear import val_score
 
 #: Search grids (the paper searches beta in (0, 7] and alpha in (0, 3] for CLIP's scale of
@@ -141,10 +141,7 @@ class TipAdapterHead(Head):
             "variant": "tipf" if finetune else "tip",
             "key_space": key_space,
             "logit_scale": data.zeroshot.config["logit_scale"],
-            "templates": data.zeroshot.config.get("templates"),
-            "shots": data.shots,
-            "seed": data.seed,
-            "manifest_hash": data.manifest_hash,
+            **fit_provenance(data),
         }
         if finetune:
             keys, best_step = _train_keys(

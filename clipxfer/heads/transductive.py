@@ -30,7 +30,7 @@ import numpy as np
 
 from ..encoders.base import ImageEncoding, l2_normalize
 from ..errors import ClipxferError
-from .base import FewShotData, Head, register_head, softmax
+from .base import FewShotData, Head, fit_provenance, register_head, softmax
 from .linear import val_score
 
 DEFAULT_PRIOR_WEIGHT = 1.0
@@ -111,7 +111,7 @@ class TransductiveHead(Head):
             data.zeroshot, unlabelled, data.train if len(data.train_labels) else None, data.train_labels,
             val=data.val if len(data.val_labels) else None, val_labels=data.val_labels, **options,
         )
-        head.config.update({"shots": data.shots, "seed": data.seed, "manifest_hash": data.manifest_hash})
+        head.config.update(fit_provenance(data))
         return head
 
 
