@@ -26,6 +26,11 @@ _EXPORTS = {
     "load_templates": "clipxfer.prompts",
     "classification_report": "clipxfer.metrics",
     "Index": "clipxfer.index",
+    "load_head": "clipxfer.heads",
+    "run_adapt": "clipxfer.adapt",
+    "meta_train": "clipxfer.meta",
+    "run_bench": "clipxfer.bench",
+    "run_episodes": "clipxfer.bench.episodes",
 }
 
 __all__ = ["__version__", *_EXPORTS]
