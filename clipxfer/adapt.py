@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from .data import LabelledImages, load_dataset
 from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
-from .features import encode_dataset
+from .features import encode_folder
 from .heads.base import FewShotData
 from .heads.transductive import TransductiveHead
 from .sampling import PARTITION_SEED, FewShotSplit, partition_train_test
@@ -43,16 +42,7 @@ def encode_unlabelled(
         if len(encoding.embeddings) == 0:
             raise ClipxferError(f"{index_path}: the index holds no images; adapt needs unlabelled target images")
         return encoding
-    from .images import find_images
-
-    root = Path(folder)  # type: ignore[arg-type]
-    if not root.is_dir():
-        raise ClipxferError(f"{root}: not a folder of images (--unlabelled)")
-    paths = [str(p) for p in find_images(root)]
-    if not paths:
-        raise ClipxferError(f"{root}: no images found; adapt needs unlabelled target images")
-    items = LabelledImages(root.name or "unlabelled", ["?"], paths, np.zeros(len(paths)), paths)
-    return encode_dataset(encoder, items, progress=progress)
+    return encode_folder(encoder, folder, progress, why="adapt needs unlabelled target images")[1]  # type: ignore[arg-type]
 
 
 def label_free_task(

@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .data import LabelledImages, from_image_folder
+from .data import from_image_folder
 from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
-from .features import encode_dataset
+from .features import encode_dataset, encode_folder
 from .heads.zeroshot import ZeroShotHead, fit_zeroshot
 from .images import find_images, is_image_path
 from .metrics import classification_report
@@ -199,14 +199,11 @@ def classify_folder(
         index = {name: i for i, name in enumerate(classnames)}
         labels = np.array([index[dataset.classnames[label]] for label in dataset.labels], dtype=np.int64)
         paths = [str(p) for p in dataset.sources]
+        encoding = encode_dataset(encoder, dataset, progress=progress)
     else:
-        paths = [str(p) for p in find_images(folder)]
-        if not paths:
-            raise ClipxferError(f"{folder}: no images found (looked for .jpg, .png, .webp, ... recursively)")
+        paths, encoding = encode_folder(encoder, folder, progress, why="looked for .jpg, .png, .webp, ... recursively")
         classnames, labels = list(classes), None
-        dataset = LabelledImages(folder.name, classnames, paths, np.zeros(len(paths), np.int64), paths)
     head = build_head(encoder, classnames, templates, descriptions, progress)
-    encoding = encode_dataset(encoder, dataset, progress=progress)
     return _finish(folder, paths, encoding, head, labels, templates)
 
 

@@ -12,6 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 from .data import LabelledImages
 from .encoders.base import Encoder, ImageEncoding
+from .errors import ClipxferError
+from .images import find_images
 from .paths import cache_dir
 
 
@@ -59,3 +61,18 @@ def take(encoding: ImageEncoding, indices: np.ndarray) -> ImageEncoding:
     embeddings = encoding.embeddings[indices]
     features = embeddings if encoding.features is encoding.embeddings else encoding.features[indices]
     return ImageEncoding(embeddings, features)
+
+
+def encode_folder(
+    encoder: Encoder, folder: str | os.PathLike, progress: bool = False, why: str = ""
+) -> tuple[list[str], ImageEncoding]:
+    """Every image below ``folder`` (no labels), encoded and cached like a labelled set.
+    ``why`` ends the error message for an empty folder (what the images were needed for)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ClipxferError(f"{root}: not a folder of images")
+    paths = [str(p) for p in find_images(root)]
+    if not paths:
+        raise ClipxferError(f"{root}: no images found{'; ' + why if why else ''}")
+    items = LabelledImages(root.name or "unlabelled", ["?"], paths, np.zeros(len(paths)), paths)
+    return paths, encode_dataset(encoder, items, progress=progress)

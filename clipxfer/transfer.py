@@ -21,7 +21,7 @@ import pandas as pd
 from .data import LabelledImages, load_dataset
 from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
-from .features import encode_dataset, take
+from .features import encode_dataset, encode_folder, take
 from .heads.base import HEAD_TYPES, FewShotData, Head, load_head
 from .paths import atomic_write_bytes
 from .sampling import FewShotSplit, draw_few_shot
@@ -337,16 +337,7 @@ def predict(
                 f"{index_path} stores no probe features for {encoder.id}; classify the folder instead of the index"
             )
     else:
-        from .images import find_images
-
-        root = Path(folder)  # type: ignore[arg-type]
-        if not root.is_dir():
-            raise ClipxferError(f"{root}: not a folder of images")
-        paths = [str(p) for p in find_images(root)]
-        if not paths:
-            raise ClipxferError(f"{root}: no images found")
-        items = LabelledImages(root.name, head.classnames, paths, np.zeros(len(paths)), paths)
-        encoding = encode_dataset(encoder, items, progress=progress)
+        paths, encoding = encode_folder(encoder, folder, progress)  # type: ignore[arg-type]
     probs = head.predict_proba(encoding)
     best = probs.argmax(axis=1)
     table = pd.DataFrame(
