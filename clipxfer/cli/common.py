@@ -53,6 +53,10 @@ class ErrorReportingGroup(click.Group):
         except ClipxferError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            # Every command commits or writes atomically, so what finished is already safe.
+            click.echo("\ninterrupted: finished work is kept; run the same command again to resume", err=True)
+            sys.exit(130)
 
 
 def reports_errors(func):
