@@ -207,6 +207,19 @@ if __name__ == "__main__":
 """
 
 
+def wait_until_committed(proc, index_path: Path, rows: int, timeout: float = 120) -> None:
+    """Poll the index database until ``rows`` items are committed, ``proc`` ends, or time is up."""
+    committed, deadline = 0, time.time() + timeout
+    while committed < rows and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if (index_path / DB_FILE).is_file():
+            try:
+                with sqlite3.connect(index_path / DB_FILE, timeout=5) as conn:
+                    committed = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            except sqlite3.OperationalError:  # schema not created yet
+                pass
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill_9_during_indexing_then_resume(tmp_path, tiny, workers):
     root, index_path = tmp_path / "photos", tmp_path / "index"
@@ -215,16 +228,7 @@ def test_kill_9_during_indexing_then_resume(tmp_path, tiny, workers):
     script.write_text(textwrap.dedent(KILL_SCRIPT))
     proc = subprocess.Popen([sys.executable, str(script), str(root), str(index_path), str(workers)])
     try:
-        committed = 0
-        deadline = time.time() + 120
-        while committed < 8 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            if (index_path / DB_FILE).is_file():
-                try:
-                    with sqlite3.connect(index_path / DB_FILE, timeout=5) as conn:
-                        committed = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-                except sqlite3.OperationalError:  # schema not created yet
-                    pass
+        wait_until_committed(proc, index_path, rows=8)
         assert proc.poll() is None, "indexing finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:

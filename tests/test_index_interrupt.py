@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 
-from clipxfer.index.index import DB_FILE
-
-from .test_index import stored_paths, update, write_images
+from .test_index import stored_paths, update, wait_until_committed, write_images
 
 CLI_SCRIPT = """
 import sys, time
@@ -41,15 +37,7 @@ def test_ctrl_c_keeps_finished_batches_and_resumes(tmp_path, tiny):
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
     )
-    committed, deadline = 0, time.time() + 120
-    while committed < 8 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-        if (index_path / DB_FILE).is_file():
-            try:
-                with sqlite3.connect(index_path / DB_FILE, timeout=5) as conn:
-                    committed = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-            except sqlite3.OperationalError:  # schema not created yet
-                pass
+    wait_until_committed(proc, index_path, rows=8)
     assert proc.poll() is None, "indexing finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
