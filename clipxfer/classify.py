@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .calibrate.conformal import ClassifierCalibration
+from .calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, split_for_calibration
 from .data import from_image_folder
 from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
@@ -42,6 +44,8 @@ class Classification:
     labels: np.ndarray | None = None
     report: dict | None = None
     templates: str = ""
+    #: Prediction sets, once :func:`conformalize` has run.
+    conformal: ConformalSets | None = None
 
     @property
     def classnames(self) -> list[str]:
@@ -68,6 +72,10 @@ class Classification:
         for rank in range(order.shape[1]):
             columns[f"pred_{rank + 1}"] = names[order[:, rank]]
             columns[f"prob_{rank + 1}"] = values[:, rank].round(6)
+        if self.conformal is not None:
+            columns["set"] = ["|".join(names) for names in self.conformal.set_names(self.classnames)]
+            if self.conformal.reject:
+                columns["decision"] = self.conformal.decisions(self.classnames)
         return pd.DataFrame(columns)
 
     def predicted_counts(self) -> dict[str, int]:
@@ -95,12 +103,20 @@ class Classification:
                     "per_class_recall", "support", "confusion_matrix"):  # fmt: skip
             summary[key] = report.get(key)
         summary["predicted_counts"] = self.predicted_counts()
+        summary["conformal"] = self.conformal.summary() if self.conformal is not None else None
         if include_predictions if include_predictions is not None else not self.labelled:
             order, values = self.top_k(k)
             summary["predictions"] = [
                 {"path": path, "top": [[self.classnames[i], round(float(p), 6)] for i, p in zip(row, probs)]}
                 for path, row, probs in zip(self.paths, order, values)
             ]
+            if self.conformal is not None:
+                names = self.conformal.set_names(self.classnames)
+                decisions = self.conformal.decisions(self.classnames)
+                for item, names_i, decision in zip(summary["predictions"], names, decisions):
+                    item["set"] = names_i
+                    if self.conformal.reject:
+                        item["decision"] = decision
         return summary
 
     def save_table(self, path: str | os.PathLike, k: int = 3) -> Path:
@@ -260,3 +276,43 @@ def classify_index(
         labels = np.array([index_of[f] for f in folders], dtype=np.int64)
     head = build_head(encoder, list(classes), templates, descriptions, progress)
     return _finish(where, paths, encoding, head, labels, templates)
+
+
+def conformalize(
+    result: Classification,
+    alpha: float,
+    calibrate: str | os.PathLike | None = None,
+    score: str = "aps",
+    reject: bool = False,
+    encoder: Encoder | None = None,
+    seed: int = 0,
+) -> ConformalSets:
+    """Add prediction sets at level ``alpha`` to ``result`` (and return them).
+
+    Calibrated on ``calibrate`` (labelled images of the same classes) when given; otherwise a
+    labelled ``result`` is split in seeded halves, one calibrating and the other measuring coverage.
+    """
+    evaluate_rows = None
+    if calibrate is not None:
+        if encoder is None:
+            from .encoders import cached_encoder
+            from .encoders.registry import spec_for_id
+
+            encoder = cached_encoder(spec_for_id(result.head.model_id))
+        calibration = calibrate_on_dataset(encoder, result.head, calibrate)
+    elif result.labels is not None:
+        calibrate_rows, evaluate_rows = split_for_calibration(len(result.paths), seed)
+        calibration = ClassifierCalibration.from_probs(
+            result.probs[calibrate_rows], result.labels[calibrate_rows],
+            f"a random half of {result.source} ({len(calibrate_rows)} images, seed {seed})",
+        )
+    else:
+        raise ClipxferError(
+            f"{result.source}: --conformal needs labelled images to calibrate on: pass --calibrate DATA "
+            "(class folders or a CSV manifest of the same classes)"
+        )
+    sets = conformal_sets(result.probs, calibration, alpha, score, reject)
+    if result.labels is not None:
+        sets.evaluate(result.labels, evaluate_rows)
+    result.conformal = sets
+    return sets

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .calibrate.sets import ConformalSets, calibrate_on, calibrate_on_dataset, conformal_sets, head_calibration
 from .data import LabelledImages, load_dataset
 from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
@@ -286,6 +287,11 @@ def score_and_save(
     }
     if "report" in scores:
         result["report"] = scores["report"]
+    if len(task.data.val_labels):
+        # Validation images were not fitted on: they calibrate 'predict --conformal' later.
+        head.config["calibration"] = calibrate_on(
+            head, task.data.val, task.data.val_labels, f"validation split ({len(task.data.val_labels)} images)"
+        ).to_config()
     if head_path is not None:
         head.config.update(
             {"dataset": dataset.name, "test_accuracy": scores["accuracy"], "zeroshot_test_accuracy": zeroshot_scores["accuracy"]}
@@ -303,6 +309,17 @@ def score_and_save(
 # --------------------------------------------------------------------------- predict
 
 
+def encoder_for_head(
+    head_path: str | os.PathLike, model: str | None = None, device: str | None = None, precision: str | None = None
+) -> Encoder:
+    """The encoder ``model`` names, by default the one the head at ``head_path`` was made with."""
+    from .encoders import load_encoder
+    from .encoders.registry import spec_for_id
+    from .heads.base import read_head_metadata
+
+    return load_encoder(model or spec_for_id(read_head_metadata(head_path)["model_id"]), device=device, precision=precision)
+
+
 def predict(
     head_path: str | os.PathLike,
     folder: str | os.PathLike | None = None,
@@ -318,16 +335,10 @@ def predict(
     Returns the head, a table ``path, label, probability`` (best class per image) and the full
     ``(n, num_classes)`` probability matrix. The model defaults to the one the head was made with.
     """
-    from .encoders.registry import spec_for_id
-    from .heads.base import read_head_metadata
-
     if (folder is None) == (index_path is None):
         raise ClipxferError("give either a folder of images or --index PATH, not both or neither")
-    meta = read_head_metadata(head_path)
     if encoder is None:
-        from .encoders import load_encoder
-
-        encoder = load_encoder(model or spec_for_id(meta["model_id"]), device=device, precision=precision)
+        encoder = encoder_for_head(head_path, model, device, precision)
     head = load_head(head_path, model_id=encoder.id)
     if index_path is not None:
         rows, encoding = _index_rows(index_path, encoder)
@@ -344,3 +355,23 @@ def predict(
         {"path": paths, "label": [head.classnames[i] for i in best], "probability": probs[np.arange(len(best)), best]}
     )
     return head, table, probs
+
+
+def predict_sets(
+    head: Head,
+    probs: np.ndarray,
+    alpha: float,
+    head_path: str | os.PathLike,
+    encoder: Encoder | None = None,
+    calibrate: str | os.PathLike | None = None,
+    score: str = "aps",
+    reject: bool = False,
+) -> ConformalSets:
+    """Conformal prediction sets for probabilities from :func:`predict`, calibrated on the head's
+    own validation images or, with ``calibrate``, on a labelled folder or manifest (which needs the
+    ``encoder``)."""
+    if calibrate is not None:
+        calibration = calibrate_on_dataset(encoder or encoder_for_head(head_path), head, calibrate)
+    else:
+        calibration = head_calibration(head, str(head_path))
+    return conformal_sets(probs, calibration, alpha, score, reject)

@@ -9,6 +9,7 @@ see Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction" (2021)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,3 +63,89 @@ def false_alarm_threshold(good_scores: np.ndarray, false_alarm_rate: float) -> f
     an image is flagged when its score is strictly greater than the threshold.
     """
     return conformal_quantile(good_scores, check_alpha(false_alarm_rate, "false-alarm rate"))
+
+
+# --------------------------------------------------------------------------- classifiers
+
+#: Non-conformity scores for classifiers: APS (Romano et al. 2020) and RAPS (Angelopoulos et al.
+#: 2021), both without the randomisation term, which keeps sets deterministic and coverage >= 1 - alpha.
+SET_SCORES = ("aps", "raps")
+
+
+def ranked_mass(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and class: ``(mass, rank)`` where ``rank`` is the class's 1-based place when classes
+    are sorted by probability (best first) and ``mass`` the probability summed down to and including it."""
+    probs = np.asarray(probs, dtype=np.float64)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(1, probs.shape[1] + 1)[None, :].repeat(len(probs), 0), axis=1)
+    mass = np.take_along_axis(cumulative, rank - 1, axis=1)
+    return mass, rank
+
+
+def set_scores(mass: np.ndarray, rank: np.ndarray, score: str = "aps", lam: float = 0.01, k_reg: int = 1) -> np.ndarray:
+    """Non-conformity of each (image, class) from :func:`ranked_mass`: APS is the mass itself; RAPS adds
+    ``lam`` per rank beyond ``k_reg``, which keeps sets small when the tail of the ranking is noise."""
+    if score == "aps":
+        return np.asarray(mass, dtype=np.float64)
+    if score == "raps":
+        return mass + lam * np.maximum(0, np.asarray(rank) - k_reg)
+    raise ClipxferError(f"unknown conformal score '{score}': use one of {', '.join(SET_SCORES)}")
+
+
+@dataclass
+class ClassifierCalibration:
+    """Held-out labelled images seen through a classifier, kept as each true class's ranked mass and
+    rank so any alpha and either score can be chosen later. ``source`` says where they came from."""
+
+    mass: np.ndarray
+    rank: np.ndarray
+    source: str
+
+    @classmethod
+    def from_probs(cls, probs: np.ndarray, labels: np.ndarray, source: str) -> "ClassifierCalibration":
+        """Calibration from class probabilities of held-out images and their true labels."""
+        labels = np.asarray(labels, dtype=np.int64)
+        mass, rank = ranked_mass(probs)
+        rows = np.arange(len(labels))
+        return cls(mass[rows, labels], rank[rows, labels], source)
+
+    def to_config(self) -> dict:
+        """A JSON-able form, stored in a head's config under ``calibration``."""
+        return {"source": self.source, "mass": np.round(self.mass, 7).tolist(), "rank": self.rank.tolist()}
+
+    @classmethod
+    def from_config(cls, config: dict, where: str) -> "ClassifierCalibration":
+        """The inverse of :meth:`to_config`; ``where`` names the file in errors."""
+        try:
+            mass = np.asarray(config["mass"], dtype=np.float64)
+            rank = np.asarray(config["rank"], dtype=np.int64)
+            source = str(config.get("source", ""))
+        except (KeyError, TypeError, ValueError):
+            raise ClipxferError(f"{where}: its conformal calibration data is damaged; refit the head") from None
+        if mass.shape != rank.shape or mass.ndim != 1 or not np.isfinite(mass).all():
+            raise ClipxferError(f"{where}: its conformal calibration data is damaged; refit the head")
+        return cls(mass, rank, source)
+
+    def __len__(self) -> int:
+        return len(self.mass)
+
+    def threshold(self, alpha: float, score: str = "aps", lam: float = 0.01, k_reg: int = 1) -> float:
+        """The conformal quantile of the calibration scores at ``alpha``."""
+        return conformal_quantile(set_scores(self.mass, self.rank, score, lam, k_reg), alpha)
+
+
+def prediction_sets(probs: np.ndarray, threshold: float, score: str = "aps", lam: float = 0.01, k_reg: int = 1) -> np.ndarray:
+    """Boolean ``(n, num_classes)``: the classes whose score is within ``threshold``. The most probable
+    class is always included, so no set is empty (including it never lowers coverage)."""
+    mass, rank = ranked_mass(probs)
+    sets = set_scores(mass, rank, score, lam, k_reg) <= threshold
+    sets[rank == 1] = True
+    return sets
+
+
+def coverage(sets: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of images whose true class is in their set."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return float(sets[np.arange(len(labels)), labels].mean()) if len(labels) else float("nan")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import main
-from .common import emit_json, load_model, model_options
+from .common import conformal_options, emit_json, load_model, model_options
 
 
 @main.command()
@@ -19,8 +19,10 @@ from .common import emit_json, load_model, model_options
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix figure here (labelled images).")
 @click.option("--save-head", type=click.Path(dir_okay=False), help="Also save the zero-shot head (.safetensors).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
+@conformal_options
 @model_options
-def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, as_json, model, device, precision):
+def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, as_json, conformal,
+             calibrate, conformal_score, reject, model, device, precision):
     """Zero-shot classify the images in FOLDER, or in an index with --index.
 
     Each class becomes prompts (every template, plus its descriptions if given); an image gets the
@@ -40,10 +42,20 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
       per_class_recall, support     class -> value (null when unlabelled)
       confusion_matrix              rows true, columns predicted, in classes order
       predicted_counts              class -> images predicted as it
-      predictions                   unlabelled only: [{path, top: [[class, prob], ...]}]
+      predictions                   unlabelled only: [{path, top: [[class, prob], ...][, set, decision]}]
+      conformal                     with --conformal: alpha, score, threshold, calibration_source,
+                                    calibration_size, mean_set_size, unknown_count, evaluation
+                                    (coverage, mean_set_size, unknown_rate, error_rate_of_decisions
+                                    on labelled images not used to calibrate); else null
       out, plot, head               paths written, or null
+
+    With --conformal ALPHA each image gets a prediction set that holds its true class with
+    probability >= 1-ALPHA: calibrated on --calibrate DATA, or on a random half of a labelled
+    FOLDER (coverage is then measured on the other half).
+
+    Example: clipxfer classify parts/ --classes "ok,scratch,dent" --templates industrial --out preds.csv
     """
-    from ..classify import classify_folder, classify_index
+    from ..classify import classify_folder, classify_index, conformalize
     from ..errors import ClipxferError
     from ..prompts import load_classnames, load_templates
 
@@ -51,11 +63,16 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
         raise ClipxferError("give a FOLDER of images or --index PATH (one of the two)")
     class_list = load_classnames(classes) if classes else None
     load_templates(templates)  # a bad set name fails before a model loads
+    if conformal is None and (calibrate or reject):
+        raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
+    encoder = None
     if index_path is not None:
         result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True)
     else:
         encoder = load_model(model, device, precision)
         result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True)
+    if conformal is not None:
+        conformalize(result, conformal, calibrate, conformal_score, reject, encoder)
     written = {"out": None, "plot": None, "head": None}
     if out:
         written["out"] = str(result.save_table(out, top_k))
@@ -99,9 +116,29 @@ def _print_result(result, top_k: int, written: dict) -> None:
             click.echo("confusion matrix: too many classes to print; use --plot cm.png or --json")
     elif not written["out"]:
         click.echo(result.table(top_k).to_string(index=False))
+    if result.conformal is not None:
+        _print_conformal(result.conformal.summary())
     for key, label in (("out", "predictions"), ("plot", "confusion matrix"), ("head", "head")):
         if written[key]:
             click.echo(f"wrote {label} to {written[key]}")
+
+
+def _print_conformal(summary: dict) -> None:
+    click.echo(
+        f"conformal sets at alpha {summary['alpha']} ({summary['score']}), calibrated on "
+        f"{summary['calibration_source']}: mean set size {summary['mean_set_size']:.2f}"
+    )
+    evaluation = summary["evaluation"]
+    if evaluation:
+        click.echo(
+            f"  on {evaluation['n']} labelled images not used to calibrate: coverage {evaluation['coverage']:.4f} "
+            f"(guaranteed >= {1 - summary['alpha']:.4f} in expectation), mean set size {evaluation['mean_set_size']:.2f}"
+        )
+        if summary["reject"]:
+            click.echo(
+                f"  --reject: unknown {evaluation['unknown_rate']:.4f}, wrong decisions "
+                f"{evaluation['error_rate_of_decisions']:.4f} (at most alpha in expectation)"
+            )
 
 
 @main.command()

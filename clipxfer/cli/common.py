@@ -32,6 +32,28 @@ def model_options(func):
     return func
 
 
+def conformal_options(func):
+    """``--conformal``, ``--calibrate``, ``--conformal-score`` and ``--reject`` (prediction sets)."""
+    func = click.option(
+        "--reject", is_flag=True,
+        help="With --conformal: decide 'unknown' when an image's set holds more than one class "
+        "(then at most ALPHA of the images get a wrong class).",
+    )(func)
+    func = click.option(
+        "--conformal-score", "conformal_score", type=click.Choice(["aps", "raps"]), default="aps",
+        show_default=True, help="Conformal score: APS, or RAPS (penalises long tails: smaller sets).",
+    )(func)
+    func = click.option(
+        "--calibrate", "calibrate", default=None, metavar="DATA",
+        help="Labelled images (class folders or CSV manifest) to calibrate the sets on.",
+    )(func)
+    func = click.option(
+        "--conformal", "conformal", type=float, default=None, metavar="ALPHA",
+        help="Prediction sets that hold the true class with probability >= 1-ALPHA (split conformal).",
+    )(func)
+    return func
+
+
 def load_model(model: str | None, device: str, precision: str):
     """The encoder for the standard model options."""
     from ..encoders import load_encoder

@@ -12,7 +12,7 @@ import io
 import click
 
 from . import main
-from .common import emit_json, model_options
+from .common import conformal_options, emit_json, model_options
 
 
 def few_shot_options(func):
@@ -139,16 +139,35 @@ def mix(base, mix_value, **kwargs):
 @click.argument("folder", required=False, type=click.Path(file_okay=False))
 @click.option("--index", "index_path", type=click.Path(), default=None, help="Classify every image of this index.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Write path,label,probability plus one column per class to this CSV.")
+              help="Write path,label,probability[,set,decision] plus one column per class to this CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON.")
+@conformal_options
 @model_options
-def predict(head, folder, index_path, out, as_json, model, device, precision):
-    """Classify the images in FOLDER (or --index PATH) with a saved HEAD."""
+def predict(head, folder, index_path, out, as_json, conformal, calibrate, conformal_score, reject, model, device,
+            precision):
+    """Classify the images in FOLDER (or --index PATH) with a saved HEAD.
+
+    With --conformal ALPHA each image also gets a prediction set holding its true class with
+    probability >= 1-ALPHA, calibrated on the head's validation images (or --calibrate DATA);
+    --reject decides 'unknown' when the set holds more than one class.
+
+    Example: clipxfer predict probe.safetensors new_parts/ --conformal 0.1 --reject --out preds.csv
+    """
+    from ..errors import ClipxferError
     from ..paths import atomic_write_bytes
+    from ..transfer import encoder_for_head, predict_sets
     from ..transfer import predict as run_predict
 
-    fitted, table, probs = run_predict(head, folder, index_path, model=model, device=device, precision=precision,
-                                       progress=not as_json)
+    if conformal is None and (calibrate or reject):
+        raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
+    encoder = encoder_for_head(head, model, device, precision)
+    fitted, table, probs = run_predict(head, folder, index_path, encoder=encoder, progress=not as_json)
+    sets = None
+    if conformal is not None:
+        sets = predict_sets(fitted, probs, conformal, head, encoder, calibrate, conformal_score, reject)
+        table["set"] = ["|".join(names) for names in sets.set_names(fitted.classnames)]
+        if reject:
+            table["decision"] = sets.decisions(fitted.classnames)
     if out:
         full = table.copy()
         for i, name in enumerate(fitted.classnames):
@@ -157,16 +176,27 @@ def predict(head, folder, index_path, out, as_json, model, device, precision):
         full.to_csv(buffer, index=False)
         atomic_write_bytes(out, buffer.getvalue().encode())
     if as_json:
+        rows = []
+        for i, row in enumerate(table.itertuples()):
+            item = {"path": row.path, "label": row.label, "probability": float(row.probability),
+                    "probabilities": {n: float(p) for n, p in zip(fitted.classnames, probs[i])}}
+            if sets is not None:
+                item["set"] = row.set.split("|")
+                if reject:
+                    item["decision"] = row.decision
+            rows.append(item)
         emit_json({
             "head": str(head), "method": fitted.method, "model": fitted.model_id, "classes": fitted.classnames,
-            "predictions": [
-                {"path": row.path, "label": row.label, "probability": float(row.probability),
-                 "probabilities": {n: float(p) for n, p in zip(fitted.classnames, probs[i])}}
-                for i, row in enumerate(table.itertuples())
-            ],
+            "conformal": sets.summary() if sets is not None else None, "predictions": rows,
         })
         return
     for row in table.itertuples():
-        click.echo(f"{row.label}\t{row.probability:.3f}\t{row.path}")
+        extra = f"\t{{{row.set.replace('|', ', ')}}}" if sets is not None else ""
+        decided = f"{row.decision}\t" if reject else ""
+        click.echo(f"{decided}{row.label}\t{row.probability:.3f}{extra}\t{row.path}")
+    if sets is not None:
+        summary = sets.summary()
+        click.echo(f"conformal sets at alpha {sets.alpha} ({sets.score}, calibrated on {sets.calibration_source}): "
+                   f"mean set size {summary['mean_set_size']:.2f}", err=True)
     if out:
         click.echo(f"wrote {out}", err=True)
