@@ -8,16 +8,35 @@ from __future__ import annotations
 
 import importlib
 
-import click
+import rich_click as click
 
 from .. import __version__
 from .common import ErrorReportingGroup
 
 
+#: The help screen groups commands by job; every command belongs to exactly one panel (tested).
+PANELS = {
+    "Index & search": ["index", "search", "info", "dups", "sample-photos"],
+    "Classify": ["classify", "predict", "prompts", "models"],
+    "Adapt": ["probe", "tip", "coop", "mix", "adapt", "meta-train"],
+    "Inspect": [],
+    "Benchmark": ["bench", "bench-episodes"],
+    "Serve": [],
+}
+
+
+def _with_panels(group):
+    for name, commands in reversed(PANELS.items()):
+        group = click.command_panel(name, commands=commands)(group)
+    return group
+
+
 @click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="clipxfer")
+@_with_panels
 def main():
-    """CLIP transfer toolkit: index and search images, zero-shot and few-shot classification."""
+    """CLIP transfer toolkit: index and search images, zero-shot and few-shot classification,
+    fine-tuning, defect detection and benchmarks. Every command's help ends with an example."""
 
 
 # One module per group of commands; adding commands is adding a module here.

@@ -7,6 +7,7 @@ import json
 import sys
 
 import click
+from rich_click import RichGroup
 
 from ..errors import ClipxferError
 
@@ -66,7 +67,7 @@ def emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
-class ErrorReportingGroup(click.Group):
+class ErrorReportingGroup(RichGroup):
     """A click group that prints :class:`ClipxferError` as ``error: ...`` and exits 2."""
 
     def invoke(self, ctx):
