@@ -12,6 +12,7 @@ is guaranteed >= 1 - alpha in expectation over draws, so single seeds scatter ar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--scores", nargs="+", default=["aps", "raps", "lac"])
     parser.add_argument("--max-test", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -48,27 +50,27 @@ def main() -> None:
             calibration = calibrate_on(head, task.data.val, task.data.val_labels, "validation split")
             probs = head.predict_proba(task.test)
             accuracy = float((probs.argmax(axis=1) == task.test_labels).mean())
-            for alpha in args.alphas:
-                sets = conformal_sets(probs, calibration, alpha, reject=True)
-                rows.append({"method": method, "seed": seed, "alpha": alpha, "accuracy": accuracy,
-                             "calibration_size": len(calibration), **sets.evaluate(task.test_labels)})
+            for score in args.scores:
+                for alpha in args.alphas:
+                    sets = conformal_sets(probs, calibration, alpha, score, reject=True)
+                    rows.append({"method": method, "score": score, "seed": seed, "alpha": alpha, "accuracy": accuracy,
+                                 "calibration_size": len(calibration), **sets.evaluate(task.test_labels)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print(f"{args.data}, {args.model}, {args.shots} shots, seeds {args.seeds}, test n={rows[0]['n']}, "
           f"calibration = validation split ({rows[0]['calibration_size']} images)\n")
-    print("| method | alpha | accuracy | coverage (>= 1-alpha) | mean set size | unknown (--reject) | wrong decisions (<= alpha) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for method in args.methods:
-        for alpha in args.alphas:
-            cell = [r for r in rows if r["method"] == method and r["alpha"] == alpha]
+    print("| method | score | alpha | accuracy | coverage (>= 1-alpha) | mean set size | unknown (--reject) | wrong decisions (<= alpha) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for method, score, alpha in itertools.product(args.methods, args.scores, args.alphas):
+        cell = [r for r in rows if (r["method"], r["score"], r["alpha"]) == (method, score, alpha)]
 
-            def stat(key, cell=cell):
-                values = np.array([r[key] for r in cell])
-                return f"{values.mean():.3f} +- {values.std():.3f}"
+        def stat(key, cell=cell):
+            values = np.array([r[key] for r in cell])
+            return f"{values.mean():.3f} +- {values.std():.3f}"
 
-            print(f"| {method} | {alpha} | {stat('accuracy')} | {stat('coverage')} | {stat('mean_set_size')} | "
-                  f"{stat('unknown_rate')} | {stat('error_rate_of_decisions')} |")
+        print(f"| {method} | {score} | {alpha} | {stat('accuracy')} | {stat('coverage')} | {stat('mean_set_size')} | "
+              f"{stat('unknown_rate')} | {stat('error_rate_of_decisions')} |")
 
 
 if __name__ == "__main__":

@@ -47,13 +47,16 @@ def test_ranked_mass_and_sets_hand_worked():
     mass, rank = ranked_mass(probs)
     np.testing.assert_allclose(mass, [[0.5, 0.8, 1.0], [1.0, 0.9, 0.7]])
     np.testing.assert_array_equal(rank, [[1, 2, 3], [3, 2, 1]])
-    np.testing.assert_allclose(set_scores(mass, rank, "raps", lam=0.1, k_reg=1), [[0.5, 0.9, 1.2], [1.2, 1.0, 0.7]])
+    np.testing.assert_allclose(set_scores(mass, rank, probs, "raps", lam=0.1, k_reg=1), [[0.5, 0.9, 1.2], [1.2, 1.0, 0.7]])
+    np.testing.assert_allclose(set_scores(mass, rank, probs, "lac"), [[0.5, 0.7, 0.8], [0.9, 0.8, 0.3]])
+    np.testing.assert_array_equal(prediction_sets(probs, 0.75, "lac"), [[True, True, False], [False, False, True]])
     sets = prediction_sets(probs, 0.8)
     np.testing.assert_array_equal(sets, [[True, True, False], [False, False, True]])
     # Below the top class's own mass the set still holds the top class: never empty.
     np.testing.assert_array_equal(prediction_sets(probs, 0.1), [[True, False, False], [False, False, True]])
     calibration = ClassifierCalibration.from_probs(probs, np.array([1, 1]), "hand")
     np.testing.assert_allclose(calibration.mass, [0.8, 0.9])
+    np.testing.assert_allclose(calibration.prob, [0.3, 0.2])
     np.testing.assert_array_equal(calibration.rank, [2, 2])
     again = ClassifierCalibration.from_config(json.loads(json.dumps(calibration.to_config())), "x")
     np.testing.assert_allclose(again.mass, calibration.mass)
@@ -61,7 +64,7 @@ def test_ranked_mass_and_sets_hand_worked():
 
 def test_damaged_calibration_is_one_line():
     with pytest.raises(ClipxferError, match="damaged"):
-        ClassifierCalibration.from_config({"mass": [0.1, "x"], "rank": [1]}, "head.safetensors")
+        ClassifierCalibration.from_config({"prob": [0.1], "mass": [0.1, "x"], "rank": [1]}, "head.safetensors")
 
 
 def _empirical_false_alarm(scores: np.ndarray, n_calibration: int, alpha: float, rounds: int, seed: int) -> float:
@@ -95,7 +98,7 @@ def test_coverage_holds_on_fashion_mnist_with_lite(lite, fashion_test_1000):
     probs, labels = head.predict_proba(encoding), fashion_test_1000.labels
     rng = np.random.default_rng(0)
     n_cal = 300
-    for score in ("aps", "raps"):
+    for score in ("aps", "raps", "lac"):
         mean_sizes = []
         for alpha in (0.1, 0.2):
             covered, sizes = [], []

@@ -41,8 +41,10 @@ def conformal_options(func):
         "(then at most ALPHA of the images get a wrong class).",
     )(func)
     func = click.option(
-        "--conformal-score", "conformal_score", type=click.Choice(["aps", "raps"]), default="aps",
-        show_default=True, help="Conformal score: APS, or RAPS (penalises long tails: smaller sets).",
+        "--conformal-score", "conformal_score", type=click.Choice(["aps", "raps", "lac"]), default="aps",
+        show_default=True,
+        help="Conformal score: APS; RAPS (penalises long tails); LAC (1 - probability: smallest sets on "
+        "average, misses spread less evenly over classes).",
     )(func)
     func = click.option(
         "--calibrate", "calibrate", default=None, metavar="DATA",
