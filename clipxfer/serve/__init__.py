@@ -18,7 +18,7 @@ def require_serve_extra() -> None:
     """Import check for fastapi, uvicorn, python-multipart and prometheus-client: one clear line."""
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
