@@ -140,15 +140,21 @@ class ServeState:
             idx = self._local.index = Index.open(self.index_path)
         return idx
 
-    def text_vector(self, text: str) -> np.ndarray:
-        """The query's embedding: memory, then the on-disk text cache, then the text encoder."""
-        from ..index.textcache import cached_text_embeddings
-
+    def remembered_text_vector(self, text: str) -> np.ndarray | None:
+        """The query's embedding if it is in memory (no I/O: safe to call in the event loop)."""
         with self._text_lock:
             vector = self._text_cache.get(text)
             if vector is not None:
                 self._text_cache.move_to_end(text)
-                return vector
+            return vector
+
+    def text_vector(self, text: str) -> np.ndarray:
+        """The query's embedding: memory, then the on-disk text cache, then the text encoder."""
+        from ..index.textcache import cached_text_embeddings
+
+        vector = self.remembered_text_vector(text)
+        if vector is not None:
+            return vector
         vector = cached_text_embeddings(self.encoder, [text])[0]
         with self._text_lock:
             self._text_cache[text] = vector
@@ -270,7 +276,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def search(q: str = Query(..., min_length=1, max_length=1000), k: int = 20, min_score: float | None = None):
         """Images matching a text query: ``search --json`` rows plus ``id`` and ``name``."""
         _check_k(k)
-        vector = await run_in_threadpool(state.text_vector, q)
+        vector = state.remembered_text_vector(q)
+        if vector is None:
+            vector = await run_in_threadpool(state.text_vector, q)
         return _hits_json(state.index().search_vectors(vector, k, min_score)[0])
 
     @app.post("/api/search/image")
@@ -319,8 +327,11 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get("/api/heads")
     async def heads():
         """Loaded heads (and ``labelling``, the head of the labelling loop once fitted)."""
+        loaded = dict(state.heads)
+        if state.session.head is not None:
+            loaded["labelling"] = state.session.head
         return [{"name": n, "method": h.method, "classes": h.classnames, "model": h.model_id}
-                for n, h in state.heads.items()]
+                for n, h in loaded.items()]
 
     @app.post("/api/classify")
     async def classify(file: UploadFile = File(...), head: str | None = None, k: int = 5):
