@@ -258,3 +258,6 @@ def test_missing_index_and_bad_head_are_clear_errors(tmp_path, sample_photo_inde
     bad.write_bytes(b"nope")
     with pytest.raises(ClipxferError, match="not a clipxfer head"):
         create_app(ServeConfig(index=sample_photo_index, heads=[bad], labels=tmp_path / "l.json"))
+    # Without clipxfer.anomaly, or with a missing file: one clear line, not a traceback.
+    with pytest.raises(ClipxferError, match="anomaly detection|detector file not found"):
+        create_app(ServeConfig(index=sample_photo_index, detector=tmp_path / "none.safetensors", labels=tmp_path / "l.json"))

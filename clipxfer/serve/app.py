@@ -60,29 +60,30 @@ class ServeConfig:
     device: str | None = None
 
 
-def load_detector(path: Path):
-    """A saved anomaly detector, loaded through :mod:`clipxfer.anomaly` (imported only when asked)."""
+def load_detector(path: Path, model_id: str):
+    """A saved anomaly detector for ``model_id``, through :mod:`clipxfer.anomaly` (imported only
+    when a detector is asked for)."""
     try:
         from ..anomaly import load_detector as load
     except ImportError:
         raise ClipxferError(
             f"{path}: this clipxfer has no anomaly detection (clipxfer.anomaly); start without --detector"
         ) from None
-    return load(path)
+    return load(path, model_id=model_id)
 
 
-def detector_scores(detector, images: list) -> list[dict[str, Any]]:
-    """``detector.score`` on decoded images, as JSON-able dicts (whatever the detector reports)."""
-    results = detector.score(images)
-    out = []
-    for item in results if isinstance(results, (list, tuple)) else [results]:
-        if hasattr(item, "to_dict"):
-            out.append(item.to_dict())
-        elif isinstance(item, dict):
-            out.append(item)
-        else:
-            out.append({"score": float(item)})
-    return out
+def detector_score(detector, encoder, image) -> dict[str, Any]:
+    """``{score, decision (ok|defect), threshold}`` of one decoded image, like a row of
+    ``clipxfer anomaly score --json``."""
+    from ..anomaly.patches import encode_dense
+
+    result = detector.score(encode_dense(encoder, [image]))
+    threshold = float(detector.threshold)
+    return {
+        "score": round(float(result.scores[0]), 6),
+        "decision": "defect" if bool(detector.decide(result.scores)[0]) else "ok",
+        "threshold": threshold if np.isfinite(threshold) else None,
+    }
 
 
 def prediction_set(head, probs: np.ndarray) -> list[str] | None:
@@ -122,7 +123,7 @@ class ServeState:
             if name in self.heads or name == "labelling":
                 raise ClipxferError(f"{path}: two heads named '{name}'; rename one file")
             self.heads[name] = load_head(path, model_id=self.model_id)
-        self.detector = load_detector(Path(config.detector)) if config.detector else None
+        self.detector = load_detector(Path(config.detector), self.model_id) if config.detector else None
         self.thumbnails = ThumbnailCache(self.index_path)
         labels_path = Path(config.labels) if config.labels else self.index_path / LABEL_FILE
         self.session = LabellingSession(self.catalog, self.encoder, LabelStore(labels_path), config.label_method,
@@ -240,7 +241,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             if config.token and request.url.path == "/" and request.query_params.get("token"):
                 response.set_cookie(TOKEN_COOKIE, request.query_params["token"], httponly=True, samesite="strict")
         for key, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(key, value)
+            # FastAPI's /docs page loads Swagger UI from a CDN with inline script: no CSP there.
+            if key != "Content-Security-Policy" or request.url.path not in ("/docs", "/redoc"):
+                response.headers.setdefault(key, value)
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
         requests_total.labels(request.method, name, str(response.status_code)).inc()
@@ -374,8 +377,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise HTTPException(409, "no detector loaded: start clipxfer serve with --detector DET.safetensors")
         data = await _read_upload(file, config.max_upload_bytes)
         image = await run_in_threadpool(decode_upload, data)
-        scores = await run_in_threadpool(detector_scores, state.detector, [image])
-        return {"path": Path(file.filename or "upload").name, **scores[0]}
+        result = await run_in_threadpool(detector_score, state.detector, state.encoder, image)
+        return {"path": Path(file.filename or "upload").name, **result}
 
     # -- labelling ------------------------------------------------------------------------
     @app.get("/api/labels")
