@@ -89,6 +89,7 @@ async def run_phase(url: str, clients: int, total: int, make_request, time_limit
 
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     counter = iter(range(total))
     deadline = time.perf_counter() + time_limit
 
@@ -100,11 +101,13 @@ async def run_phase(url: str, clients: int, total: int, make_request, time_limit
             start = time.perf_counter()
             try:
                 response = await make_request(client, i)
-                ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
+                kind = None if response.status_code == 200 else f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                kind = type(exc).__name__
             latencies.append(time.perf_counter() - start)
-            errors += not ok
+            if kind:
+                errors += 1
+                kinds[kind] = kinds.get(kind, 0) + 1
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
@@ -112,7 +115,7 @@ async def run_phase(url: str, clients: int, total: int, make_request, time_limit
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return {"requests": len(ms), "errors": errors, "seconds": round(elapsed, 2),
+    return {"requests": len(ms), "errors": errors, "error_kinds": kinds, "seconds": round(elapsed, 2),
             "qps": round(len(ms) / elapsed, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 

@@ -261,3 +261,22 @@ def test_missing_index_and_bad_head_are_clear_errors(tmp_path, sample_photo_inde
     # Without clipxfer.anomaly, or with a missing file: one clear line, not a traceback.
     with pytest.raises(ClipxferError, match="anomaly detection|detector file not found"):
         create_app(ServeConfig(index=sample_photo_index, detector=tmp_path / "none.safetensors", labels=tmp_path / "l.json"))
+
+
+def test_vanished_file_is_a_404_not_a_500(tmp_path, sample_photos_dir, lite):
+    import shutil
+
+    from clipxfer.index import Index
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        shutil.copy(sample_photos_dir / name, photos / name)
+    Index.update(photos, lite, path=tmp_path / "index", workers=0)
+    (photos / "coffee.jpg").write_bytes(b"damaged since indexing")
+    with TestClient(create_app(ServeConfig(index=tmp_path / "index"))) as client:
+        ids = ids_by_name(client)
+        for route in ("/api/thumb/", "/api/image/"):
+            response = client.get(f"{route}{ids['coffee']}")
+            assert response.status_code == 404 and "can no longer be read" in response.json()["detail"]
+        assert client.get(f"/api/thumb/{ids['chelsea']}").status_code == 200

@@ -173,6 +173,13 @@ def test_browser_search_label_and_view(server, tmp_path):
             page.click("#suggest")
             page.wait_for_function("document.getElementById('status').textContent.includes('to label next')")
             assert page.locator("#grid .card").count() == 12
+            # Names are shown as text, never interpreted as HTML.
+            page.fill("#classes", "cat, other, <img src=x onerror=window.pwned=1>")
+            page.click("#classes-form button")
+            page.wait_for_function("document.querySelectorAll('#class-list li').length === 3")
+            assert page.inner_text("#class-list li:nth-child(3)") == "<img src=x onerror=window.pwned=1> (0)"
+            assert page.locator("#class-list img, .label-buttons img").count() == 0
+            assert page.evaluate("window.pwned === undefined")
             assert not errors, errors
         finally:
             browser.close()

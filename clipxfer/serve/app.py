@@ -111,6 +111,11 @@ class ServeState:
         from ..heads import load_head
         from ..index import Index, resolve_index_path
 
+        import faiss
+
+        # Each request searches one query: OpenMP threads add nothing but their wake-up, which on
+        # a busy machine cost 20-30 ms a query against 1.4 ms single-threaded (100k HNSW, RESULTS.md).
+        faiss.omp_set_num_threads(1)
         self.config = config
         self.index_path = resolve_index_path(config.index)
         with Index.open(self.index_path) as idx:
@@ -165,6 +170,15 @@ class ServeState:
 
     def close(self) -> None:
         self.session.close()
+
+
+def unreadable_is_404(make, item_id_or_path, *args):
+    """``make(...)``, with an indexed file that no longer decodes (moved, deleted, damaged since
+    indexing) reported as 404 rather than as a bad request."""
+    try:
+        return make(item_id_or_path, *args)
+    except ImageDecodeError as exc:
+        raise NotFound(f"indexed image can no longer be read: {exc.reason}") from None
 
 
 def _hits_json(hits) -> list[dict]:
@@ -316,14 +330,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def thumbnail(item_id: int):
         """A cached JPEG thumbnail of indexed image ``item_id``."""
         path = item_path(item_id)
-        thumb = await run_in_threadpool(state.thumbnails.thumbnail, item_id, path)
+        thumb = await run_in_threadpool(unreadable_is_404, state.thumbnails.thumbnail, item_id, path)
         return FileResponse(thumb, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
 
     @app.get("/api/image/{item_id}")
     async def image(item_id: int):
         """Indexed image ``item_id`` as a JPEG at most 1024 pixels on a side."""
         path = item_path(item_id)
-        data = await run_in_threadpool(render_jpeg, path, LARGE_SIZE)
+        data = await run_in_threadpool(unreadable_is_404, render_jpeg, path, LARGE_SIZE)
         return Response(data, media_type="image/jpeg")
 
     # -- heads and detector ---------------------------------------------------------------
