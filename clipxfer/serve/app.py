@@ -246,23 +246,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.clipxfer = state
 
     # -- middleware: token, size cap, headers, metrics -----------------------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.perf_counter()
-        response = _refusal(request, config)
-        if response is None:
-            response = await call_next(request)
-            if config.token and request.url.path == "/" and request.query_params.get("token"):
-                response.set_cookie(TOKEN_COOKIE, request.query_params["token"], httponly=True, samesite="strict")
-        for key, value in SECURITY_HEADERS.items():
-            # FastAPI's /docs page loads Swagger UI from a CDN with inline script: no CSP there.
-            if key != "Content-Security-Policy" or request.url.path not in ("/docs", "/redoc"):
-                response.headers.setdefault(key, value)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        requests_total.labels(request.method, name, str(response.status_code)).inc()
-        latency.labels(request.method, name).observe(time.perf_counter() - start)
-        return response
+    # Pure ASGI rather than @app.middleware: that wrapper runs every request through an extra
+    # task and stream, a cost every request pays.
+    app.add_middleware(GuardMiddleware, config=config, requests_total=requests_total, latency=latency)
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
@@ -459,6 +445,52 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class GuardMiddleware:
+    """Token check and upload cap before the app; security headers, the token cookie and the
+    request metrics after it."""
+
+    def __init__(self, app, config: ServeConfig, requests_total, latency):
+        self.app, self.config = app, config
+        self.requests_total, self.latency = requests_total, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import MutableHeaders
+
+        start = time.perf_counter()
+        request = Request(scope)
+        path = scope["path"]
+        token = request.query_params.get("token") if self.config.token and path == "/" else None
+        status = [500]
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    # FastAPI's /docs page loads Swagger UI from a CDN with inline script: no CSP there.
+                    if key not in headers and (key != "Content-Security-Policy" or path not in ("/docs", "/redoc")):
+                        headers.append(key, value)
+                if token and message["status"] == 200:
+                    cookie = Response()
+                    cookie.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+                    headers.append("set-cookie", cookie.headers["set-cookie"])
+            await send(message)
+
+        refusal = _refusal(request, self.config)
+        try:
+            if refusal is not None:
+                await refusal(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            name = getattr(scope.get("route"), "path", "unmatched")
+            self.requests_total.labels(scope["method"], name, str(status[0])).inc()
+            self.latency.labels(scope["method"], name).observe(time.perf_counter() - start)
 
 
 def _refusal(request: Request, config: ServeConfig) -> Response | None:
