@@ -112,10 +112,13 @@ class ServeState:
         from ..index import Index, resolve_index_path
 
         import faiss
+        import torch
 
-        # Each request searches one query: OpenMP threads add nothing but their wake-up, which on
-        # a busy machine cost 20-30 ms a query against 1.4 ms single-threaded (100k HNSW, RESULTS.md).
+        # Requests run in parallel threads, each with one query or image: intra-op threads add
+        # little but their wake-ups, which on a busy 2-core machine cost 20-30 ms per FAISS search
+        # (1.4 ms single-threaded) and 1-2 s per lite text or image encoding (90-150 ms) (RESULTS.md).
         faiss.omp_set_num_threads(1)
+        torch.set_num_threads(1)
         self.config = config
         self.index_path = resolve_index_path(config.index)
         with Index.open(self.index_path) as idx:
