@@ -280,3 +280,25 @@ def test_vanished_file_is_a_404_not_a_500(tmp_path, sample_photos_dir, lite):
             response = client.get(f"{route}{ids['coffee']}")
             assert response.status_code == 404 and "can no longer be read" in response.json()["detail"]
         assert client.get(f"/api/thumb/{ids['chelsea']}").status_code == 200
+
+
+def test_calibrated_head_gives_a_prediction_set(sample_photo_index, labelled_head, sample_photos_dir, tmp_path):
+    """Runs where clipxfer.calibrate has classifier calibration (main's conformal sets)."""
+    sets = pytest.importorskip("clipxfer.calibrate.sets")
+    from clipxfer.calibrate import ClassifierCalibration
+    from clipxfer.heads import load_head
+
+    head = load_head(labelled_head)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1], size=40)
+    head.config["calibration"] = ClassifierCalibration.from_probs(probs, probs.argmax(axis=1), "test").to_config()
+    path = head.save(tmp_path / "calibrated.safetensors")
+    assert sets.head_calibration(load_head(path), "x") is not None
+    config = ServeConfig(index=sample_photo_index, heads=[path], labels=tmp_path / "l.json")
+    with TestClient(create_app(config)) as client:
+        data = (sample_photos_dir / "chelsea.jpg").read_bytes()
+        result = client.post("/api/classify", files={"file": ("c.jpg", data, "image/jpeg")},
+                             params={"alpha": 0.2}).json()
+    prediction = result["predictions"][0]
+    assert prediction["label"] in prediction["prediction_set"]
+    assert result["conformal"]["alpha"] == 0.2

@@ -86,18 +86,18 @@ def detector_score(detector, encoder, image) -> dict[str, Any]:
     }
 
 
-def prediction_set(head, probs: np.ndarray) -> list[str] | None:
-    """Class names in the conformal prediction set of one image, when the head was calibrated
-    (its config carries ``conformal``), else None."""
-    if "conformal" not in head.config:
+def conformal_set(head, probs: np.ndarray, alpha: float, where: str) -> dict[str, Any] | None:
+    """The conformal prediction set of one image at level ``alpha`` (``{prediction_set, conformal}``)
+    when the head carries a calibration (``config["calibration"]``, stored by the training
+    commands), else None. Uses :mod:`clipxfer.calibrate.sets`, as ``predict --conformal`` does."""
+    if not head.config.get("calibration"):
         return None
-    from .. import calibrate
-
-    make = getattr(calibrate, "prediction_sets", None)
-    if make is None:
+    try:
+        from ..calibrate.sets import conformal_sets, head_calibration
+    except ImportError:  # a clipxfer without classifier calibration
         return None
-    members = make(head, probs[None])[0]
-    return [head.classnames[i] for i in np.flatnonzero(np.asarray(members))] if len(members) else []
+    sets = conformal_sets(probs[None], head_calibration(head, where), alpha)
+    return {"prediction_set": sets.set_names(head.classnames)[0], "conformal": sets.summary()}
 
 
 class NotFound(ClipxferError):
@@ -340,9 +340,9 @@ def create_app(config: ServeConfig) -> FastAPI:
                 for n, h in loaded.items()]
 
     @app.post("/api/classify")
-    async def classify(file: UploadFile = File(...), head: str | None = None, k: int = 5):
+    async def classify(file: UploadFile = File(...), head: str | None = None, k: int = 5, alpha: float = 0.1):
         """Classify an upload with a loaded head: ``predict --json`` plus ``top_k`` and, for a
-        calibrated head, ``prediction_set``."""
+        calibrated head, the conformal ``prediction_set`` at level ``alpha`` (coverage >= 1 - alpha)."""
         if head is None:
             if len(state.heads) != 1:
                 raise ClipxferError(f"name a head with ?head= (loaded: {', '.join(state.heads) or 'none'})")
@@ -367,11 +367,14 @@ def create_app(config: ServeConfig) -> FastAPI:
             "probabilities": {n: float(p) for n, p in zip(chosen.classnames, probs)},
             "top_k": [{"label": chosen.classnames[i], "probability": float(probs[i])} for i in order],
         }
-        members = prediction_set(chosen, probs)
-        if members is not None:
-            prediction["prediction_set"] = members
-        return {"head": head, "method": chosen.method, "model": chosen.model_id, "classes": chosen.classnames,
-                "predictions": [prediction]}
+        conformal = conformal_set(chosen, probs, alpha, f"head '{head}'")
+        if conformal is not None:
+            prediction["prediction_set"] = conformal["prediction_set"]
+        result = {"head": head, "method": chosen.method, "model": chosen.model_id, "classes": chosen.classnames,
+                  "predictions": [prediction]}
+        if conformal is not None:
+            result["conformal"] = conformal["conformal"]
+        return result
 
     @app.post("/api/anomaly")
     async def anomaly(file: UploadFile = File(...)):
