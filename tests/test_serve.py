@@ -302,3 +302,18 @@ def test_calibrated_head_gives_a_prediction_set(sample_photo_index, labelled_hea
     prediction = result["predictions"][0]
     assert prediction["label"] in prediction["prediction_set"]
     assert result["conformal"]["alpha"] == 0.2
+
+
+def test_anomaly_score_with_a_loaded_detector(sample_photo_index, sample_photos_dir, lite, tmp_path):
+    """Runs where clipxfer.anomaly exists (the anomaly helper's subpackage)."""
+    anomaly = pytest.importorskip("clipxfer.anomaly")
+    good = sorted(str(p) for p in sample_photos_dir.glob("*.jpg"))[:12]
+    detector = anomaly.fit_detector(lite, good, shots=4, false_alarm_rate=0.2).save(tmp_path / "det.safetensors")
+    config = ServeConfig(index=sample_photo_index, detector=detector, labels=tmp_path / "l.json")
+    with TestClient(create_app(config)) as client:
+        data = (sample_photos_dir / "brick.jpg").read_bytes()
+        result = client.post("/api/anomaly", files={"file": ("brick.jpg", data, "image/jpeg")}).json()
+        assert result["path"] == "brick.jpg" and result["decision"] in ("ok", "defect")
+        assert np.isfinite(result["score"])
+        bad = client.post("/api/anomaly", files={"file": ("x.jpg", b"junk", "image/jpeg")})
+        assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
