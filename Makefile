@@ -9,7 +9,9 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 QUERY ?= a cat
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast clean browser
+# The serve tests drive Debian's chromium (Playwright's own browser download cannot work offline).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +27,11 @@ demo: venv
 	$(VENV)/bin/clipxfer index $(DEMO_DIR)/photos --index $(DEMO_DIR)/index
 	$(VENV)/bin/clipxfer search "$(QUERY)" --index $(DEMO_DIR)/index -k 5
 
-test: venv
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: venv browser
 	$(PY) -m pytest -n 2 -q
 
 test-fast: venv

@@ -51,3 +51,13 @@ def random_images(count: int, seed: int = 0, size=(40, 56)) -> list[np.ndarray]:
     """Deterministic noise images of varied content, as uint8 arrays."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, size=(*size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def sample_photo_index(tmp_path_factory, sample_photos_dir, lite):
+    """An index of the sample photos made with lite (read-only for tests: copy it to change it)."""
+    from clipxfer.index import Index
+
+    path = tmp_path_factory.mktemp("sample-index") / "index"
+    Index.update(sample_photos_dir, lite, path=path, workers=0)
+    return path

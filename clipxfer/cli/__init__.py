@@ -21,7 +21,7 @@ PANELS = {
     "Adapt": ["probe", "tip", "coop", "mix", "adapt", "meta-train"],
     "Inspect": [],
     "Benchmark": ["bench", "bench-episodes"],
-    "Serve": [],
+    "Serve": ["serve", "suggest"],
 }
 
 
@@ -49,6 +49,7 @@ COMMAND_MODULES = [
     "adapt",
     "meta",
     "episodes",
+    "serve",
 ]
 
 for _name in COMMAND_MODULES:

@@ -254,12 +254,19 @@ class Index:
     def load_encoding(self) -> tuple[list[Path], "ImageEncoding"]:
         """Absolute paths and stored vectors of all items, by id (features = embeddings when
         the encoder has no separate probe features)."""
+        _, paths, encoding = self.load_items()
+        return paths, encoding
+
+    def load_items(self) -> tuple[np.ndarray, list[Path], "ImageEncoding"]:
+        """Row ids (the ``Hit.id`` values), absolute paths and stored vectors of all items, by id,
+        in one snapshot."""
         from ..encoders.base import ImageEncoding
 
         feature_dim = int(self._meta["feature_dim"]) if self._meta.get("store_features") == "1" else None
-        _, paths, embeddings, features = store.vectors(self._conn, self.dim, feature_dim)
+        ids, paths, embeddings, features = store.vectors(self._conn, self.dim, feature_dim)
         embeddings = embeddings.copy()
-        return [self.root / p for p in paths], ImageEncoding(embeddings, embeddings if features is None else features)
+        encoding = ImageEncoding(embeddings, embeddings if features is None else features)
+        return ids, [self.root / p for p in paths], encoding
 
     def encoder(self, model: "str | Encoder | None" = None, device: str | None = None, precision: str | None = None):
         """The encoder matching this index; ``model`` (a spec or encoder) must be that model."""
