@@ -71,6 +71,15 @@ def partition_train_test(dataset: LabelledImages) -> tuple[np.ndarray, np.ndarra
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64))
 
 
+def held_out_test(dataset: LabelledImages, max_test: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train pool and test indices as :func:`partition_train_test`, the test set capped at
+    ``max_test`` items drawn with :data:`PARTITION_SEED` (the same for every seed and shot count)."""
+    pool, test = partition_train_test(dataset)
+    if max_test is not None and len(test) > max_test:
+        test = np.sort(np.random.default_rng(PARTITION_SEED).choice(test, size=max_test, replace=False))
+    return pool, test
+
+
 def default_val_shots(shots: int) -> int:
     """Validation images per class: as many as the training shots, between 2 and 4 (CoOp's
     recipe caps validation at 4 per class so tuning does not cost more labels than training)."""
@@ -95,9 +104,7 @@ def draw_few_shot(
     if shots < 1:
         raise ClipxferError(f"--shots {shots}: the number of training images per class must be at least 1")
     val_shots = default_val_shots(shots) if val_shots is None else val_shots
-    pool, test = partition_train_test(dataset)
-    if max_test is not None and len(test) > max_test:
-        test = np.sort(np.random.default_rng(PARTITION_SEED).choice(test, size=max_test, replace=False))
+    pool, test = held_out_test(dataset, max_test)
     given_val = pool[dataset.splits[pool] == "val"]
     if len(given_val):
         pool = pool[dataset.splits[pool] != "val"]

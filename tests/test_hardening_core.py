@@ -378,3 +378,29 @@ def test_leakage_guard_flags_real_duplicates_with_count_and_top_pairs(tmp_path, 
     leaks = pd.read_csv(tmp_path / "out" / "leakage.csv")
     assert leaks["test"].nunique() == 18
     assert all(row.test.split("/")[-1] == row.train.split("/")[-1] for row in leaks.itertuples())
+
+
+# ---------------------------------------------------------------- item 17: fresh machine without Fashion-MNIST
+
+
+def test_missing_fashion_mnist_skips_with_the_install_command(tmp_path, monkeypatch):
+    import clipxfer.data
+
+    from .conftest import fashion_mnist_or_skip
+
+    monkeypatch.setattr(clipxfer.data, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.delenv("CLIPXFER_REQUIRE_DATASETS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist_or_skip()
+    monkeypatch.setenv("CLIPXFER_REQUIRE_DATASETS", "1")  # CI: missing data is a failure, not a skip
+    with pytest.raises(ClipxferError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist_or_skip()
+
+
+def test_ci_and_makefile_provide_fashion_mnist():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    makefile = (root / "Makefile").read_text()
+    assert "test: venv fashion-mnist" in makefile and "apt-get install -y -qq dataset-fashion-mnist" in makefile
+    assert "CLIPXFER_REQUIRE_DATASETS=1 make test" in (root / ".ci" / "run").read_text()
