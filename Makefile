@@ -27,7 +27,7 @@ demo: venv
 
 # Fashion-MNIST comes from Debian (dataset-fashion-mnist): installed here when missing and run as
 # root; otherwise the tests that need it are skipped with the install command as the reason.
-FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FASHION_MNIST_DIR ?= $(or $(CLIPXFER_FASHION_MNIST),/usr/share/datasets/fashion-mnist)
 
 fashion-mnist:
 	@if [ ! -d $(FASHION_MNIST_DIR) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
