@@ -9,9 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 QUERY ?= a cat
 
-.PHONY: venv demo test test-fast clean browser
-# The serve tests drive Debian's chromium (Playwright's own browser download cannot work offline).
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+.PHONY: venv demo test test-fast system-packages clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +25,21 @@ demo: venv
 	$(VENV)/bin/clipxfer index $(DEMO_DIR)/photos --index $(DEMO_DIR)/index
 	$(VENV)/bin/clipxfer search "$(QUERY)" --index $(DEMO_DIR)/index -k 5
 
-browser:
-	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+# Debian packages the tests use: Fashion-MNIST (dataset-fashion-mnist) and chromium + chromium-driver for
+# the browser test (Playwright's own browser download cannot work offline). Installed when missing, as
+# root or through sudo; where neither works, the tests that need them skip with the install command.
+FASHION_MNIST_DIR ?= $(or $(CLIPXFER_FASHION_MNIST),/usr/share/datasets/fashion-mnist)
+SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo >/dev/null && echo sudo -n))
+MISSING = $(if $(wildcard $(FASHION_MNIST_DIR)),,dataset-fashion-mnist) $(if $(wildcard /usr/bin/chromium),,chromium chromium-driver)
 
-test: venv browser
+system-packages:
+	@if [ -n "$(strip $(MISSING))" ]; then \
+		echo "installing Debian packages for the tests: $(strip $(MISSING))"; \
+		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(MISSING) >/dev/null) \
+			|| echo "could not install $(strip $(MISSING)); the tests that need them will be skipped"; \
+	fi
+
+test: venv system-packages
 	$(PY) -m pytest -n 2 -q
 
 test-fast: venv

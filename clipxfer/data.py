@@ -32,7 +32,7 @@ class LabelledImages:
 
     ``sources`` are file paths or ``uint8`` arrays; ``keys`` are stable strings naming each
     item (a path, or ``dataset:split:row``) used for manifests and feature caches; ``splits``
-    is ``'train'``, ``'test'`` or ``''`` (unassigned) per item.
+    is ``'train'``, ``'val'``, ``'test'`` or ``''`` (unassigned) per item.
     """
 
     name: str
@@ -114,8 +114,35 @@ def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None 
     return LabelledImages(root.name, classnames, sources, np.array(labels), keys, np.array(splits, dtype=object))
 
 
+#: The split values a manifest may give (any case); empty means "not assigned".
+MANIFEST_SPLITS = ("train", "val", "test")
+
+
+def manifest_splits(table: pd.DataFrame, manifest: Path, sources: list[Path]) -> np.ndarray:
+    """The ``split`` column as ``train|val|test|''`` (case and spaces ignored), or one clear error
+    naming the row of an unknown value or of an image listed for both training and test."""
+    splits = np.array([value.strip().lower() for value in table["split"]], dtype=object)
+    bad = [i for i, value in enumerate(splits) if value and value not in MANIFEST_SPLITS]
+    if bad:
+        raise ClipxferError(
+            f"{manifest}: row {bad[0] + 2}: split '{table['split'].iloc[bad[0]]}' is not one of "
+            f"{', '.join(MANIFEST_SPLITS)} (or empty)"
+        )
+    roles: dict[Path, tuple[str, int]] = {}
+    for row, (source, split) in enumerate(zip(sources, splits)):
+        role = "test" if split == "test" else "train"
+        seen = roles.setdefault(source.resolve(), (role, row))
+        if seen[0] != role:
+            raise ClipxferError(
+                f"{manifest}: rows {seen[1] + 2} and {row + 2} list {table['path'].iloc[row]} for both training and "
+                "test; a test image must not be trained on"
+            )
+    return splits
+
+
 def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
-    """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder.
+    """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder;
+    ``split`` is ``train``, ``val`` or ``test`` in any case (or empty).
 
     With ``classnames`` given, a label outside it is an error; otherwise the sorted distinct
     labels are the classes.
@@ -144,7 +171,7 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
         if not path.is_file():
             raise ClipxferError(f"{manifest}: listed file {raw} does not exist; fix the path or remove the row")
         sources.append(path)
-    splits = table["split"].to_numpy(dtype=object) if "split" in table.columns else None
+    splits = manifest_splits(table, manifest, sources) if "split" in table.columns else None
     labels = np.array([index[label] for label in table["label"]])
     return LabelledImages(manifest.stem, list(classnames), sources, labels, list(table["path"]), splits)
 

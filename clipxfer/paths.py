@@ -31,6 +31,16 @@ def default_index_path() -> Path:
     return data_home / "clipxfer" / "index"
 
 
+def safe_filename(name: str, default: str = "data") -> str:
+    """``name`` made safe as one file-name component: characters other than letters, digits,
+    ``-`` and ``_`` become ``-`` (runs of them one ``-``), so ``../../x`` cannot leave the folder it
+    is written into (it becomes ``x``). ``default`` when nothing is left."""
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(name))
+    while "--" in cleaned:
+        cleaned = cleaned.replace("--", "-")
+    return cleaned.strip("-") or default
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never half of it."""
     path = Path(path)

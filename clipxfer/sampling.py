@@ -57,18 +57,27 @@ class FewShotSplit:
 
 def partition_train_test(dataset: LabelledImages) -> tuple[np.ndarray, np.ndarray]:
     """Train pool and test indices: the dataset's own split where it has one, else a stratified
-    30% test hold-out drawn with :data:`PARTITION_SEED`."""
+    30% test hold-out drawn with :data:`PARTITION_SEED` (``val`` items stay in the pool)."""
     splits = dataset.splits
     if (splits == "test").any():
         return np.flatnonzero(splits != "test"), np.flatnonzero(splits == "test")
     rng = np.random.default_rng(PARTITION_SEED)
-    train, test = [], []
+    train, test = list(np.flatnonzero(splits == "val")), []  # given validation items never become test
     for label in range(len(dataset.classnames)):
-        members = rng.permutation(np.flatnonzero(dataset.labels == label))
+        members = rng.permutation(np.flatnonzero((dataset.labels == label) & (splits != "val")))
         cut = int(round(len(members) * TEST_FRACTION)) if len(members) > 1 else 0
         test.extend(members[:cut])
         train.extend(members[cut:])
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64))
+
+
+def held_out_test(dataset: LabelledImages, max_test: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train pool and test indices as :func:`partition_train_test`, the test set capped at
+    ``max_test`` items drawn with :data:`PARTITION_SEED` (the same for every seed and shot count)."""
+    pool, test = partition_train_test(dataset)
+    if max_test is not None and len(test) > max_test:
+        test = np.sort(np.random.default_rng(PARTITION_SEED).choice(test, size=max_test, replace=False))
+    return pool, test
 
 
 def default_val_shots(shots: int) -> int:
@@ -86,20 +95,48 @@ def draw_few_shot(
 ) -> FewShotSplit:
     """Draw ``shots`` training and ``val_shots`` validation images per class from the training
     pool with ``seed``; the test set is the held-out partition (optionally capped at ``max_test``
-    items, drawn with :data:`PARTITION_SEED` so it stays the same across seeds)."""
+    items, drawn with :data:`PARTITION_SEED` so it stays the same across seeds).
+
+    Validation comes from the dataset's own ``val`` items when it has them. Otherwise a class
+    with no more than ``shots`` images keeps one back for validation (training gets the rest,
+    with one warning): choosing settings on an empty validation set would compare NaNs.
+    """
     if shots < 1:
         raise ClipxferError(f"--shots {shots}: the number of training images per class must be at least 1")
     val_shots = default_val_shots(shots) if val_shots is None else val_shots
-    pool, test = partition_train_test(dataset)
-    if max_test is not None and len(test) > max_test:
-        test = np.sort(np.random.default_rng(PARTITION_SEED).choice(test, size=max_test, replace=False))
+    pool, test = held_out_test(dataset, max_test)
+    given_val = pool[dataset.splits[pool] == "val"]
+    if len(given_val):
+        pool = pool[dataset.splits[pool] != "val"]
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    train, val, short = [], [], []
     for label, name in enumerate(dataset.classnames):
         members = rng.permutation(pool[dataset.labels[pool] == label])
-        if len(members) < shots:
-            print(f"warning: class '{name}' has {len(members)} training image(s), fewer than --shots {shots}; using all",
-                  file=sys.stderr)
-        train.extend(members[:shots])
-        val.extend(members[shots : shots + val_shots])
+        if len(given_val):
+            take_train = min(shots, len(members))
+            val.extend(rng.permutation(given_val[dataset.labels[given_val] == label])[:val_shots])
+        else:
+            # At least one validation image per class whenever the class has two or more.
+            take_train = min(shots, max(len(members) - 1, 1) if val_shots > 0 else len(members))
+            val.extend(members[take_train : take_train + val_shots])
+        if take_train < shots:
+            short.append(f"'{name}' ({len(members)})")
+        train.extend(members[:take_train])
+    if short:
+        keep = "" if len(given_val) else ", one image per class kept back for validation"
+        warn_once(
+            f"warning: class(es) {', '.join(short[:5])}{' and more' if len(short) > 5 else ''} have no more than "
+            f"--shots {shots} training image(s): training on fewer{keep}"
+        )
     return FewShotSplit(np.array(train, np.int64), np.array(val, np.int64), test, shots, seed)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print ``message`` on stderr the first time it comes up in this process (a benchmark
+    draws the same shortage for every seed)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr)

@@ -24,7 +24,7 @@ from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
 from .features import encode_dataset, encode_folder, take
 from .heads.base import HEAD_TYPES, FewShotData, Head, load_head
-from .paths import atomic_write_bytes
+from .paths import atomic_write_bytes, safe_filename
 from .sampling import FewShotSplit, draw_few_shot
 
 #: Few-shot methods the commands train (``zeroshot`` is the baseline every run also scores).
@@ -161,6 +161,11 @@ def fit_head(method: str, data: FewShotData, **options) -> Head:
     a meta-trained head (``clipxfer meta-train``) to start from (see :func:`clipxfer.meta.fit_with_init`)."""
     if method == "zeroshot":
         return data.zeroshot
+    if len(data.train_labels) and not len(data.val_labels):
+        raise ClipxferError(
+            f"{method}: no validation images to choose its settings on (every class has a single training "
+            "image); give at least two images per class, or a 'val' split in the manifest"
+        )
     init = options.pop("init", None)
     if init is not None:
         from .meta import fit_with_init
@@ -191,8 +196,7 @@ def score(head: Head, encoding: ImageEncoding, labels: np.ndarray) -> dict[str, 
 
 def default_head_path(method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
     """``<method>-<dataset>-<K>shot-seed<S>.safetensors`` in the current folder."""
-    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in dataset.name) or "data"
-    return Path(f"{method}-{name}-{shots}shot-seed{seed}.safetensors")
+    return Path(f"{safe_filename(method)}-{safe_filename(dataset.name)}-{shots}shot-seed{seed}.safetensors")
 
 
 def resolve_head_path(out, method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:

@@ -112,7 +112,7 @@ def test_builtin_dataset_config_file(tmp_path, tiny):
     "text, fragment",
     [
         ('methods = ["zeroshot", "nonsense"]\n[[datasets]]\nsource = "digits"\n', "unknown method(s) nonsense"),
-        ('shots = [0]\n[[datasets]]\nsource = "digits"\n', "shots must be whole numbers >= 1"),
+        ('shots = [-1]\n[[datasets]]\nsource = "digits"\n', "shots must be whole numbers >= 0"),
         ('colour = "blue"\n', "unknown key(s) colour"),
         ("methods = [\n", "not valid TOML"),
         ('[[datasets]]\nname = "x"\n', "needs a 'source'"),

@@ -114,10 +114,10 @@ def test_head_used_with_another_model(tmp_path, folder, tiny):
 @pytest.fixture(scope="module")
 def fashion_16(lite):
     """Fashion-MNIST, 16 shots per class, seed 0, 1,000 test images, encoded once (cached)."""
-    from clipxfer.data import fashion_mnist
+    from .conftest import fashion_mnist_or_skip
     from clipxfer.transfer import prepare_task
 
-    return prepare_task(lite, fashion_mnist(), 16, 0, max_test=1000)
+    return prepare_task(lite, fashion_mnist_or_skip(), 16, 0, max_test=1000)
 
 
 def _acc(head, task):

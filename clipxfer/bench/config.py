@@ -4,6 +4,8 @@ and/or command-line options; validated here so a bad config fails with one clear
 from __future__ import annotations
 
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,7 +54,21 @@ class DatasetSpec:
 
     @property
     def label(self) -> str:
+        """The dataset's name in results and summaries (file names use ``safe_filename(label)``)."""
         return self.name or Path(self.source).stem or self.source
+
+    def validate(self, where: str) -> None:
+        """Types and ranges of every field, or one clear error naming ``where``."""
+        if not isinstance(self.source, str) or not self.source:
+            raise ClipxferError(f"{where}: source must be a built-in name, folder or CSV path, got {self.source!r}")
+        if not isinstance(self.name, str):
+            raise ClipxferError(f"{where}: name must be a string, got {self.name!r}")
+        if not _is_list_of(self.classes, str):
+            raise ClipxferError(f"{where}: classes must be a list of class names (strings), got {_show(self.classes)}")
+        if not isinstance(self.templates, str) or not self.templates:
+            raise ClipxferError(f"{where}: templates must be a template set name or file, got {self.templates!r}")
+        if self.max_test is not None and (not _is_int(self.max_test) or self.max_test < 1):
+            raise ClipxferError(f"{where}: max_test must be a whole number >= 1, got {self.max_test!r}")
 
 
 @dataclass(frozen=True)
@@ -64,30 +80,113 @@ class BenchConfig:
     shots: tuple[int, ...] = tuple(DEFAULT_SHOTS)
     seeds: tuple[int, ...] = tuple(DEFAULT_SEEDS)
     model: str | None = None
-    leakage_threshold: float = 0.97
     method_options: dict = field(default_factory=dict)
 
     def validate(self) -> "BenchConfig":
-        """Raise ClipxferError on the first bad value; return self for chaining."""
+        """Raise ClipxferError on the first bad value (types, ranges, unknown names) before any
+        work starts; return self for chaining."""
         if not self.datasets:
             raise ClipxferError("no dataset given: pass --data NAME|PATH or list [[datasets]] in the config file")
+        for number, spec in enumerate(self.datasets, 1):
+            spec.validate(f"dataset {number}")
+        if not _is_list_of(self.methods, str):
+            raise ClipxferError(f"methods must be a list of method names, got {self.methods!r}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ClipxferError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
         if not self.methods:
             raise ClipxferError("no methods given: use --methods zeroshot,probe,...")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ClipxferError(f"model must be a model name such as \"lite\" or \"tiny\", got {self.model!r}")
+        check_method_options(self.method_options)
         no_init = [m for m in self.methods if m.startswith("meta-") and not self.method_options.get(m, {}).get("init")]
         if no_init:
             raise ClipxferError(f"method(s) {', '.join(no_init)} need a meta-trained head: pass --meta PATH "
                                 "(made by 'clipxfer meta-train')")
-        bad_shots = [k for k in self.shots if not isinstance(k, int) or k < 1]
-        if bad_shots or not self.shots:
-            raise ClipxferError(f"shots must be whole numbers >= 1, got {list(self.shots)}")
-        if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
-            raise ClipxferError(f"seeds must be whole numbers, got {list(self.seeds)}")
-        if not 0 < self.leakage_threshold <= 1:
-            raise ClipxferError(f"leakage_threshold {self.leakage_threshold} must be in (0, 1]")
+        if not _is_list_of(self.shots, int) or not self.shots or any(k < 0 for k in self.shots):
+            raise ClipxferError(f"shots must be whole numbers >= 0, got {_show(self.shots)}")
+        if not _is_list_of(self.seeds, int) or not self.seeds:
+            raise ClipxferError(f"seeds must be whole numbers, got {_show(self.seeds)}")
         return self
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1 here
+
+
+def _is_list_of(values, kind) -> bool:
+    check = _is_int if kind is int else (lambda v: isinstance(v, kind))
+    return isinstance(values, (list, tuple)) and all(check(v) for v in values)
+
+
+def _show(value) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _type_matches(value, hint) -> bool:
+    """Whether a TOML value fits a simple annotation (bool, int, float, str, None, unions and
+    lists of them); other annotations are left to the method to check."""
+    if hint is typing.Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and (not args or all(_type_matches(v, args[0]) for v in value))
+    return True
+
+
+#: fit() parameters that are not settings: the data, the test images transductive methods get.
+_NOT_OPTIONS = {"cls", "data", "unlabelled"}
+
+
+def check_method_options(method_options) -> None:
+    """``{bench method: {option: value}}`` with known methods and, for methods whose ``fit``
+    names its options, known option names of the right types."""
+    import inspect
+
+    from ..heads import HEAD_TYPES
+
+    if not isinstance(method_options, dict):
+        raise ClipxferError(f"method_options must be a table of tables, got {method_options!r}")
+    for method, options in method_options.items():
+        if method not in METHODS:
+            raise ClipxferError(f"method_options.{method}: unknown method; choose from {', '.join(METHODS)}")
+        if not isinstance(options, dict):
+            raise ClipxferError(f"method_options.{method} must be a table of options, got {options!r}")
+        fit = HEAD_TYPES[METHODS[method][0]].fit
+        parameters = {name: p for name, p in inspect.signature(fit).parameters.items() if name not in _NOT_OPTIONS}
+        try:
+            hints = typing.get_type_hints(fit)
+        except Exception:  # an annotation that does not resolve: names are still checked
+            hints = {}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        named = {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        for option, value in options.items():
+            if option == "init":  # a meta-trained head, for any method (see transfer.fit_head)
+                if not isinstance(value, str):
+                    raise ClipxferError(f"method_options.{method}.init must be a file path, got {value!r}")
+                continue
+            if option not in named:
+                if takes_any:
+                    continue
+                raise ClipxferError(
+                    f"method_options.{method}: unknown option '{option}'; known: {', '.join(sorted(named))}"
+                )
+            if option in hints and not _type_matches(value, hints[option]):
+                wanted = getattr(hints[option], "__name__", str(hints[option]))
+                raise ClipxferError(f"method_options.{method}.{option} must be {wanted}, got {value!r}")
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
@@ -98,7 +197,7 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
         raise ClipxferError(f"{option} '{text}': expected comma-separated whole numbers like 1,2,4") from None
 
 
-_TOP_KEYS = {"model", "methods", "shots", "seeds", "leakage_threshold", "datasets", "method_options"}
+_TOP_KEYS = {"model", "methods", "shots", "seeds", "datasets", "method_options"}
 _DATASET_KEYS = {"source", "name", "classes", "templates", "max_test"}
 
 
@@ -114,6 +213,8 @@ def load_config(path: str | Path) -> BenchConfig:
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         raise ClipxferError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_TOP_KEYS))}")
+    if not isinstance(raw.get("datasets", []), list):
+        raise ClipxferError(f"{path}: datasets must be [[datasets]] tables, each with a 'source'")
     datasets = []
     for number, entry in enumerate(raw.get("datasets", []), 1):
         if not isinstance(entry, dict) or "source" not in entry:
@@ -121,31 +222,41 @@ def load_config(path: str | Path) -> BenchConfig:
         extra = set(entry) - _DATASET_KEYS
         if extra:
             raise ClipxferError(f"{path}: [[datasets]] entry {number}: unknown key(s) {', '.join(sorted(extra))}")
-        source = str(entry["source"])
-        if not Path(source).is_absolute() and (path.parent / source).exists():
+        source = entry["source"]
+        if isinstance(source, str) and not Path(source).is_absolute() and (path.parent / source).exists():
             source = str(path.parent / source)  # relative to the config file
-        datasets.append(
-            DatasetSpec(
-                source=source,
-                name=str(entry.get("name", "")),
-                classes=tuple(entry.get("classes", ())),
-                templates=str(entry.get("templates", "simple")),
-                max_test=entry.get("max_test", DEFAULT_MAX_TEST),
-            )
+        # Values are kept as written (no str()/tuple() coercion) so validate() sees what the
+        # file said: classes = "abc" is an error, not three classes.
+        spec = DatasetSpec(
+            source=source,
+            name=entry.get("name", ""),
+            classes=_as_tuple(entry.get("classes", ())),
+            templates=entry.get("templates", "simple"),
+            max_test=entry.get("max_test", DEFAULT_MAX_TEST),
         )
-    try:
-        config = BenchConfig(
-            datasets=tuple(datasets),
-            methods=tuple(raw.get("methods", DEFAULT_METHODS)),
-            shots=tuple(raw.get("shots", DEFAULT_SHOTS)),
-            seeds=tuple(raw.get("seeds", DEFAULT_SEEDS)),
-            model=raw.get("model"),
-            leakage_threshold=float(raw.get("leakage_threshold", 0.97)),
-            method_options=dict(raw.get("method_options", {})),
-        )
-    except (TypeError, ValueError) as exc:
+        try:
+            spec.validate(f"[[datasets]] entry {number}")
+        except ClipxferError as exc:
+            raise ClipxferError(f"{path}: {exc}") from None
+        datasets.append(spec)
+    config = BenchConfig(
+        datasets=tuple(datasets),
+        methods=_as_tuple(raw.get("methods", DEFAULT_METHODS)),
+        shots=_as_tuple(raw.get("shots", DEFAULT_SHOTS)),
+        seeds=_as_tuple(raw.get("seeds", DEFAULT_SEEDS)),
+        model=raw.get("model"),
+        method_options=raw.get("method_options", {}),
+    )
+    try:  # what options on the command line cannot change; run_bench validates the rest
+        check_method_options(config.method_options)
+    except ClipxferError as exc:
         raise ClipxferError(f"{path}: {exc}") from None
     return config
+
+
+def _as_tuple(value):
+    """Lists as tuples (the config is frozen); anything else as given, for validate() to refuse."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def with_overrides(config: BenchConfig, **overrides) -> BenchConfig:

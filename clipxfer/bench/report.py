@@ -41,6 +41,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
         lines += [f"## {dataset}", ""]
         if len(zs):
             lines += [f"Zero-shot: {zs['accuracy_mean'].iloc[0]:.3f} (n_test = {int(table[table['dataset'] == dataset]['n_test'].iloc[0])})", ""]
+        if adapted.empty:  # only zero-shot ran: no table to draw
+            continue
         lines.append("| method | " + " | ".join(f"{k} shots" for k in shots) + " |")
         lines.append("| --- |" + " --- |" * len(shots))
         for method, method_rows in adapted.groupby("method", sort=False):

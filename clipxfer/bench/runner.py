@@ -1,8 +1,12 @@
 """Running a benchmark: every dataset x method x shots x seed cell on one cached feature set,
-resumable (finished cells in results.csv are skipped), with a leakage guard."""
+resumable (finished cells in results.csv are skipped when they were made from the same data and
+settings, refused when not), with a leakage guard relative to the data."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,15 +23,15 @@ from ..heads import HEAD_TYPES, Head
 from ..heads.base import FewShotData
 from ..heads.zeroshot import fit_zeroshot
 from ..metrics import classification_report
-from ..paths import atomic_write_bytes
+from ..paths import atomic_write_bytes, safe_filename
 from ..prompts import load_templates
-from ..sampling import FewShotSplit, draw_few_shot
+from ..sampling import FewShotSplit, draw_few_shot, held_out_test
 from ..transfer import fit_head
 from .config import METHODS, BenchConfig, DatasetSpec
 
 CSV_COLUMNS = [
     "dataset", "method", "shots", "seed", "accuracy", "balanced_accuracy", "macro_f1", "ece",
-    "fit_seconds", "val_accuracy", "n_test", "model_id", "manifest_hash",
+    "fit_seconds", "val_accuracy", "n_test", "model_id", "manifest_hash", "fingerprint",
 ]  # fmt: skip
 CELL_KEY = ["dataset", "method", "shots", "seed"]
 
@@ -39,6 +43,7 @@ class PreparedDataset:
     spec: DatasetSpec
     dataset: LabelledImages
     splits: dict[tuple[int, int], FewShotSplit]
+    test: np.ndarray  # the shared test set of every cell
     encoding: ImageEncoding
     row_of: dict[int, int]  # dataset index -> row in ``encoding``
     zeroshot: Head
@@ -47,8 +52,8 @@ class PreparedDataset:
         return take(self.encoding, np.array([self.row_of[i] for i in indices], dtype=np.int64))
 
 
-def prepare_dataset(spec: DatasetSpec, config: BenchConfig, encoder: Encoder) -> PreparedDataset:
-    """Load, draw every (shots, seed) split, encode the union of drawn items once (cached)."""
+def load_spec(spec: DatasetSpec) -> LabelledImages:
+    """The dataset of ``spec`` with its class names for prompts."""
     dataset = load_dataset(spec.source)
     if spec.classes:
         if len(spec.classes) != len(dataset.classnames):
@@ -58,39 +63,97 @@ def prepare_dataset(spec: DatasetSpec, config: BenchConfig, encoder: Encoder) ->
             )
         dataset.classnames = list(spec.classes)
     check_classes(dataset.classnames, spec.label)
-    splits = {(k, s): draw_few_shot(dataset, k, s, max_test=spec.max_test) for k in config.shots for s in config.seeds}
-    needed = np.unique(np.concatenate([np.concatenate([sp.train, sp.val, sp.test]) for sp in splits.values()]))
+    return dataset
+
+
+def data_fingerprint(dataset: LabelledImages, spec: DatasetSpec) -> str:
+    """A short hash of exactly what a cell of ``spec`` is scored on: every item (key, label,
+    split; size and mtime of files, the bytes of in-memory images), the class names and the
+    dataset settings (templates, max_test)."""
+    digest = hashlib.sha256(json.dumps([dataset.classnames, spec.templates, spec.max_test]).encode())
+    for key, source, label, split in zip(dataset.keys, dataset.sources, dataset.labels, dataset.splits):
+        digest.update(f"\0{key}\0{label}\0{split}\0".encode("utf-8", "surrogateescape"))
+        if isinstance(source, (str, os.PathLike)):
+            stat = os.stat(source)
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        else:
+            digest.update(np.ascontiguousarray(source).tobytes())
+    return digest.hexdigest()[:12]
+
+
+def options_fingerprint(method: str, options: dict) -> str:
+    """A short hash of the fit options a bench method runs with."""
+    head_method, defaults = METHODS[method]
+    settings = {"head": head_method, **defaults, **options.get(method, {})}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def prepare_dataset(spec: DatasetSpec, config: BenchConfig, encoder: Encoder,
+                    dataset: LabelledImages | None = None) -> PreparedDataset:
+    """Load, draw every (shots, seed) split, encode the union of drawn items once (cached)."""
+    dataset = dataset if dataset is not None else load_spec(spec)
+    _, test = held_out_test(dataset, spec.max_test)
+    splits = {(k, s): draw_few_shot(dataset, k, s, max_test=spec.max_test)
+              for k in config.shots if k > 0 for s in config.seeds}  # fmt: skip
+    needed = np.unique(np.concatenate([test, *(np.concatenate([sp.train, sp.val]) for sp in splits.values())]))
     encoding = encode_dataset(encoder, dataset.subset(needed), progress=True)
     zeroshot = fit_zeroshot(encoder, dataset.classnames, load_templates(spec.templates))
-    return PreparedDataset(spec, dataset, splits, encoding, {int(i): r for r, i in enumerate(needed)}, zeroshot)
+    return PreparedDataset(spec, dataset, splits, test, encoding, {int(i): r for r, i in enumerate(needed)}, zeroshot)
 
 
-def near_duplicate_pairs(test: ImageEncoding, train: ImageEncoding, threshold: float) -> list[tuple[int, int, float]]:
-    """(test row, train row, cosine) for every pair at or above ``threshold`` in probe-feature space."""
-    similarity = l2_normalize(test.features) @ l2_normalize(train.features).T
-    test_rows, train_rows = np.nonzero(similarity >= threshold)
-    return [(int(a), int(b), float(similarity[a, b])) for a, b in zip(test_rows, train_rows)]
+#: A test image leaks when it is closer to a drawn training image than LEAKAGE_MARGIN times the
+#: LEAKAGE_QUANTILE of the training images' own nearest-neighbour distances (1 - cosine):
+#: clearly closer than training images of the same data come to each other, however alike the
+#: domain makes them look. Identical images (distance below EXACT_DISTANCE) always leak.
+LEAKAGE_QUANTILE = 0.01
+LEAKAGE_MARGIN = 0.5
+EXACT_DISTANCE = 1e-6
 
 
-def check_leakage(prepared: PreparedDataset, split: FewShotSplit, threshold: float) -> list[dict]:
-    """Warn loudly, listing pairs, when test images nearly duplicate drawn training images."""
-    pairs = near_duplicate_pairs(prepared.rows(split.test), prepared.rows(split.train), threshold)
-    if not pairs:
-        return []
+def near_duplicate_pairs(test: ImageEncoding, train: ImageEncoding) -> tuple[list[tuple[int, int, float]], float]:
+    """``([(test row, train row, cosine), ...], cosine limit)`` for the pairs that leak (see
+    :data:`LEAKAGE_QUANTILE`), in probe-feature space."""
+    if not len(test.features) or not len(train.features):
+        return [], 1.0
+    reference = l2_normalize(train.features)
+    limit = EXACT_DISTANCE
+    if len(reference) > 1:
+        own = reference @ reference.T
+        np.fill_diagonal(own, -np.inf)
+        nearest = 1.0 - own.max(axis=1)
+        limit = max(LEAKAGE_MARGIN * float(np.quantile(nearest, LEAKAGE_QUANTILE)), EXACT_DISTANCE)
+    similarity = l2_normalize(test.features) @ reference.T
+    test_rows, train_rows = np.nonzero(1.0 - similarity <= limit)
+    return [(int(a), int(b), float(similarity[a, b])) for a, b in zip(test_rows, train_rows)], 1.0 - limit
+
+
+def check_leakage(prepared: PreparedDataset, split: FewShotSplit) -> list[dict]:
+    """The test images that nearly duplicate images drawn for training or validation in ``split``
+    (see :func:`near_duplicate_pairs`), as rows for leakage.csv."""
+    drawn = np.concatenate([split.train, split.val])
+    pairs, limit = near_duplicate_pairs(prepared.rows(split.test), prepared.rows(drawn))
     keys = prepared.dataset.keys
-    found = [
+    return [
         {"dataset": prepared.spec.label, "shots": split.shots, "seed": split.seed,
-         "test": keys[split.test[a]], "train": keys[split.train[b]], "cosine": round(c, 4)}
+         "test": keys[split.test[a]], "train": keys[drawn[b]], "cosine": round(c, 6), "limit": round(limit, 6)}
         for a, b, c in pairs
     ]  # fmt: skip
-    listed = "; ".join(f"{p['test']} ~ {p['train']} ({p['cosine']:.3f})" for p in found[:5])
-    more = f" and {len(found) - 5} more (see leakage.csv)" if len(found) > 5 else ""
+
+
+def report_leakage(leaks: list[dict], label: str, csv_path: Path, shown: int = 3) -> None:
+    """One warning line per dataset: how many test images leak, the closest few pairs, and where
+    the rest are listed."""
+    if not leaks:
+        return
+    table = pd.DataFrame(leaks).sort_values("cosine", ascending=False)
+    closest = table.drop_duplicates(["test", "train"]).head(shown)
+    listed = "; ".join(f"{r.test} ~ {r.train} (cosine {r.cosine:.4f})" for r in closest.itertuples())
     print(
-        f"WARNING: leakage: {len(found)} test image(s) of {prepared.spec.label} are near-duplicates "
-        f"(cosine >= {threshold}) of training images drawn for shots={split.shots} seed={split.seed}: {listed}{more}",
+        f"WARNING: leakage: {table['test'].nunique()} test image(s) of {label} nearly duplicate images drawn for "
+        f"training ({len(table)} pair(s) over {len(table[['shots', 'seed']].drop_duplicates())} draw(s)), "
+        f"closer than training images come to each other; closest: {listed}; all pairs in {csv_path}",
         file=sys.stderr,
     )
-    return found
 
 
 def evaluate(head: Head, encoding: ImageEncoding, labels: np.ndarray, classnames: list[str]) -> dict:
@@ -142,14 +205,14 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
 
 def label_free_split(prepared: PreparedDataset) -> FewShotSplit:
     """No training or validation images, the shared test set: the split of a 0-shot cell."""
-    test = next(iter(prepared.splits.values())).test
     empty = np.zeros(0, dtype=np.int64)
-    return FewShotSplit(empty, empty, test, 0, 0)
+    return FewShotSplit(empty, empty, prepared.test, 0, 0)
 
 
 def plan_cells(config: BenchConfig) -> list[tuple[DatasetSpec, str, int, int]]:
     """Every cell of the run; zero-shot needs no shots, so it is one cell (shots 0, seed 0);
-    transductive methods also get that label-free cell beside their shots."""
+    transductive methods also get that label-free cell beside their shots. Shots 0 in the list
+    adds nothing more: methods that learn from labels have no 0-shot form (zero-shot is theirs)."""
     cells = []
     for spec in config.datasets:
         for method in config.methods:
@@ -158,7 +221,7 @@ def plan_cells(config: BenchConfig) -> list[tuple[DatasetSpec, str, int, int]]:
             else:
                 if getattr(HEAD_TYPES[METHODS[method][0]], "transductive", False):
                     cells.append((spec, method, 0, 0))
-                cells.extend((spec, method, k, s) for k in config.shots for s in config.seeds)
+                cells.extend((spec, method, k, s) for k in config.shots if k > 0 for s in config.seeds)
     return cells
 
 
@@ -166,22 +229,51 @@ def read_results(path: Path) -> pd.DataFrame:
     """Rows already in results.csv (empty frame with the schema when there is none)."""
     if not path.is_file():
         return pd.DataFrame(columns=CSV_COLUMNS)
-    table = pd.read_csv(path)
+    table = pd.read_csv(path, dtype={"fingerprint": str, "manifest_hash": str})
     missing = set(CSV_COLUMNS) - set(table.columns)
+    if missing == {"fingerprint"}:
+        raise ClipxferError(
+            f"{path}: made by an older clipxfer that did not record which data each cell came from, so "
+            "resuming could mix in other data; use another --out"
+        )
     if missing:
         raise ClipxferError(
             f"{path}: not a clipxfer results file (missing {', '.join(sorted(missing))}); use another --out"
         )
-    return table[CSV_COLUMNS]
+    table = table[CSV_COLUMNS].copy()
+    table["fingerprint"] = table["fingerprint"].fillna("")
+    return table
 
 
 def write_results(table: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(path, table[CSV_COLUMNS].to_csv(index=False).encode())
 
 
+def check_resumable(table: pd.DataFrame, spec: DatasetSpec, fingerprint: str, methods, options: dict,
+                    results_path: Path) -> None:
+    """Refuse to resume when the finished cells of ``spec``'s dataset came from other data, other
+    dataset settings or other method options: their numbers would be reported as this run's."""
+    rows = table[table["dataset"].astype(str) == spec.label]
+    for stored in rows["fingerprint"].astype(str).unique():
+        data_part, _, options_part = stored.partition("-")
+        method = rows[rows["fingerprint"].astype(str) == stored]["method"].iloc[0]
+        if data_part != fingerprint:
+            raise ClipxferError(
+                f"{results_path}: the finished cells of dataset '{spec.label}' were made from other data or settings "
+                f"(fingerprint {data_part}, this run {fingerprint}); use another --out or give the dataset another name"
+            )
+        if method in methods and method in METHODS and options_part != options_fingerprint(method, options):
+            raise ClipxferError(
+                f"{results_path}: the finished '{method}' cells of dataset '{spec.label}' were made with other data or "
+                "settings (method_options changed); use another --out"
+            )
+
+
 def run_bench(config: BenchConfig, out_dir: str | Path, encoder: Encoder | None = None) -> pd.DataFrame:
     """Run (or resume) a benchmark into ``out_dir``: results.csv, summary.md, plot.png,
-    the drawn manifests under manifests/, and leakage.csv when near-duplicates were found."""
+    the drawn manifests under manifests/, and leakage.csv when near-duplicates were found.
+    Finished cells are skipped when they came from the same data and settings; a results.csv
+    of other data under the same dataset name is refused."""
     from tqdm import tqdm
 
     from .report import write_report
@@ -197,6 +289,11 @@ def run_bench(config: BenchConfig, out_dir: str | Path, encoder: Encoder | None 
             f"{results_path} holds results of model {', '.join(sorted(set(table['model_id'])))}, not {encoder.id}: "
             "use another --out"
         )
+    datasets, fingerprints = {}, {}
+    for spec in config.datasets:
+        datasets[spec] = load_spec(spec)
+        fingerprints[spec] = data_fingerprint(datasets[spec], spec)
+        check_resumable(table, spec, fingerprints[spec], config.methods, config.method_options, results_path)
     done = set(map(tuple, table[CELL_KEY].astype(str).to_numpy()))
     cells = plan_cells(config)
     todo = [c for c in cells if (c[0].label, c[1], str(c[2]), str(c[3])) not in done]
@@ -207,29 +304,33 @@ def run_bench(config: BenchConfig, out_dir: str | Path, encoder: Encoder | None 
         spec_todo = [c for c in todo if c[0] == spec]
         if not spec_todo:
             continue
-        prepared = prepare_dataset(spec, config, encoder)
+        prepared = prepare_dataset(spec, config, encoder, datasets[spec])
+        spec_leaks = []
         for split in prepared.splits.values():
-            split.write_manifest(prepared.dataset, out / "manifests" / f"{spec.label}-k{split.shots}-s{split.seed}.csv")
-            leaks.extend(check_leakage(prepared, split, config.leakage_threshold))
+            name = f"{safe_filename(spec.label)}-k{split.shots}-s{split.seed}.csv"
+            split.write_manifest(prepared.dataset, out / "manifests" / name)
+            spec_leaks.extend(check_leakage(prepared, split))
+        report_leakage(spec_leaks, spec.label, out / "leakage.csv")
+        leaks.extend(spec_leaks)
         for _, method, shots, seed in spec_todo:
             bar.set_postfix_str(f"{spec.label} {method} k={shots} s={seed}")
             if method == "zeroshot":
-                any_split = next(iter(prepared.splits.values()))
                 row = {
                     "dataset": spec.label, "method": method, "shots": 0, "seed": 0,
-                    **evaluate(prepared.zeroshot, prepared.rows(any_split.test),
-                               prepared.dataset.labels[any_split.test], prepared.dataset.classnames),
-                    "fit_seconds": 0.0, "val_accuracy": float("nan"), "n_test": len(any_split.test),
+                    **evaluate(prepared.zeroshot, prepared.rows(prepared.test),
+                               prepared.dataset.labels[prepared.test], prepared.dataset.classnames),
+                    "fit_seconds": 0.0, "val_accuracy": float("nan"), "n_test": len(prepared.test),
                     "model_id": encoder.id, "manifest_hash": "",
                 }  # fmt: skip
             else:
                 row = run_cell(prepared, method, shots, seed, encoder, config.method_options)
+            row["fingerprint"] = f"{fingerprints[spec]}-{options_fingerprint(method, config.method_options)}"
             new_row = pd.DataFrame([row], columns=CSV_COLUMNS)
             table = new_row if table.empty else pd.concat([table, new_row], ignore_index=True)
             write_results(table, results_path)  # after every cell, so a crash loses at most one
             bar.update()
     bar.close()
     if leaks:
-        pd.DataFrame(leaks).to_csv(out / "leakage.csv", index=False)
+        atomic_write_bytes(out / "leakage.csv", pd.DataFrame(leaks).to_csv(index=False).encode())
     write_report(table, out)
     return table

@@ -38,7 +38,7 @@ def bench(config_file, data, methods, shots, seeds, model, templates, max_test, 
 
     config = load_config(config_file) if config_file else BenchConfig(datasets=())
     datasets = tuple(
-        DatasetSpec(source=d, templates=templates or "simple", max_test=max_test or DEFAULT_MAX_TEST) for d in data
+        DatasetSpec(source=d, templates=templates or "simple", max_test=DEFAULT_MAX_TEST if max_test is None else max_test) for d in data
     )
     config = with_overrides(
         config,

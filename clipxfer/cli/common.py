@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 
 import click
@@ -64,9 +65,23 @@ def load_model(model: str | None, device: str, precision: str):
     return load_encoder(model, device=device, precision=precision)
 
 
+def json_safe(value):
+    """``value`` with NaN and infinities as None and numpy scalars as Python numbers, so it
+    serialises as strict JSON (a bare ``NaN`` is not JSON and breaks other parsers)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def emit_json(value) -> None:
-    """Print ``value`` as indented JSON on stdout."""
-    click.echo(json.dumps(value, indent=2, default=str))
+    """Print ``value`` as indented, strict JSON on stdout (NaN and infinities become null)."""
+    click.echo(json.dumps(json_safe(value), indent=2, default=str, allow_nan=False))
 
 
 class ErrorReportingGroup(RichGroup):

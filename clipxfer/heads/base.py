@@ -18,11 +18,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from ..encoders.base import Encoder, ImageEncoding
 from ..encoders.registry import spec_for_id
 from ..errors import ClipxferError
+from ..paths import atomic_write_bytes
 
 FORMAT = "clipxfer-head/1"
 METADATA_KEY = "clipxfer"
@@ -80,9 +81,27 @@ class Head(ABC):
     implement :meth:`logits`. Few-shot methods also implement the classmethod
     ``fit(data: FewShotData, **options) -> Head`` so the CLI and the benchmark train every method
     the same way; options are method hyperparameters with sensible defaults.
+
+    What a saved head must hold is declared, so :func:`load_head` refuses a damaged or tampered
+    file in one line instead of predicting garbage (see :meth:`validate`)::
+
+        required_tensors = {"class_weights": ("C", "E"), "bias": ("C",)}
+        optional_tensors = {"ctx": None}          # None: any shape
+        required_config = ("logit_scale",)
+
+    A shape rule is a tuple with one entry per dimension: an int is that exact size; ``"C"`` is
+    the number of classes; any other string is a size that must be the same wherever that
+    letter appears in the head's rules (``"E"``: the embedding width, ...). Every array must be
+    finite whether declared or not.
     """
 
     method: ClassVar[str]
+    #: tensor name -> shape rule (see the class docstring); every one must be present.
+    required_tensors: ClassVar[dict[str, tuple | None]] = {}
+    #: tensor name -> shape rule, checked when present.
+    optional_tensors: ClassVar[dict[str, tuple | None]] = {}
+    #: config keys :meth:`logits` reads.
+    required_config: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_id: str, classnames: list[str], weights: dict[str, np.ndarray], config: dict[str, Any]):
         self.model_id = model_id
@@ -101,6 +120,14 @@ class Head(ABC):
     def predict(self, encoding: ImageEncoding) -> np.ndarray:
         """Index of the most likely class per image."""
         return self.logits(encoding).argmax(axis=1)
+
+    def validate(self, where: str) -> None:
+        """Raise ClipxferError (naming ``where``) unless the arrays and config are what this
+        method declares (see the class docstring). Subclasses with nested state extend this."""
+        check_tensors(self.weights, self.required_tensors, self.optional_tensors, len(self.classnames), where)
+        missing = [key for key in self.required_config if key not in self.config]
+        if missing:
+            raise ClipxferError(f"{where}: {self.method} head config lacks {', '.join(missing)}")
 
     def check_model(self, model_id: str) -> None:
         """Refuse features made by another encoder than the one this head was fitted on."""
@@ -121,15 +148,42 @@ class Head(ABC):
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the head to ``path`` (``.safetensors`` added if missing), atomically."""
+        """Write the head to ``path`` (``.safetensors`` added if missing), atomically, with the
+        same permissions as every other file clipxfer writes (the umask's)."""
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        save_file(self.weights, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata())})
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(self.weights, metadata={METADATA_KEY: json.dumps(self.metadata())}))
         return path
+
+
+def check_tensors(
+    weights: dict[str, np.ndarray],
+    required: dict[str, tuple | None],
+    optional: dict[str, tuple | None],
+    num_classes: int,
+    where: str,
+) -> None:
+    """Every required tensor present, every declared one of its shape rule, all values finite."""
+    missing = [name for name in required if name not in weights]
+    if missing:
+        raise ClipxferError(f"{where}: missing tensor '{missing[0]}' (has: {', '.join(sorted(weights)) or 'none'})")
+    sizes: dict[str, int] = {"C": num_classes}
+    for name, rule in {**optional, **required}.items():
+        if name not in weights or rule is None:
+            continue
+        shape = weights[name].shape
+        if len(shape) != len(rule):
+            raise ClipxferError(f"{where}: tensor '{name}' has shape {list(shape)}, expected {len(rule)} dimension(s)")
+        for axis, (size, want) in enumerate(zip(shape, rule)):
+            if isinstance(want, str):
+                want = sizes.setdefault(want, size)
+            if size != want:
+                what = f"{num_classes} rows, one per class" if rule[axis] == "C" else f"size {want} on axis {axis}"
+                raise ClipxferError(f"{where}: tensor '{name}' has shape {list(shape)}, expected {what}")
+    for name, value in weights.items():
+        if not np.isfinite(value).all():
+            raise ClipxferError(f"{where}: tensor '{name}' holds values that are not finite (NaN or infinity)")
 
 
 def read_head_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -144,22 +198,49 @@ def read_head_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ClipxferError(f"{path}: not a clipxfer head file ({exc})") from None
     if raw is None:
         raise ClipxferError(f"{path}: a safetensors file but not a clipxfer head (no '{METADATA_KEY}' metadata)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise ClipxferError(f"{path}: head metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ClipxferError(f"{path}: head metadata must be a JSON object, not {type(meta).__name__}")
+    return meta
+
+
+def check_metadata(meta: dict[str, Any], known: dict[str, type[Head]], where: str) -> None:
+    """The header fields every head needs, of the right types, or one clear error."""
+    if meta.get("format") != FORMAT:
+        raise ClipxferError(f"{where}: head format {meta.get('format')!r} is not {FORMAT!r}")
+    method = meta.get("method")
+    if not isinstance(method, str):
+        raise ClipxferError(f"{where}: head metadata has no method name")
+    if method not in known:
+        raise ClipxferError(f"{where}: unknown head method '{method}' (known: {', '.join(sorted(known))})")
+    if not isinstance(meta.get("model_id"), str) or not meta["model_id"]:
+        raise ClipxferError(f"{where}: head metadata needs a model_id string")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 1:
+        raise ClipxferError(f"{where}: head metadata needs a non-empty list of classes")
+    if not all(isinstance(name, str) for name in classes):
+        raise ClipxferError(f"{where}: class names must be strings, got {classes[:5]!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise ClipxferError(f"{where}: head config must be a JSON object, not {type(meta.get('config')).__name__}")
 
 
 def load_head(path: str | os.PathLike, model_id: str | None = None) -> Head:
-    """Load any saved head; with ``model_id`` given, refuse a head made for another model."""
+    """Load any saved head, validated in full (metadata, the tensors its method declares, finite
+    values); with ``model_id`` given, refuse a head made for another model."""
     from . import HEAD_TYPES as known  # importing the package registers every method
 
     meta = read_head_metadata(path)
-    if meta.get("format") != FORMAT:
-        raise ClipxferError(f"{path}: head format {meta.get('format')!r} is not {FORMAT!r}")
-    method = meta["method"]
-    if method not in known:
-        raise ClipxferError(f"{path}: unknown head method '{method}' (known: {', '.join(sorted(known))})")
-    with safe_open(str(path), framework="numpy") as handle:
-        weights = {name: handle.get_tensor(name) for name in handle.keys()}
-    head = known[method](meta["model_id"], meta["classes"], weights, meta["config"])
+    check_metadata(meta, known, str(path))
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            weights = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # a header that lies about its tensors
+        raise ClipxferError(f"{path}: damaged head file ({exc})") from None
+    head = known[meta["method"]](meta["model_id"], meta["classes"], weights, meta["config"])
+    head.validate(str(path))
     if model_id is not None:
         head.check_model(model_id)
     return head

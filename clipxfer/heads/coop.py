@@ -223,6 +223,7 @@ class CoOpHead(ZeroShotHead):
     class_weights.T), whose class weights come from learned prompt context instead of templates."""
 
     method = "coop"
+    optional_tensors = {"ctx": None}  # the learned context; logits need only the class weights
 
     @classmethod
     def fit(

@@ -57,5 +57,7 @@ def val_score(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 class LinearHead(Head):
     """A head whose state is the linear parts above (see the module docstring)."""
 
+    optional_tensors = {"embedding_weights": ("C", "E"), "feature_weights": ("C", "F"), "bias": ("C",)}
+
     def logits(self, encoding: ImageEncoding) -> np.ndarray:
         return linear_logits(self.weights, encoding)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..encoders.base import ImageEncoding, l2_normalize
+from ..errors import ClipxferError
 from .base import HEAD_TYPES, Head, register_head
 
 ADAPTER_KEYS = ("adapter.w1", "adapter.b1", "adapter.w2")
@@ -44,6 +45,10 @@ class MetaHead(Head):
     """
 
     method = "meta"
+    required_tensors = {"adapter.w1": ("H", "F"), "adapter.b1": ("H",), "adapter.w2": ("F", "H"),
+                        "prototypes": ("C", "F")}
+    optional_tensors = {"ctx": None}
+    required_config = ("scale",)
 
     @property
     def adapter(self) -> dict[str, np.ndarray]:
@@ -63,6 +68,16 @@ class AdaptedHead(Head):
     """
 
     method = "adapted"
+    required_tensors = {"adapter.w1": ("H", "F"), "adapter.b1": ("H",), "adapter.w2": ("F", "H")}
+    required_config = ("inner_method", "inner_config")
+
+    def validate(self, where: str) -> None:
+        """The adapter, then the inner head by its own method's rules."""
+        super().validate(where)
+        inner_method, inner_config = self.config["inner_method"], self.config["inner_config"]
+        if inner_method not in HEAD_TYPES or inner_method == self.method or not isinstance(inner_config, dict):
+            raise ClipxferError(f"{where}: adapted head with an unusable inner method {inner_method!r}")
+        self.inner.validate(f"{where} (inner {inner_method} head)")
 
     @property
     def inner(self) -> Head:

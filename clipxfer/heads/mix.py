@@ -43,6 +43,7 @@ class MixHead(LinearHead):
     """A zero-shot / adapted weight-space mixture; see the module docstring."""
 
     method = "mix"
+    required_tensors = {"embedding_weights": ("C", "E")}  # the zero-shot side is always mixed in
 
     @classmethod
     def fit(cls, data: FewShotData, base: str = "probe", mix: float | str = "auto", **base_options) -> "MixHead":

@@ -92,6 +92,7 @@ class ProbeHead(LinearHead):
     """Logistic regression on features; see the module docstring."""
 
     method = "probe"
+    required_tensors = {"feature_weights": ("C", "F"), "bias": ("C",)}
 
     @classmethod
     def fit(cls, data: FewShotData, prior: str = "auto", l2: float | None = None, max_iter: int = 200) -> "ProbeHead":

@@ -110,6 +110,8 @@ class TipAdapterHead(Head):
     """Zero-shot logits plus the few-shot cache; see the module docstring."""
 
     method = "tip"
+    required_tensors = {"class_weights": ("C", "E"), "keys": ("N", "K"), "values": ("N", "C")}
+    required_config = ("logit_scale", "key_space", "alpha", "beta")
 
     def logits(self, encoding: ImageEncoding) -> np.ndarray:
         zs = self.config["logit_scale"] * encoding.embeddings @ self.weights["class_weights"].T

@@ -94,6 +94,8 @@ class TransductiveHead(Head):
     method = "transductive"
     #: The benchmark passes the (unlabelled) test images to :meth:`fit` as ``unlabelled``.
     transductive = True
+    required_tensors = {"class_weights": ("C", "E"), "prototypes": ("C", "F"), "centre": ("F",)}
+    required_config = ("logit_scale", "prior_weight", "zs_spread", "kappa")
 
     def logits(self, encoding: ImageEncoding) -> np.ndarray:
         zs = self.config["logit_scale"] * encoding.embeddings @ self.weights["class_weights"].T

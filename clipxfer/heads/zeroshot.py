@@ -126,6 +126,8 @@ class ZeroShotHead(Head):
     """
 
     method = "zeroshot"
+    required_tensors = {"class_weights": ("C", "E")}
+    required_config = ("logit_scale",)
 
     @property
     def class_weights(self) -> np.ndarray:
