@@ -327,7 +327,10 @@ def predict(
     if encoder is None:
         from .encoders import load_encoder
 
-        encoder = load_encoder(model or spec_for_id(meta["model_id"]), device=device, precision=precision)
+        spec = model or spec_for_id(meta["model_id"])
+        if "base_model_id" in meta.get("config", {}) and model is None:  # an adapter is its own head
+            spec = f"{spec_for_id(meta['config']['base_model_id'])}+{head_path}"
+        encoder = load_encoder(spec, device=device, precision=precision)
     head = load_head(head_path, model_id=encoder.id)
     if index_path is not None:
         rows, encoding = _index_rows(index_path, encoder)

@@ -18,8 +18,12 @@ TINY = "tiny"
 
 SPEC_HELP = (
     "use 'lite' (offline), 'tiny' (tests), a MODEL:PRETRAINED pair from 'clipxfer models', "
-    "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME"
+    "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME; "
+    "add +ADAPTER.safetensors for a model fine-tuned by 'clipxfer finetune' (lite+adapted.safetensors)"
 )
+#: Joins a base spec and an adapter file made by ``clipxfer finetune``: ``lite+adapted.safetensors``.
+ADAPTER_JOIN = "+"
+ADAPTER_SUFFIX = ".safetensors"
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -63,6 +67,11 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
                 file=sys.stderr,
             )
             return LiteEncoder(device, precision)
+    base_spec, join, adapter = spec.partition(ADAPTER_JOIN)
+    if join and adapter.endswith(ADAPTER_SUFFIX):
+        from ..finetune.adapter import load_adapted
+
+        return load_adapted(load_encoder(base_spec, device, precision), adapter)
     if spec == LITE:
         return LiteEncoder(device, precision)
     if spec == TINY:
@@ -95,6 +104,7 @@ BACKENDS = [
     {"spec": "MODEL:random", "description": "open_clip architecture with random weights (benchmarks)"},
     {"spec": "MODEL:/path", "description": "open_clip architecture with a local checkpoint file"},
     {"spec": "hf-hub:ORG/NAME", "description": "open_clip model from the Hugging Face hub"},
+    {"spec": "BASE+ADAPTER.safetensors", "description": "BASE fine-tuned by 'clipxfer finetune' (e.g. lite+adapted.safetensors)"},
 ]
 
 
@@ -109,9 +119,13 @@ def available_models() -> dict:
 
 def spec_for_id(model_id: str) -> str:
     """The ``--model`` value that rebuilds the encoder with this id (best effort for files)."""
+    from ..finetune.adapter import base_of
     from .lite import LITE_ID
     from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
 
+    base_id = base_of(model_id)
+    if base_id is not None:  # the adapter's path is not in the id; the user knows where it is
+        return f"{spec_for_id(base_id)}{ADAPTER_JOIN}ADAPTER{ADAPTER_SUFFIX}"
     if model_id == LITE_ID:
         return LITE
     name = model_id.removeprefix("open_clip:")
