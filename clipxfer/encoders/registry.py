@@ -24,6 +24,8 @@ SPEC_HELP = (
 #: Joins a base spec and an adapter file made by ``clipxfer finetune``: ``lite+adapted.safetensors``.
 ADAPTER_JOIN = "+"
 ADAPTER_SUFFIX = ".safetensors"
+#: adapted encoder id -> the spec that loaded it in this process (an id holds no file path).
+_ADAPTED_SPECS: dict[str, str] = {}
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -71,7 +73,9 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
     if join and adapter.endswith(ADAPTER_SUFFIX):
         from ..finetune.adapter import load_adapted
 
-        return load_adapted(load_encoder(base_spec, device, precision), adapter)
+        encoder = load_adapted(load_encoder(base_spec, device, precision), adapter)
+        _ADAPTED_SPECS[encoder.id] = f"{base_spec}{ADAPTER_JOIN}{Path(adapter).resolve()}"
+        return encoder
     if spec == LITE:
         return LiteEncoder(device, precision)
     if spec == TINY:
@@ -124,7 +128,9 @@ def spec_for_id(model_id: str) -> str:
     from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
 
     base_id = base_of(model_id)
-    if base_id is not None:  # the adapter's path is not in the id; the user knows where it is
+    if base_id is not None:  # the id holds no path: the spec this process loaded, else a placeholder
+        if model_id in _ADAPTED_SPECS:
+            return _ADAPTED_SPECS[model_id]
         return f"{spec_for_id(base_id)}{ADAPTER_JOIN}ADAPTER{ADAPTER_SUFFIX}"
     if model_id == LITE_ID:
         return LITE

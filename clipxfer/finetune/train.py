@@ -66,6 +66,8 @@ class FinetuneSettings:
     crop_scale: float = 0.6
     label_smoothing: float = 0.1
     patience: int = 4
+    #: ``best``: keep the epoch validation scores best (early stopping); ``last``: the last epoch.
+    keep: str = "best"
     wise: str | float = "auto"
 
     def check(self) -> "FinetuneSettings":
@@ -83,6 +85,8 @@ class FinetuneSettings:
                 raise ClipxferError(f"--wise {self.wise}: a number in [0, 1] or auto") from None
             if not 0.0 <= self.wise <= 1.0:
                 raise ClipxferError(f"--wise {self.wise}: a number in [0, 1] or auto")
+        if self.keep not in ("best", "last"):
+            raise ClipxferError(f"keep={self.keep!r}: use best or last")
         if self.blocks < 1:
             raise ClipxferError(f"--blocks {self.blocks}: at least 1")
         return self
@@ -144,11 +148,16 @@ def moving_parameters(root: torch.nn.Module, attribute: str, settings: FinetuneS
 
 def lora_targets(root: torch.nn.Module, attribute: str, settings: FinetuneSettings) -> list[str]:
     """Module names LoRA adapts: the Linear and 1x1 Conv2d layers of the last ``blocks`` blocks
-    (EfficientNet's pointwise convolutions; a ViT's attention output and MLP projections)."""
+    (EfficientNet's pointwise convolutions; a ViT's MLP projections)."""
     names = [n for n, _ in root.named_parameters() if _is_tower(n, attribute)]
     last = _units(names)[-settings.blocks :]
+    # nn.MultiheadAttention reads its out_proj weight directly, never calling the Linear, so
+    # an adapter there would train nothing: those layers are left out.
+    bypassed = {f"{n}.out_proj" for n, m in root.named_modules() if isinstance(m, torch.nn.MultiheadAttention)}
     targets = []
     for name, module in root.named_modules():
+        if name in bypassed:
+            continue
         inside = any(name.startswith(u + ".") for u in last) or name in ("conv_head",)
         if not inside:
             continue
@@ -376,18 +385,19 @@ def finetune_encoder(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             val_acc, val_loss = evaluate(work, head, val_px, val_labels)
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_acc, "val_loss": val_loss}
             history.append(record)
-            if (val_acc, -val_loss) > best_key:
+            # Without validation images there is nothing to choose by: keep the last epoch.
+            if (val_acc, -val_loss) > best_key or settings.keep == "last" or not len(val_labels):
                 best_key, best_epoch, best_state = (val_acc, -val_loss), epoch, snapshot()
             if bar:
                 bar.update()
                 bar.set_postfix_str(f"loss {record['train_loss']:.3f} val_acc {val_acc:.3f} best {best_key[0]:.3f}@{best_epoch}")
             if on_epoch:
                 on_epoch(record)
-            if epoch - best_epoch >= settings.patience:
+            if settings.keep == "best" and epoch - best_epoch >= settings.patience:
                 break
     except KeyboardInterrupt:
         interrupted = True
