@@ -3,7 +3,7 @@
 lite on Fashion-MNIST, one K-shot draw; each setting is scored on a development set of
 ``--dev`` images drawn from the training pool outside the draw, next to the linear probe
 (the LP stage) on the same images. Run:
-  python benchmarks/finetune_recipe.py --shots 16 --seed 1 --dev 500 'method=lp-ft' 'method=partial,lr=3e-4'
+  python benchmarks/finetune_recipe.py --shots 16 --seed 1 --dev 500 'strategy=lp-ft' 'strategy=partial,lr=3e-4'
 """
 
 from __future__ import annotations

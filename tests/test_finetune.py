@@ -65,7 +65,7 @@ def invoke(*args):
 
 
 def test_partial_moves_only_the_last_block_and_the_text_side_never(task, tiny):
-    result = _finetune(task, method="partial", blocks=1, wise=1.0, l2sp=0.0, lr=1e-2, keep="last")
+    result = _finetune(task, strategy="partial", blocks=1, wise=1.0, l2sp=0.0, lr=1e-2, keep="last")
     stored = {n[len(ENCODER_PREFIX) + len("model."):] for n in result.tensors if n.startswith(ENCODER_PREFIX)}
     assert stored and all(n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post", "visual.proj")) for n in stored)
     before, after = _tower(tiny), _tower(result.encoder)
@@ -76,7 +76,7 @@ def test_partial_moves_only_the_last_block_and_the_text_side_never(task, tiny):
 
 
 def test_loss_falls_on_a_separable_task(task):
-    result = _finetune(task, method="full", epochs=6, augment=False, label_smoothing=0.0, l2sp=0.0, lr=1e-3,
+    result = _finetune(task, strategy="full", epochs=6, augment=False, label_smoothing=0.0, l2sp=0.0, lr=1e-3,
                        patience=99, wise=1.0)
     losses = [h["train_loss"] for h in result.history[1:]]
     assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
@@ -84,7 +84,7 @@ def test_loss_falls_on_a_separable_task(task):
 
 def test_lora_merged_equals_unmerged(tiny):
     work, attribute, root = working_copy(tiny)
-    settings = FinetuneSettings(method="lora", blocks=2)
+    settings = FinetuneSettings(strategy="lora", blocks=2)
     layers = _inject_lora(root, lora_targets(root, attribute, settings), settings)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_bench_runs_finetune_cells_on_the_adapted_encoder(tmp_path, folder, tiny
 
     config = BenchConfig(
         datasets=(DatasetSpec(source=str(folder), max_test=9),), methods=("zeroshot", "probe", "finetune"),
-        shots=(2,), seeds=(1,), model="tiny", method_options={"finetune": {"epochs": 2, "lr": 1e-2}},
+        shots=(2,), seeds=(1,), model="tiny", method_options={"finetune": {"strategy": "partial", "epochs": 2, "lr": 1e-2}},
     )
     table = run_bench(config, tmp_path / "bench", encoder=tiny)
     row = table[table["method"] == "finetune"].iloc[0]
@@ -225,7 +225,7 @@ def test_lite_partial_finetune_and_adapter_round_trip(tmp_path, lite):
 
     dataset = fashion_mnist().split("train").subset(range(300))
     out = tmp_path / "lite.safetensors"
-    result = run_finetune(dataset, 2, 1, encoder=lite, out=out, max_test=20, method="partial", blocks=1, epochs=1,
+    result = run_finetune(dataset, 2, 1, encoder=lite, out=out, max_test=20, strategy="partial", blocks=1, epochs=1,
                           wise=1.0, lr=1e-3)
     from clipxfer.heads import load_head
 

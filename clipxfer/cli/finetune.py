@@ -64,7 +64,7 @@ def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wi
         data, shots, seed, model=model, out=out, templates=templates, max_test=max_test, device=device,
         precision=precision, save=not no_save, progress=not as_json,
         classes=load_classnames(classes) if classes else None,
-        method=method, epochs=epochs, lr=lr, blocks=blocks, l2sp=l2sp, augment=not no_augment, wise=wise,
+        strategy=method, epochs=epochs, lr=lr, blocks=blocks, l2sp=l2sp, augment=not no_augment, wise=wise,
     )
     if as_json:
         emit_json(result)

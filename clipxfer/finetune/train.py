@@ -52,7 +52,7 @@ WISE_GRID = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
 class FinetuneSettings:
     """Hyperparameters of one fine-tune (defaults: the recipe in the module docstring)."""
 
-    method: str = "lp-ft"
+    strategy: str = "lp-ft"
     epochs: int = 12
     lr: float = 1e-4
     head_lr_scale: float = 10.0
@@ -72,8 +72,8 @@ class FinetuneSettings:
 
     def check(self) -> "FinetuneSettings":
         """Raise ClipxferError on the first bad value."""
-        if self.method not in METHODS:
-            raise ClipxferError(f"--method {self.method}: use one of {', '.join(METHODS)}")
+        if self.strategy not in METHODS:
+            raise ClipxferError(f"--method {self.strategy}: use one of {', '.join(METHODS)}")
         if self.epochs < 0:
             raise ClipxferError(f"--epochs {self.epochs}: must be 0 or more")
         if not self.lr > 0:
@@ -138,9 +138,9 @@ def _is_top(name: str) -> bool:
 def moving_parameters(root: torch.nn.Module, attribute: str, settings: FinetuneSettings) -> list[str]:
     """Names (relative to ``root``) of the parameters the method trains directly (none for LoRA)."""
     names = [n for n, _ in root.named_parameters() if _is_tower(n, attribute)]
-    if settings.method in ("lp-ft", "full"):
+    if settings.strategy in ("lp-ft", "full"):
         return names
-    if settings.method == "lora":
+    if settings.strategy == "lora":
         return []
     last = _units(names)[-settings.blocks :]
     return [n for n in names if _is_top(n) or any(n.startswith(u + ".") for u in last)]
@@ -286,7 +286,7 @@ def evaluate(work: Encoder, head: dict[str, torch.Tensor], pixels: np.ndarray, l
 
 def start_head(data: FewShotData, settings: FinetuneSettings) -> dict[str, np.ndarray]:
     """The head fine-tuning starts from: the validated linear probe (LP-FT), or zero-shot for ``full``."""
-    if settings.method == "full":
+    if settings.strategy == "full":
         parts = dict(zeroshot_parts(data.zeroshot))
         parts["bias"] = np.zeros(len(data.classnames), np.float32)
         return parts
@@ -325,7 +325,7 @@ def finetune_encoder(
     head = {k: v.clone().requires_grad_(True) for k, v in head0.items()}
     moving = moving_parameters(root, attribute, settings)
     layers: dict[str, torch.nn.Module] = {}
-    if settings.method == "lora":
+    if settings.strategy == "lora":
         layers = _inject_lora(root, lora_targets(root, attribute, settings), settings)
         tower_params = [p for p in root.parameters() if p.requires_grad]
     else:
@@ -366,7 +366,7 @@ def finetune_encoder(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.epochs, desc=f"finetune {settings.method}", unit="epoch", file=sys.stderr)
+        bar = tqdm(total=settings.epochs, desc=f"finetune {settings.strategy}", unit="epoch", file=sys.stderr)
         bar.set_postfix_str(f"val_acc {val_acc:.3f}")
     interrupted, epoch = False, 0
     try:

@@ -39,7 +39,7 @@ class FinetuneHead(LinearHead):
             raise ClipxferError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
         result = finetune_encoder(data, images[0], images[1], FinetuneSettings(**settings), progress=progress)
         config = {
-            "variant": f"finetune-{result.settings.method}",
+            "variant": f"finetune-{result.settings.strategy}",
             "base_model_id": data.encoder.id,
             **settings_dict(result.settings),
             **fit_provenance(data),
