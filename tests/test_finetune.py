@@ -198,6 +198,9 @@ def test_bad_input_is_one_clear_line(tmp_path, folder, tiny):
         result = CliRunner().invoke(main, ["finetune", *map(str, args), "--model", "tiny", "--out", str(out)])
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
         assert not out.exists()
+    with pytest.raises(ClipxferError, match="unknown option.*nonsense"):
+        run_finetune(folder, 2, 1, encoder=tiny, out=out, nonsense=1)
+    assert not out.exists()
     run_finetune(folder, 2, 1, encoder=tiny, out=out, epochs=1)
     other = copy.copy(tiny)
     other.id = "open_clip:another-model"

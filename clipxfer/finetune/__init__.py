@@ -20,7 +20,7 @@ from ..features import encode_dataset
 from ..paths import atomic_write_bytes
 from ..transfer import accuracy, manifest_path_for, prepare_task, resolve_head_path
 from .adapter import base_of, load_adapted, read_adapter
-from .train import METHODS, FinetuneSettings
+from .train import METHODS, FinetuneSettings, make_settings
 
 __all__ = ["run_finetune", "load_adapted", "read_adapter", "FinetuneSettings", "METHODS"]
 
@@ -54,7 +54,7 @@ def run_finetune(
 
     dataset = data if isinstance(data, LabelledImages) else load_dataset(data, classes)
     check_classes(dataset.classnames, dataset.name)
-    FinetuneSettings(**settings).check()
+    make_settings(**settings)  # bad settings fail before any encoding
     if encoder is None:
         from ..encoders import load_encoder
 

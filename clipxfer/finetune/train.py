@@ -92,6 +92,15 @@ class FinetuneSettings:
         return self
 
 
+def make_settings(**options) -> FinetuneSettings:
+    """:class:`FinetuneSettings` from keyword options, checked; unknown names are one clear error."""
+    unknown = set(options) - set(FinetuneSettings.__dataclass_fields__)
+    if unknown:
+        known = ", ".join(FinetuneSettings.__dataclass_fields__)
+        raise ClipxferError(f"finetune: unknown option(s) {', '.join(sorted(unknown))} (known: {known})")
+    return FinetuneSettings(**options).check()
+
+
 @dataclass
 class FinetuneResult:
     """What :func:`finetune_encoder` returns: the adapter tensors (encoder part and head parts),

@@ -30,14 +30,11 @@ class FinetuneHead(LinearHead):
         """Fine-tune ``data.encoder`` on ``images = (train, val)`` (the images behind ``data.train``
         and ``data.val``); ``settings`` are :class:`clipxfer.finetune.train.FinetuneSettings` fields."""
         from ..errors import ClipxferError
-        from ..finetune.train import FinetuneSettings, finetune_encoder, settings_dict
+        from ..finetune.train import finetune_encoder, make_settings, settings_dict
 
         if images is None:
             raise ClipxferError("finetune needs the training and validation images, not only their features")
-        unknown = set(settings) - set(FinetuneSettings.__dataclass_fields__)
-        if unknown:
-            raise ClipxferError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
-        result = finetune_encoder(data, images[0], images[1], FinetuneSettings(**settings), progress=progress)
+        result = finetune_encoder(data, images[0], images[1], make_settings(**settings), progress=progress)
         config = {
             "variant": f"finetune-{result.settings.strategy}",
             "base_model_id": data.encoder.id,
