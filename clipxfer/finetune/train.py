@@ -467,7 +467,8 @@ def _choose_alpha(work, root, head, head0, start, layers, settings, val_px, val_
         _set_alpha(root, head, head0, start, tuned, layers, alpha)
         acc, loss = evaluate(work, head, val_px, val_labels)
         scored.append(((acc, -loss), alpha))
-    (acc, neg_loss), alpha = max(scored)
+    # Ties go to the smaller alpha: the model closer to the pretrained one.
+    (acc, neg_loss), alpha = max(scored, key=lambda item: (item[0], -item[1]))
     _set_alpha(root, head, head0, start, tuned, layers, alpha)
     return alpha, acc, -neg_loss
 
