@@ -321,7 +321,11 @@ def encoder_for_head(
     from .encoders.registry import spec_for_id
     from .heads.base import read_head_metadata
 
-    return load_encoder(model or spec_for_id(read_head_metadata(head_path)["model_id"]), device=device, precision=precision)
+    meta = read_head_metadata(head_path)
+    spec = model or spec_for_id(meta["model_id"])
+    if model is None and "base_model_id" in (meta.get("config") or {}):  # a fine-tuning adapter is its own head
+        spec = f"{spec_for_id(meta['config']['base_model_id'])}+{head_path}"
+    return load_encoder(spec, device=device, precision=precision)
 
 
 def predict(

@@ -25,6 +25,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "coop": ("coop", {}),
     "mix": ("mix", {}),
     "transductive": ("transductive", {}),
+    # Fine-tunes the encoder (clipxfer finetune): its cells re-encode the test set per adapted encoder.
+    "finetune": ("finetune", {}),
     # Meta-learned initialisations (clipxfer meta-train); the artifact comes from --meta PATH,
     # i.e. method_options {"meta-probe": {"init": PATH}}.
     "meta-probe": ("probe", {}),

@@ -173,6 +173,10 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
     fit_options = {**method_options, **options.get(method, {})}
     if getattr(HEAD_TYPES[head_method], "transductive", False):
         fit_options["unlabelled"] = test
+    trains_encoder = getattr(HEAD_TYPES[head_method], "trains_encoder", False)
+    if trains_encoder:  # fine-tuning: the method needs the images themselves
+        sources = prepared.dataset.sources
+        fit_options["images"] = ([sources[i] for i in split.train], [sources[i] for i in split.val])
     data = FewShotData(
         encoder=encoder,
         classnames=prepared.dataset.classnames,
@@ -188,7 +192,12 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
     started = time.perf_counter()
     head = fit_head(head_method, data, **fit_options)
     fit_seconds = time.perf_counter() - started
-    val_accuracy = float((head.predict(data.val) == data.val_labels).mean()) if len(split.val) else float("nan")
+    val_accuracy = (
+        float((head.predict(data.val) == data.val_labels).mean()) if len(split.val) and not trains_encoder else float("nan")
+    )
+    if trains_encoder:  # the cell re-encodes with the adapted encoder (cached under its own id)
+        test = encode_dataset(head.encoder, prepared.dataset.subset(split.test))
+        val_accuracy = float(head.config["val_accuracy"])
     return {
         "dataset": prepared.spec.label,
         "method": method,

@@ -18,7 +18,7 @@ from .common import ErrorReportingGroup
 PANELS = {
     "Index & search": ["index", "search", "info", "dups", "sample-photos"],
     "Classify": ["classify", "predict", "prompts", "models"],
-    "Adapt": ["probe", "tip", "coop", "mix", "adapt", "meta-train"],
+    "Adapt": ["probe", "tip", "coop", "mix", "finetune", "adapt", "meta-train"],
     "Inspect": [],
     "Benchmark": ["bench", "bench-episodes"],
     "Serve": ["serve", "suggest"],
@@ -50,6 +50,7 @@ COMMAND_MODULES = [
     "meta",
     "episodes",
     "serve",
+    "finetune",
 ]
 
 for _name in COMMAND_MODULES:

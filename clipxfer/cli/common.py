@@ -29,6 +29,7 @@ def model_options(func):
         default=None,
         metavar="SPEC",
         help="lite, tiny, MODEL:PRETRAINED (see 'clipxfer models'), MODEL:random, MODEL:/path/ckpt, hf-hub:ORG/NAME."
+        " Add +ADAPTER.safetensors for a fine-tuned model (clipxfer finetune), e.g. lite+adapted.safetensors."
         " Default: ViT-B-32:laion2b_s34b_b79k, or lite when its weights are not available.",
     )(func)
     return func

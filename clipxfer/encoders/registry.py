@@ -18,8 +18,14 @@ TINY = "tiny"
 
 SPEC_HELP = (
     "use 'lite' (offline), 'tiny' (tests), a MODEL:PRETRAINED pair from 'clipxfer models', "
-    "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME"
+    "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME; "
+    "add +ADAPTER.safetensors for a model fine-tuned by 'clipxfer finetune' (lite+adapted.safetensors)"
 )
+#: Joins a base spec and an adapter file made by ``clipxfer finetune``: ``lite+adapted.safetensors``.
+ADAPTER_JOIN = "+"
+ADAPTER_SUFFIX = ".safetensors"
+#: adapted encoder id -> the spec that loaded it in this process (an id holds no file path).
+_ADAPTED_SPECS: dict[str, str] = {}
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -63,6 +69,13 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
                 file=sys.stderr,
             )
             return LiteEncoder(device, precision)
+    base_spec, join, adapter = spec.partition(ADAPTER_JOIN)
+    if join and adapter.endswith(ADAPTER_SUFFIX):
+        from ..finetune.adapter import load_adapted
+
+        encoder = load_adapted(load_encoder(base_spec, device, precision), adapter)
+        _ADAPTED_SPECS[encoder.id] = f"{base_spec}{ADAPTER_JOIN}{Path(adapter).resolve()}"
+        return encoder
     if spec == LITE:
         return LiteEncoder(device, precision)
     if spec == TINY:
@@ -95,6 +108,7 @@ BACKENDS = [
     {"spec": "MODEL:random", "description": "open_clip architecture with random weights (benchmarks)"},
     {"spec": "MODEL:/path", "description": "open_clip architecture with a local checkpoint file"},
     {"spec": "hf-hub:ORG/NAME", "description": "open_clip model from the Hugging Face hub"},
+    {"spec": "BASE+ADAPTER.safetensors", "description": "BASE fine-tuned by 'clipxfer finetune' (e.g. lite+adapted.safetensors)"},
 ]
 
 
@@ -109,9 +123,15 @@ def available_models() -> dict:
 
 def spec_for_id(model_id: str) -> str:
     """The ``--model`` value that rebuilds the encoder with this id (best effort for files)."""
+    from ..finetune.adapter import base_of
     from .lite import LITE_ID
     from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
 
+    base_id = base_of(model_id)
+    if base_id is not None:  # the id holds no path: the spec this process loaded, else a placeholder
+        if model_id in _ADAPTED_SPECS:
+            return _ADAPTED_SPECS[model_id]
+        return f"{spec_for_id(base_id)}{ADAPTER_JOIN}ADAPTER{ADAPTER_SUFFIX}"
     if model_id == LITE_ID:
         return LITE
     name = model_id.removeprefix("open_clip:")

@@ -1,0 +1,80 @@
+"""``clipxfer finetune``: fine-tune the encoder's image tower on K shots per class and write one
+adapter file, usable by every command as ``--model BASE+ADAPTER.safetensors``. Prints zero-shot
+and fine-tuned accuracy on the same test set; ``--json`` prints the object of
+:func:`clipxfer.finetune.run_finetune`."""
+
+from __future__ import annotations
+
+import click
+
+from . import main
+from .common import emit_json, model_options
+
+
+def _wise_value(ctx, param, value):
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter("a number between 0 and 1, or auto") from None
+    if not 0.0 <= number <= 1.0:
+        raise click.BadParameter("a number between 0 and 1, or auto")
+    return number
+
+
+@main.command()
+@click.argument("data")
+@click.option("--shots", "-k", type=int, required=True, help="Training images per class (K).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the K-shot draw and of training.")
+@click.option("--method", type=click.Choice(["lp-ft", "partial", "full", "lora"]), default="lp-ft", show_default=True,
+              help="lp-ft: linear probe, then the whole tower; partial: the last --blocks blocks; full: the whole "
+                   "tower from the zero-shot head; lora: rank-2 LoRA factors on the last --blocks blocks (peft).")
+@click.option("--epochs", type=int, default=12, show_default=True, help="Most passes over the training images "
+              "(early stopping on validation may end sooner).")
+@click.option("--lr", type=float, default=1e-4, show_default=True,
+              help="Learning rate of the tower (the head's is 10x).")
+@click.option("--blocks", type=int, default=2, show_default=True, help="Blocks that move with partial and lora.")
+@click.option("--l2sp", type=float, default=0.01, show_default=True,
+              help="Pull of the moving weights toward the pretrained ones (L2-SP).")
+@click.option("--no-augment", is_flag=True, help="No crop/flip/jitter (for tasks where they change the label).")
+@click.option("--wise", default="auto", show_default=True, callback=_wise_value,
+              help="WiSE-FT: weight of the fine-tuned weights in [0, 1] (0 = the pretrained encoder), "
+                   "or auto (chosen on validation).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Adapter file to write; the drawn manifest goes next to it. "
+                   "Default: finetune-DATA-Kshot-seedS.safetensors here.")
+@click.option("--templates", default="simple", show_default=True, help="Prompt template set for the zero-shot head.")
+@click.option("--max-test", type=int, default=None, help="Score on at most this many test images.")
+@click.option("--classes", default=None, metavar="A,B,C|FILE",
+              help="The classes, in order (comma-separated or a file). Default: the labels found in DATA.")
+@click.option("--no-save", is_flag=True, help="Score only; write no adapter or manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@model_options
+def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wise, out, templates, max_test, classes,
+             no_save, as_json, model, device, precision):
+    """Fine-tune the encoder on DATA with K shots per class; write an adapter for --model BASE+ADAPTER.
+
+    Example: clipxfer finetune fashion-mnist --model lite --shots 16 --out adapted.safetensors
+    """
+    from ..finetune import run_finetune
+    from ..prompts import load_classnames
+
+    result = run_finetune(
+        data, shots, seed, model=model, out=out, templates=templates, max_test=max_test, device=device,
+        precision=precision, save=not no_save, progress=not as_json,
+        classes=load_classnames(classes) if classes else None,
+        strategy=method, epochs=epochs, lr=lr, blocks=blocks, l2sp=l2sp, augment=not no_augment, wise=wise,
+    )
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{result['variant']}: {result['shots']} shots/class, seed {result['seed']}, "
+               f"{result['num_classes']} classes, {result['num_test']} test images ({result['base_model']})")
+    click.echo(f"  zero-shot accuracy  {result['zeroshot_accuracy']:.4f}")
+    click.echo(f"  finetune  accuracy  {result['accuracy']:.4f}  ({result['accuracy'] - result['zeroshot_accuracy']:+.4f}; "
+               f"best epoch {result['best_epoch']} of {result['epochs_run']}, WiSE alpha {result['wise_alpha']:.2f}, "
+               f"fit {result['fit_seconds']:.1f} s)")
+    if result["adapter"]:
+        click.echo(f"  adapter: {result['adapter']}\n  manifest: {result['manifest']}\n"
+                   f"  use it: --model <base>+{result['adapter']}  (model id {result['model']})")

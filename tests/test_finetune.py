@@ -1,0 +1,241 @@
+"""Fine-tuning the encoder (clipxfer/finetune/): what moves, WiSE, LoRA merging, the adapter file
+and its encoder id, --model BASE+ADAPTER everywhere, seeds, Ctrl-C, bad input, the bench method."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from clipxfer.cli import main
+from clipxfer.encoders import load_encoder
+from clipxfer.errors import ClipxferError
+from clipxfer.finetune import FinetuneSettings, load_adapted, run_finetune
+from clipxfer.finetune.adapter import ENCODER_PREFIX, apply_tensors, base_of, trainable_root
+from clipxfer.finetune.train import _inject_lora, finetune_encoder, lora_factors, lora_targets, working_copy
+from clipxfer.transfer import prepare_task
+
+from .conftest import random_images
+
+CLASSES = ["bird", "fish", "tree"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes x 10 images, tinted per class so even tiny can separate them."""
+    root = tmp_path_factory.mktemp("labelled")
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i, image in enumerate(random_images(10, seed=c)):
+            tinted = image // 4
+            tinted[..., c] = 255
+            Image.fromarray(tinted).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def task(folder, tiny):
+    from clipxfer.data import load_dataset
+
+    dataset = load_dataset(folder)
+    return dataset, prepare_task(tiny, dataset, 3, 1)
+
+
+def _images(dataset, task):
+    return [dataset.sources[i] for i in task.split.train], [dataset.sources[i] for i in task.split.val]
+
+
+def _finetune(task_pair, **settings):
+    dataset, prepared = task_pair
+    settings.setdefault("epochs", 3)
+    return finetune_encoder(prepared.data, *_images(dataset, prepared), FinetuneSettings(**settings))
+
+
+def _tower(encoder):
+    return {n: p.detach().clone() for n, p in trainable_root(encoder)[1].named_parameters()}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_partial_moves_only_the_last_block_and_the_text_side_never(task, tiny):
+    result = _finetune(task, strategy="partial", blocks=1, wise=1.0, l2sp=0.0, lr=1e-2, keep="last")
+    stored = {n[len(ENCODER_PREFIX) + len("model."):] for n in result.tensors if n.startswith(ENCODER_PREFIX)}
+    assert stored and all(n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post", "visual.proj")) for n in stored)
+    before, after = _tower(tiny), _tower(result.encoder)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and moved <= stored
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in stored)  # frozen: bit-identical
+    assert not any(n.startswith(("transformer.", "token_embedding")) for n in stored)
+
+
+def test_loss_falls_on_a_separable_task(task):
+    result = _finetune(task, strategy="full", epochs=6, augment=False, label_smoothing=0.0, l2sp=0.0, lr=1e-3,
+                       patience=99, wise=1.0)
+    losses = [h["train_loss"] for h in result.history[1:]]
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
+
+
+def test_lora_merged_equals_unmerged(tiny):
+    work, attribute, root = working_copy(tiny)
+    settings = FinetuneSettings(strategy="lora", blocks=2)
+    layers = _inject_lora(root, lora_targets(root, attribute, settings), settings)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B["default"].weight.normal_(0, 0.2)  # B starts at zero: make the adapter do something
+    pixels = np.stack([np.asarray(Image.fromarray(a).resize((32, 32))) for a in random_images(4, seed=5)])
+    unmerged = work.encode_pixels(pixels).embeddings
+    merged_encoder = copy.copy(tiny)
+    merged_encoder.model = copy.deepcopy(tiny.model)
+    apply_tensors(merged_encoder, lora_factors(layers, attribute))
+    merged = merged_encoder.encode_pixels(pixels).embeddings
+    np.testing.assert_allclose(merged, unmerged, atol=1e-5)
+    assert not np.allclose(merged, tiny.encode_pixels(pixels).embeddings, atol=1e-3)
+
+
+def test_wise_alpha_0_is_the_pretrained_encoder_and_alpha_interpolates(task, tiny):
+    pixels = np.stack([np.asarray(Image.fromarray(a).resize((32, 32))) for a in random_images(4, seed=9)])
+    zero = _finetune(task, wise=0.0, lr=1e-2, keep="last")
+    np.testing.assert_array_equal(zero.encoder.encode_pixels(pixels).embeddings, tiny.encode_pixels(pixels).embeddings)
+    one, half = _finetune(task, wise=1.0, lr=1e-2, keep="last"), _finetune(task, wise=0.5, lr=1e-2, keep="last")
+    assert one.best_epoch > 0, "training must have moved the weights for this test to mean anything"
+    for name, value in zero.tensors.items():
+        if name.startswith(ENCODER_PREFIX):
+            np.testing.assert_allclose(half.tensors[name], 0.5 * (value + one.tensors[name]), atol=1e-6)
+    fine = _tower(one.encoder)
+    work, _, _ = working_copy(tiny)
+    apply_tensors(work, one.tensors)
+    assert all(torch.equal(fine[n], p) for n, p in work.model.named_parameters())
+
+
+def test_same_seed_same_adapter_other_seed_differs(task, folder, tiny):
+    a, b = _finetune(task, wise=1.0, keep="last"), _finetune(task, wise=1.0, keep="last")
+    assert a.encoder.id == b.encoder.id
+    assert all(np.array_equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+    from clipxfer.data import load_dataset
+
+    dataset = load_dataset(folder)
+    other = prepare_task(tiny, dataset, 3, 2)
+    c = _finetune((dataset, other), wise=1.0, keep="last")
+    assert c.encoder.id != a.encoder.id
+
+
+def test_adapter_defines_an_encoder_used_everywhere(tmp_path, folder, tiny):
+    adapter = tmp_path / "adapted.safetensors"
+    report = json.loads(invoke("finetune", folder, "--shots", 3, "--seed", 1, "--model", "tiny", "--device", "cpu",
+                               "--precision", "fp32", "--epochs", 2, "--wise", "1", "--lr", "1e-2",
+                               "--out", adapter, "--json").output)
+    assert report["adapter"] == str(adapter) and (tmp_path / "adapted.manifest.csv").is_file()
+    assert report["model"] != tiny.id and base_of(report["model"]) == tiny.id
+    spec = f"tiny+{adapter}"
+    adapted = load_encoder(spec, "cpu", "fp32")
+    assert adapted.id == report["model"]
+    # the adapted encoder gives the same accuracy through the registry as in the run
+    from clipxfer.transfer import run_transfer
+
+    probe = run_transfer("probe", folder, 3, 1, model=spec, device="cpu", precision="fp32", out=tmp_path / "p.safetensors")
+    assert probe["model"] == adapted.id
+    # an index made with it records its id and refuses the plain encoder
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(random_images(4, seed=3)):
+        Image.fromarray(image).save(photos / f"{i}.png")
+    result = invoke("index", photos, "--index", tmp_path / "idx", "--model", spec, "--device", "cpu", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    from clipxfer.index import Index
+
+    with Index.open(tmp_path / "idx") as index:
+        assert index.model_id == adapted.id
+    result = CliRunner().invoke(main, ["index", str(photos), "--index", str(tmp_path / "idx"), "--model", "tiny"])
+    assert result.exit_code == 2 and "error:" in result.output
+    # the adapter is its own head: predict finds the model from it
+    result = invoke("predict", adapter, photos, "--device", "cpu", "--precision", "fp32", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["predictions"]) == 4
+
+
+def test_ctrl_c_keeps_the_best_epoch_so_far(tmp_path, folder, tiny, monkeypatch):
+    import clipxfer.finetune.train as train
+
+    calls = {"n": 0}
+    real = train.augment_batch
+
+    def interrupt_in_epoch_3(*args):
+        calls["n"] += 1  # 9 training images, batch 32: one call per epoch
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "augment_batch", interrupt_in_epoch_3)
+    out = tmp_path / "a.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(folder, 3, 1, encoder=tiny, out=out, epochs=10, lr=1e-2, wise=1.0)
+    from clipxfer.heads import load_head
+
+    head = load_head(out)
+    assert head.config["interrupted"] and head.config["epochs_run"] == 2
+    assert len(head.config["history"]) == 3 and head.config["best_epoch"] <= 2
+
+
+def test_bad_input_is_one_clear_line(tmp_path, folder, tiny):
+    out = tmp_path / "a.safetensors"
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    for i, image in enumerate(random_images(3)):
+        Image.fromarray(image).save(one / "only" / f"{i}.png")
+    for args, message in [
+        ([folder, "--shots", 0], "at least 1"),
+        ([one, "--shots", 1], "at least two"),
+        ([folder, "--shots", 2, "--epochs", -1], "--epochs -1"),
+    ]:
+        result = CliRunner().invoke(main, ["finetune", *map(str, args), "--model", "tiny", "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+        assert not out.exists()
+    with pytest.raises(ClipxferError, match="unknown option.*nonsense"):
+        run_finetune(folder, 2, 1, encoder=tiny, out=out, nonsense=1)
+    assert not out.exists()
+    run_finetune(folder, 2, 1, encoder=tiny, out=out, epochs=1)
+    other = copy.copy(tiny)
+    other.id = "open_clip:another-model"
+    with pytest.raises(ClipxferError, match="made for model 'open_clip:clipxfer-tiny"):
+        load_adapted(other, out)
+    result = CliRunner().invoke(main, ["probe", str(folder), "--shots", "1", "--model", f"tiny+{tmp_path}/missing.safetensors"])
+    assert result.exit_code == 2 and "not found" in result.output and result.output.count("\n") == 1
+
+
+def test_bench_runs_finetune_cells_on_the_adapted_encoder(tmp_path, folder, tiny):
+    from clipxfer.bench import BenchConfig, DatasetSpec, run_bench
+
+    config = BenchConfig(
+        datasets=(DatasetSpec(source=str(folder), max_test=9),), methods=("zeroshot", "probe", "finetune"),
+        shots=(2,), seeds=(1,), model="tiny", method_options={"finetune": {"strategy": "partial", "epochs": 2, "lr": 1e-2}},
+    )
+    table = run_bench(config, tmp_path / "bench", encoder=tiny)
+    row = table[table["method"] == "finetune"].iloc[0]
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["n_test"] == 9 and row["model_id"] == tiny.id
+
+
+@pytest.mark.slow
+def test_lite_partial_finetune_and_adapter_round_trip(tmp_path, lite):
+    from clipxfer.data import fashion_mnist
+
+    dataset = fashion_mnist().split("train").subset(range(300))
+    out = tmp_path / "lite.safetensors"
+    result = run_finetune(dataset, 2, 1, encoder=lite, out=out, max_test=20, strategy="partial", blocks=1, epochs=1,
+                          wise=1.0, lr=1e-3)
+    from clipxfer.heads import load_head
+
+    stored = [n for n in load_head(out).weights if n.startswith(ENCODER_PREFIX)]
+    assert stored and all(n.startswith(("encoder/image_model.blocks.6.", "encoder/image_model.conv_head",
+                                         "encoder/image_model.bn2")) for n in stored)
+    adapted = load_encoder(f"lite+{out}", "cpu", None)
+    assert adapted.id == result["model"] != lite.id
+    pixels = np.stack([np.asarray(Image.fromarray(a).resize((224, 224))) for a in random_images(2, seed=4)])
+    assert not np.allclose(adapted.encode_pixels(pixels).features, lite.encode_pixels(pixels).features)
