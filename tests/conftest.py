@@ -11,6 +11,11 @@ import pytest
 # Hermetic caches shared by all xdist workers of one run, kept between runs for speed.
 os.environ.setdefault("CLIPXFER_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "clipxfer"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest -n N runs N workers: give each an equal share of the cores, since oversubscribed OpenMP threads
+# (torch, faiss) spin against each other and made fits 19x slower on a loaded 2-core machine. Set before
+# torch is imported, and inherited by the subprocesses tests start.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture(scope="session")
