@@ -24,6 +24,7 @@ def main():
 COMMAND_MODULES = [
     "models",
     "index",
+    "embed",
     "classify",
     "bench",
     "transfer",
