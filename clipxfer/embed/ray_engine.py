@@ -192,15 +192,26 @@ def run_ray(
     dataset = (
         ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
         .flat_map(_read_rows, fn_kwargs={"units": units})
-        .map_batches(_decode_batch, fn_kwargs={"size": input_size}, batch_size=batch_size, batch_format="numpy")
+        # Decode tasks spread over the nodes; the encoder actors go where their GPUs are. The
+        # different strategies also keep Ray from fusing decoding into the actors, which would
+        # make each model wait for its own decoding.
+        .map_batches(
+            _decode_batch,
+            fn_kwargs={"size": input_size},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+            scheduling_strategy="SPREAD",
+        )
         .map_batches(
             EncodeActor,
             fn_constructor_kwargs={"model_spec": model_spec, "device": device, "precision": precision, "model_id": model_id},
             batch_size=batch_size,
             batch_format="numpy",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=num_gpus_per_worker or None,
             num_cpus=1,
+            scheduling_strategy="DEFAULT",
         )
     )
     pending: dict[int, _UnitRows] = {}
