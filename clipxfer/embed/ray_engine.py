@@ -29,6 +29,8 @@ from .sources import Unit, decode_item, read_unit
 
 # CPU-only clusters: one encoder actor per this many CPUs, the rest decode.
 CPUS_PER_CPU_ACTOR = 8
+# Host memory reserved per encoder actor: a ViT-B model, its batches and the torch runtime.
+ACTOR_MEMORY_BYTES = 2 << 30
 
 
 def import_ray():
@@ -123,6 +125,12 @@ class EncodeActor:
     def __init__(self, model_spec: str, device: str, precision: str | None, model_id: str):
         from ..encoders.registry import load_encoder
 
+        if device == "cpu":
+            import torch
+
+            # Ray limits an actor to its num_cpus threads; on CPU the model should use the cores
+            # an actor stands for, as the local engine's model does.
+            torch.set_num_threads(max(1, min(os.cpu_count() or 1, CPUS_PER_CPU_ACTOR)))
         self.encoder = load_encoder(model_spec, device, precision)
         if self.encoder.id != model_id:  # a worker with other weights must not mix spaces
             raise ClipxferError(f"worker loaded {self.encoder.id}, expected {model_id}: install the same model everywhere")
@@ -192,16 +200,12 @@ def run_ray(
     dataset = (
         ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
         .flat_map(_read_rows, fn_kwargs={"units": units})
-        # Decode tasks spread over the nodes; the encoder actors go where their GPUs are. The
-        # different strategies also keep Ray from fusing decoding into the actors, which would
-        # make each model wait for its own decoding.
         .map_batches(
             _decode_batch,
             fn_kwargs={"size": input_size},
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=1,
-            scheduling_strategy="SPREAD",
         )
         .map_batches(
             EncodeActor,
@@ -211,7 +215,10 @@ def run_ray(
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=num_gpus_per_worker or None,
             num_cpus=1,
-            scheduling_strategy="DEFAULT",
+            # The model's memory, reserved per actor. Stages with different resources are not
+            # fused, so decoding also stays in CPU tasks instead of running inside the actors,
+            # where each model would wait for its own decoding.
+            memory=ACTOR_MEMORY_BYTES,
         )
     )
     pending: dict[int, _UnitRows] = {}

@@ -19,6 +19,7 @@ half-written shard visible; a re-run skips the shards already there.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -76,12 +77,20 @@ class EncoderInfo:
         return cls(encoder.id, spec_for_id(encoder.id), encoder.dim, encoder.feature_dim)
 
 
+def need(module: str):
+    """Import an optional dependency of embedding shards, or one clear line naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ClipxferError(f"embedding shards need {module.split('.')[0]}: pip install 'clipxfer[shards]'") from None
+
+
 def shard_path(folder: Path, name: str) -> Path:
     return Path(folder) / f"{name}.parquet"
 
 
 def _schema(info: EncoderInfo, metadata: dict):
-    import pyarrow as pa
+    pa = need("pyarrow")
 
     fields = [
         pa.field("key", pa.string()),
@@ -97,7 +106,7 @@ def _schema(info: EncoderInfo, metadata: dict):
 
 
 def _vectors(array: np.ndarray, dtype, width: int):
-    import pyarrow as pa
+    pa = need("pyarrow")
 
     flat = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), width)
@@ -105,8 +114,8 @@ def _vectors(array: np.ndarray, dtype, width: int):
 
 def write_shard(folder: Path, info: EncoderInfo, shard: ShardData, extra: dict | None = None) -> Path:
     """Write one shard atomically (temporary file, fsync, rename)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = need("pyarrow")
+    pq = need("pyarrow.parquet")
 
     metadata = {
         "format": FORMAT,
@@ -144,7 +153,7 @@ def write_shard(folder: Path, info: EncoderInfo, shard: ShardData, extra: dict |
 
 def shard_metadata(path: Path) -> dict:
     """The ``clipxfer`` metadata of a shard (read from the footer only)."""
-    import pyarrow.parquet as pq
+    pq = need("pyarrow.parquet")
 
     try:
         schema = pq.read_schema(path)
@@ -224,7 +233,7 @@ class EmbeddingBatch:
 
 def iter_embeddings(folder: str | os.PathLike, batch_rows: int = 65_536) -> Iterator[EmbeddingBatch]:
     """Stream every shard listed in the manifest, ``batch_rows`` rows at a time (bounded memory)."""
-    import pyarrow.parquet as pq
+    pq = need("pyarrow.parquet")
 
     folder = Path(folder)
     manifest = open_embeddings(folder)

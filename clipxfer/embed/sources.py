@@ -21,6 +21,7 @@ from typing import Iterator
 from ..errors import ClipxferError
 from ..images import IMAGE_EXTENSIONS, find_images
 from ..pipeline import Failure, decode_bytes
+from .shards import need
 
 DEFAULT_SHARD_SIZE = 10_000  # items per unit for folders and HF datasets (clip-retrieval's default)
 # Columns that hold image bytes (img2dataset writes "jpg"), a path, or a key, in order of preference.
@@ -61,7 +62,7 @@ def open_source(spec: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE) -
     ``.parquet`` files, one such file, or a brace pattern ``shards/{000000..000099}.tar``."""
     text = str(spec)
     if "{" in text:
-        from braceexpand import braceexpand
+        braceexpand = need("braceexpand").braceexpand
 
         files = [Path(p) for p in braceexpand(text)]
         missing = [p for p in files if not p.is_file()]
@@ -88,6 +89,14 @@ def _file_source(files: list[Path], root: Path) -> Source:
     if len(suffixes) != 1 or next(iter(suffixes)) not in kinds:
         raise ClipxferError(f"{files[0]}: expected .tar (webdataset) or .parquet shards, all of one kind")
     kind = kinds[files[0].suffix]
+    if kind == "parquet":  # a file without an image column is refused before any work
+        pq = need("pyarrow.parquet")
+        for path in files:
+            try:
+                schema = pq.read_schema(path)
+            except Exception as exc:
+                raise ClipxferError(f"{path}: unreadable parquet file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+            _parquet_columns(schema, path)
     units = [Unit(kind, _unit_name(p, root), str(p.resolve())) for p in files]
     return Source(kind, root.resolve(), units)
 
@@ -164,7 +173,10 @@ def _read_folder(unit: Unit) -> Iterator[Item]:
 
 def _read_tar(unit: Unit) -> Iterator[Item | Failure]:
     """Samples of one webdataset shard: members grouped by key, the first image extension wins."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+    tariterators = need("webdataset.tariterators")
+    group_by_keys, tar_file_expander, url_opener = (
+        tariterators.group_by_keys, tariterators.tar_file_expander, tariterators.url_opener
+    )
 
     shard = Path(unit.location).name
     stream = group_by_keys(tar_file_expander(url_opener([{"url": unit.location}])))
@@ -179,7 +191,7 @@ def _read_tar(unit: Unit) -> Iterator[Item | Failure]:
 
 def _read_parquet(unit: Unit) -> Iterator[Item | Failure]:
     """Rows of one parquet file (img2dataset's layout: ``key``, ``jpg`` bytes, ``url``...)."""
-    import pyarrow.parquet as pq
+    pq = need("pyarrow.parquet")
 
     path = Path(unit.location)
     try:
@@ -212,7 +224,7 @@ def _local_path(value: str, base: Path, key: str) -> str | Failure:
 
 
 def _parquet_columns(schema, path: Path) -> tuple[str, str | None]:
-    import pyarrow as pa
+    pa = need("pyarrow")
 
     names = {name.lower(): name for name in schema.names}
     image_column = None
@@ -235,11 +247,7 @@ def _parquet_columns(schema, path: Path) -> tuple[str, str | None]:
 
 
 def _load_hf(root: Path):
-    try:
-        from datasets import load_from_disk
-    except ImportError:
-        raise ClipxferError("reading a saved Hugging Face dataset needs datasets: pip install datasets") from None
-    return load_from_disk(str(root))
+    return need("datasets").load_from_disk(str(root))
 
 
 def _hf_image_column(dataset, root: Path) -> str:
