@@ -3,7 +3,8 @@
     python benchmarks/embed_engines.py [--model ViT-B-32:random] [--images 256] [--rounds 2] --json
 
 Writes ``--images`` synthetic 500x375 JPEGs as 4 webdataset tar shards, starts one local Ray
-instance (its start-up time is reported separately, not counted), then runs ``embed`` on the
+instance (its start-up time is reported separately, not counted), then runs ``embed`` (model
+loading included: in this process for local, in the driver and the actor for Ray) on the
 same shards with ``engine=local`` and ``engine=ray`` in interleaved rounds (local, ray, local,
 ray, ...) into fresh output folders, so both see the same machine load. Reports images/s per
 run, the medians, and ``ray_over_local`` = median Ray images/s / median local images/s.
@@ -72,7 +73,8 @@ def main() -> None:
             for engine in ("local", "ray"):
                 out = tmp / f"{engine}-{round_number}"
                 began = time.perf_counter()
-                report = embed(tmp / "shards", out, encoder, engine=engine, batch_size=args.batch_size)
+                # End to end, model loading included for both (the local process and the Ray actors).
+                report = embed(tmp / "shards", out, args.model, engine=engine, batch_size=args.batch_size, device="cpu")
                 seconds = time.perf_counter() - began
                 assert report.embedded == args.images, report
                 results[engine].append(args.images / seconds)

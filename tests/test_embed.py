@@ -226,7 +226,16 @@ def test_ingest_trains_ivf_pq_on_a_sample(tmp_path):
         write_shard(tmp_path / "emb", info, shard)
         names.append(shard.name)
     write_manifest(tmp_path / "emb", info, {"kind": "synthetic", "root": str(tmp_path)}, names)
-    report = ingest(tmp_path / "emb", tmp_path / "idx", index_type="ivf")
+    import faiss
+
+    # One OpenMP thread: on a shared, oversubscribed CI machine faiss's spinning threads make this
+    # sub-second training take minutes.
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        report = ingest(tmp_path / "emb", tmp_path / "idx", index_type="ivf")
+    finally:
+        faiss.omp_set_num_threads(threads)
     assert report.faiss.startswith("IVF") and ",PQ" in report.faiss and report.total == count
     with Index.open(tmp_path / "idx") as idx:
         assert idx.info()["faiss"] == report.faiss and len(idx) == count
