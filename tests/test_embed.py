@@ -262,3 +262,12 @@ def test_cli_embed_index_search_export(tmp_path, data):
     assert result.exit_code == 2 and "error: give either a FOLDER" in result.output
     result = runner.invoke(main, ["embed", str(tmp_path / "nothing"), "--out", str(emb)])
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+
+
+def test_missing_ray_is_one_clear_line(tmp_path, data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    with pytest.raises(ClipxferError, match=r"pip install 'clipxfer\[ray\]'"):
+        embed(data / "tars", tmp_path / "emb", "tiny", engine="ray")
+    assert not (tmp_path / "emb").exists()
