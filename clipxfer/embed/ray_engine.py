@@ -222,13 +222,17 @@ def run_ray(
         )
     )
     pending: dict[int, _UnitRows] = {}
+    written: set[int] = set()
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for row in range(len(batch["key"])):
                 unit_index = int(batch["unit"][row])
+                if unit_index in written:  # a re-run batch of a unit already written
+                    continue
                 rows = pending.setdefault(unit_index, _UnitRows(int(batch["unit_count"][row])))
                 rows.rows[int(batch["seq"][row])] = tuple(batch[name][row] for name in _COLUMNS)
                 if rows.complete():
+                    written.add(unit_index)
                     yield _to_shard(units[unit_index].name, pending.pop(unit_index), dim, feature_dim)
     except ray.exceptions.RayError as exc:
         raise _as_clipxfer_error(exc) from None
