@@ -10,7 +10,7 @@ import pytest
 
 from clipxfer.embed import embed, ingest, iter_embeddings
 
-from .test_embed import by_number, corrupt_tar, data, images, search_all  # noqa: F401  (fixtures)
+from .test_embed import corrupt_tar, data, images, search_all  # noqa: F401  (data, images: fixtures)
 
 ray = pytest.importorskip("ray")
 
