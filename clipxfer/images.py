@@ -7,6 +7,7 @@ become :class:`~clipxfer.errors.ImageDecodeError` with a one-line reason, never 
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -93,9 +94,28 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError(path, "empty file (0 bytes)")
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
+    return _open_rgb(path, path, draft_size)
+
+
+def open_image_bytes(data: bytes, name: str, draft_size: int | None = None) -> Image.Image:
+    """:func:`open_image` for an image held in memory (a tar member, a parquet cell); ``name``
+    (e.g. ``shard/key``) names it in errors."""
+    if not data:
+        raise ImageDecodeError(name, "empty image (0 bytes)")
+    return _open_rgb(io.BytesIO(data), name, draft_size)
+
+
+def _open_rgb(source, name, draft_size: int | None) -> Image.Image:
+    """Decode a path or binary stream to upright RGB; every failure is an ImageDecodeError."""
+    path = name
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     raise ImageDecodeError(
@@ -151,6 +171,17 @@ def as_pil(item: ImageLike) -> Image.Image:
             raise ImageDecodeError("<array>", f"expected a uint8 array, got {item.dtype}")
         return to_rgb(Image.fromarray(item))
     return open_image(item)
+
+
+def bytes_model_input(data: bytes, name: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An in-memory image as the ``uint8 (size, size, 3)`` model input, plus its upright
+    ``(width, height)``; raises :class:`ImageDecodeError` naming ``name``."""
+    img = open_image_bytes(data, name, draft_size=size)
+    with Image.open(io.BytesIO(data)) as header:  # the full size, before the JPEG draft scaling
+        width, height = header.size
+        if header.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            width, height = height, width
+    return resize_center_crop(img, size), (width, height)
 
 
 def load_model_input(item: ImageLike, size: int) -> np.ndarray:

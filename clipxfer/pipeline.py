@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import ClipxferError, ImageDecodeError
-from .images import load_model_input
+from .images import bytes_model_input, load_model_input
 
 if TYPE_CHECKING:  # torch stays out of the worker processes
     from .encoders.base import Encoder, ImageEncoding
@@ -58,9 +58,9 @@ class FileInfo:
 
 @dataclass(frozen=True)
 class Failure:
-    """A file that could not be used, with the one-line reason."""
+    """A file (or keyed in-memory item) that could not be used, with the one-line reason."""
 
-    path: Path
+    path: Path | str
     reason: str
 
 
@@ -112,6 +112,37 @@ def decode_chunk(paths: Sequence[Path], size: int) -> list[tuple[np.ndarray, Fil
     return [decode_file(Path(p), size) for p in paths]
 
 
+@dataclass(frozen=True)
+class ItemInfo:
+    """What is kept about one in-memory image (a tar member, a parquet cell) besides its vectors."""
+
+    key: str
+    sha256: str
+    width: int
+    height: int
+    size: int  # bytes
+
+
+def decode_bytes(key: str, data: bytes | None, size: int) -> tuple[np.ndarray, ItemInfo] | Failure:
+    """:func:`decode_file` for an image held in memory under a stable ``key``; never raises.
+
+    ``data`` None means the item had no image at all (reported as such)."""
+    if data is None:
+        return Failure(key, "no image in this item")
+    try:
+        pixels, (width, height) = bytes_model_input(data, key, size)
+    except ImageDecodeError as exc:
+        return Failure(key, exc.reason)
+    except Exception as exc:  # anything else a hostile file triggers in a decoder
+        return Failure(key, f"cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
+    return pixels, ItemInfo(key, hashlib.sha256(data).hexdigest(), width, height, len(data))
+
+
+def _decode_chunk(decode, items: Sequence, size: int) -> list:
+    """Worker task: ``decode(item, size)`` for a few items."""
+    return [decode(item, size) for item in items]
+
+
 def _chunks(items: Sequence[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
@@ -155,20 +186,30 @@ def decoded_files(
     About ``prefetch`` images (at least two chunks per worker) are in flight: enough that the
     workers keep decoding the next batch while the caller encodes one, few enough to bound memory.
     """
-    paths = [Path(p) for p in paths]
+    return decoded_items([Path(p) for p in paths], decode_file, size, workers, prefetch)
+
+
+def decoded_items(
+    items: Sequence, decode, size: int, workers: int | None = None, prefetch: int = 2 * DEFAULT_BATCH_SIZE
+) -> Iterator:
+    """``decode(item, size)`` for each item, in order, in ``workers`` processes (0: here).
+
+    ``decode`` is a module-level function (it travels to the workers by name) that never raises
+    for bad input; :func:`decoded_files` and the embedding sources (:mod:`clipxfer.embed`) use it.
+    """
     workers = default_workers() if workers is None else workers
-    if workers <= 0 or len(paths) <= CHUNK_SIZE or not _main_is_importable():
-        for path in paths:
-            yield decode_file(path, size)
+    if workers <= 0 or len(items) <= CHUNK_SIZE or not _main_is_importable():
+        for item in items:
+            yield decode(item, size)
         return
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=_pool_context(), initializer=_init_worker
     ) as pool:
         pending: deque[Future] = deque()
-        chunks = _chunks(paths, CHUNK_SIZE)
+        chunks = _chunks(items, CHUNK_SIZE)
         try:
             for chunk in chunks:
-                pending.append(pool.submit(decode_chunk, chunk, size))
+                pending.append(pool.submit(_decode_chunk, decode, chunk, size))
                 if len(pending) >= max(2 * workers, -(-prefetch // CHUNK_SIZE)):
                     yield from pending.popleft().result()
             while pending:

@@ -16,7 +16,7 @@ from .common import ErrorReportingGroup
 
 #: The help screen groups commands by job; every command belongs to exactly one panel (tested).
 PANELS = {
-    "Index & search": ["index", "search", "info", "dups", "sample-photos"],
+    "Index & search": ["index", "search", "info", "dups", "embed", "export-embeddings", "sample-photos"],
     "Classify": ["classify", "predict", "prompts", "models"],
     "Adapt": ["probe", "tip", "coop", "mix", "finetune", "adapt", "meta-train"],
     "Inspect": [],
@@ -43,6 +43,7 @@ def main():
 COMMAND_MODULES = [
     "models",
     "index",
+    "embed",
     "classify",
     "bench",
     "transfer",

@@ -22,8 +22,14 @@ INDEX_OPTION = click.option(
 
 
 @main.command("index")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", required=False, type=click.Path(exists=True, file_okay=False))
 @INDEX_OPTION
+@click.option(
+    "--from-embeddings",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Build from embedding shards ('clipxfer embed') instead of a FOLDER.",
+)
 @model_options
 @click.option(
     "--index-type",
@@ -35,9 +41,18 @@ INDEX_OPTION = click.option(
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable file (after saving what is done).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and failed files as JSON.")
-def index_command(folder, index_path, model, device, precision, index_type, workers, batch_size, fail_fast, as_json):
+def index_command(
+    folder, index_path, from_embeddings, model, device, precision, index_type, workers, batch_size, fail_fast, as_json
+):
     """Index the images below FOLDER (again: only new and changed files are encoded)."""
     from ..index import Index
+
+    if (folder is None) == (from_embeddings is None):
+        raise ClipxferError("give either a FOLDER to index or --from-embeddings EMB/")
+    if from_embeddings is not None:
+        from .embed import ingest_embeddings
+
+        return ingest_embeddings(from_embeddings, index_path, index_type, as_json)
 
     report = Index.update(
         folder,

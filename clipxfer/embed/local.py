@@ -1,0 +1,76 @@
+"""The single-machine scheduler: units one after another, decoding in worker processes
+(:func:`clipxfer.pipeline.decoded_items`, as ``clipxfer index`` does) while batches encode here."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..pipeline import Failure, ItemInfo, decoded_items
+from .shards import ShardData
+from .sources import Unit, decode_item, read_unit
+
+
+class ShardBuilder:
+    """Collects one unit's encoded rows and failures into a :class:`ShardData` (both engines)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.infos: list[ItemInfo] = []
+        self.embeddings: list[np.ndarray] = []
+        self.features: list[np.ndarray] = []
+        self.failed: list[Failure] = []
+        self.same_features = True
+
+    def add(self, infos: Sequence[ItemInfo], embeddings: np.ndarray, features: np.ndarray) -> None:
+        self.infos.extend(infos)
+        self.embeddings.append(embeddings)
+        self.features.append(features)
+        self.same_features = self.same_features and features is embeddings
+
+    def build(self, dim: int, feature_dim: int) -> ShardData:
+        embeddings = np.concatenate(self.embeddings) if self.embeddings else np.zeros((0, dim), np.float32)
+        features = None
+        if not self.same_features:
+            features = np.concatenate(self.features) if self.features else np.zeros((0, feature_dim), np.float32)
+        return ShardData(
+            self.name,
+            [i.key for i in self.infos],
+            [i.sha256 for i in self.infos],
+            [i.width for i in self.infos],
+            [i.height for i in self.infos],
+            [i.size for i in self.infos],
+            embeddings,
+            features,
+            sorted(self.failed, key=lambda f: str(f.path)),
+        )
+
+
+def run_local(units: Sequence[Unit], encoder, batch_size: int, workers: int | None = None) -> Iterator[ShardData]:
+    """Encode ``units`` in order with ``encoder`` in this process; one :class:`ShardData` each."""
+    for unit in units:
+        builder = ShardBuilder(unit.name)
+        items = []
+        for item in read_unit(unit):
+            (builder.failed if isinstance(item, Failure) else items).append(item)
+        pixels: list[np.ndarray] = []
+        infos: list[ItemInfo] = []
+
+        def flush() -> None:
+            encoding = encoder.encode_pixels(np.stack(pixels))
+            builder.add(list(infos), encoding.embeddings, encoding.features)
+            pixels.clear()
+            infos.clear()
+
+        for result in decoded_items(items, decode_item, encoder.input_size, workers, prefetch=2 * batch_size):
+            if isinstance(result, Failure):
+                builder.failed.append(result)
+                continue
+            pixels.append(result[0])
+            infos.append(result[1])
+            if len(pixels) >= batch_size:
+                flush()
+        if pixels:
+            flush()
+        yield builder.build(encoder.dim, encoder.feature_dim)

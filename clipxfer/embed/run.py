@@ -1,0 +1,155 @@
+"""``embed``: a source of images -> a folder of embedding shards, on this machine or on Ray."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ClipxferError
+from ..pipeline import DEFAULT_BATCH_SIZE, Failure
+from . import shards
+from .shards import EncoderInfo, ShardData
+from .sources import DEFAULT_SHARD_SIZE, open_source
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class EmbedReport:
+    """What one ``clipxfer embed`` run did."""
+
+    out: str
+    engine: str
+    model_id: str
+    shards_written: int = 0
+    shards_skipped: int = 0
+    embedded: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    total_embedded: int = 0  # in the whole folder, earlier runs included
+
+    def to_dict(self) -> dict:
+        """The stable JSON form: counts, ``failed_count`` and ``failed`` as {key, reason} objects."""
+        return {
+            "out": self.out,
+            "engine": self.engine,
+            "model_id": self.model_id,
+            "shards_written": self.shards_written,
+            "shards_skipped": self.shards_skipped,
+            "embedded": self.embedded,
+            "total_embedded": self.total_embedded,
+            "failed_count": len(self.failed),
+            "failed": [{"key": str(f.path), "reason": f.reason} for f in self.failed],
+        }
+
+
+def embed(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    model=None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_gpus_per_worker: float = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    actors: int | None = None,
+    progress: bool = False,
+    on_shard: Callable[[ShardData], None] | None = None,
+) -> EmbedReport:
+    """Embed every image of ``source`` into parquet shards + a manifest in ``out``.
+
+    ``source``: a folder of images, webdataset ``.tar`` shards (a folder, one file or a brace
+    pattern), parquet files with image bytes or paths (img2dataset's layout), or a Hugging Face
+    dataset saved with ``save_to_disk``. One shard per input unit (see :mod:`.sources`); units
+    whose shard exists are skipped, so a re-run resumes a killed job. ``engine`` ``ray`` runs the
+    same decode and encode code on Ray Data (at ``ray_address``, or a local instance).
+    ``on_shard`` is called after each shard is written (progress reporting).
+    """
+    from ..encoders.registry import load_encoder
+
+    if engine not in ENGINES:
+        raise ClipxferError(f"unknown engine '{engine}': use local or ray")
+    if batch_size < 1:
+        raise ClipxferError(f"--batch-size must be at least 1, not {batch_size}")
+    if engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # a missing extra is reported before any work
+    src = open_source(source, shard_size)
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    shards.remove_partial_files(out)
+    encoder = model if model is not None and not isinstance(model, str) else load_encoder(
+        model, "cpu" if engine == "ray" and device is None else device, precision
+    )
+    info = EncoderInfo.of(encoder)
+    source_info = {**src.describe(), "spec": str(source)}
+    _check_existing(out, info, source_info)
+    done = [u.name for u in src.units if shards.shard_path(out, u.name).is_file()]
+    for name in done:
+        meta = shards.shard_metadata(shards.shard_path(out, name))
+        if meta.get("model_id") != info.model_id:
+            raise ClipxferError(f"{shards.shard_path(out, name)} was made with {meta.get('model_id')}, not {info.model_id}: use another --out")
+    todo = [u for u in src.units if u.name not in set(done)]
+    report = EmbedReport(str(out), engine, info.model_id, shards_skipped=len(done))
+    written = list(done)
+    order = {u.name: i for i, u in enumerate(src.units)}
+    if todo:
+        for shard in _run(engine, todo, encoder, info, batch_size, workers, ray_address, num_gpus_per_worker, precision, actors, progress):
+            shards.write_shard(out, info, shard, {"source_kind": src.kind})
+            written.append(shard.name)
+            report.shards_written += 1
+            report.embedded += len(shard)
+            report.failed.extend(shard.failed)
+            shards.write_manifest(out, info, source_info, sorted(written, key=order.__getitem__))
+            if on_shard:
+                on_shard(shard)
+    manifest = shards.write_manifest(out, info, source_info, sorted(written, key=order.__getitem__))
+    report.total_embedded = manifest["count"]
+    return report
+
+
+def _check_existing(out: Path, info: EncoderInfo, source_info: dict) -> None:
+    manifest = shards.read_manifest(out)
+    if manifest is None:
+        return
+    if manifest["model_id"] != info.model_id:
+        raise ClipxferError(
+            f"{out} holds embeddings of {manifest['model_id']}, not {info.model_id}: "
+            f"use --model {manifest['model_spec']} or another --out"
+        )
+    if manifest["source"].get("root") != source_info["root"]:
+        raise ClipxferError(f"{out} holds embeddings of {manifest['source'].get('root')}: use another --out for this source")
+
+
+def _run(engine, todo, encoder, info, batch_size, workers, ray_address, num_gpus_per_worker, precision, actors, progress):
+    if engine == "local":
+        from .local import run_local
+
+        yield from run_local(todo, encoder, batch_size, workers)
+        return
+    from .ray_engine import run_ray, start_ray
+
+    started = start_ray(ray_address)
+    try:
+        yield from run_ray(
+            todo,
+            info.model_spec,
+            info.model_id,
+            encoder.input_size,
+            (info.dim, info.feature_dim),
+            batch_size,
+            num_gpus_per_worker,
+            precision,
+            actors,
+            progress,
+        )
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
