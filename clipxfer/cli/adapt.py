@@ -32,7 +32,10 @@ from .common import emit_json, model_options
 @model_options
 def adapt(data, unlabelled, index_path, shots, seed, out, templates, prior_weight, kappa, max_test, no_save, as_json,
           model, device, precision):
-    """Adapt the zero-shot head of DATA's classes to unlabelled target images (EM over prototypes)."""
+    """Adapt the zero-shot head of DATA's classes to unlabelled target images (EM over prototypes).
+
+    Example: clipxfer adapt fashion-mnist --unlabelled target_photos/ --model lite --out adapted.safetensors
+    """
     from ..adapt import run_adapt
 
     options = {k: v for k, v in (("prior_weight", prior_weight), ("kappa", kappa)) if v is not None}

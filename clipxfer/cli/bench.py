@@ -29,6 +29,8 @@ def bench(config_file, data, methods, shots, seeds, model, templates, max_test, 
 
     CONFIG_FILE is an optional TOML file (see the README); options given here override it.
     Re-running with the same --out skips finished cells.
+
+    Example: clipxfer bench benchmarks/configs/fashion-mnist-lite.toml --out bench-out
     """
     from ..bench.config import (
         DEFAULT_MAX_TEST, BenchConfig, DatasetSpec, load_config, parse_int_list, with_overrides,

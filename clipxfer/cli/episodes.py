@@ -27,7 +27,10 @@ from .common import emit_json
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON.")
 def bench_episodes(data, novel, meta, methods, ways, shots, queries, episodes, max_per_class, seed, model, out_dir,
                    as_json):
-    """N-way K-shot episodes on DATA's novel classes (test split); writes episodes.csv and episodes.md."""
+    """N-way K-shot episodes on DATA's novel classes (test split); writes episodes.csv and episodes.md.
+
+    Example: clipxfer bench-episodes fashion-mnist --novel 5,6,7,8,9 --meta meta.safetensors --out episodes/
+    """
     from ..bench.config import parse_int_list
     from ..bench.episodes import episodes_markdown, run_episodes
 

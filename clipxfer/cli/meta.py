@@ -32,7 +32,10 @@ from .common import emit_json, model_options
 @model_options
 def meta_train_command(base_data, out, algo, ways, shots, queries, episodes, inner_steps, meta_lr, hidden, classes,
                        max_per_class, ctx_episodes, seed, as_json, model, device, precision):
-    """Meta-train on BASE_DATA's training images (N-way K-shot episodes) and write a meta head."""
+    """Meta-train on BASE_DATA's training images (N-way K-shot episodes) and write a meta head.
+
+    Example: clipxfer meta-train fashion-mnist --model lite --algo reptile --out meta.safetensors
+    """
     from ..meta import meta_train
 
     _, summary = meta_train(

@@ -12,7 +12,10 @@ from .common import emit_json
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @click.option("--all", "show_all", is_flag=True, help="List every open_clip pair, not only cached ones.")
 def models(as_json: bool, show_all: bool):
-    """List backends and open_clip model:pretrained pairs, marking those cached locally."""
+    """List backends and open_clip model:pretrained pairs, marking those cached locally.
+
+    Example: clipxfer models --all --json
+    """
     from ..encoders.registry import available_models
 
     listing = available_models()
@@ -35,7 +38,10 @@ def models(as_json: bool, show_all: bool):
 @main.command("sample-photos")
 @click.argument("target", type=click.Path(file_okay=False))
 def sample_photos(target: str):
-    """Export scikit-image's ~20 real sample photos into TARGET, to try clipxfer on."""
+    """Export scikit-image's ~20 real sample photos into TARGET, to try clipxfer on.
+
+    Example: clipxfer sample-photos demo/photos
+    """
     from ..samples import export_sample_photos
 
     paths = export_sample_photos(target)
