@@ -318,7 +318,7 @@ def predict(
     Returns the head, a table ``path, label, probability`` (best class per image) and the full
     ``(n, num_classes)`` probability matrix. The model defaults to the one the head was made with.
     """
-    from .encoders.registry import spec_for_id
+    from .encoders.registry import precision_for_id, spec_for_id
     from .heads.base import read_head_metadata
 
     if (folder is None) == (index_path is None):
@@ -327,6 +327,7 @@ def predict(
     if encoder is None:
         from .encoders import load_encoder
 
+        precision = precision_for_id(meta["model_id"], precision)
         encoder = load_encoder(model or spec_for_id(meta["model_id"]), device=device, precision=precision)
     head = load_head(head_path, model_id=encoder.id)
     if index_path is not None:

@@ -11,6 +11,9 @@ import pytest
 # Hermetic caches shared by all xdist workers of one run, kept between runs for speed.
 os.environ.setdefault("CLIPXFER_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "clipxfer"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# 'auto' would pick OpenVINO int8 on most CPUs, converting and calibrating every model a test
+# loads; the suite runs torch unless a test asks for a runtime (tests/test_openvino.py does).
+os.environ.setdefault("CLIPXFER_RUNTIME", "torch")
 
 
 @pytest.fixture(scope="session")

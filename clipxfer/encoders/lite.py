@@ -62,6 +62,18 @@ def load_efficientnet_lite0(timm, weights_path: str) -> torch.nn.Module:
     return model.eval()
 
 
+class _PooledAndLogits(torch.nn.Module):
+    """EfficientNet-Lite0 -> (1280-d pooled features, ImageNet logits): the part worth compiling."""
+
+    def __init__(self, image_model: torch.nn.Module):
+        super().__init__()
+        self.image_model = image_model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.image_model.forward_head(self.image_model.forward_features(pixels), pre_logits=True)
+        return pooled, self.image_model.get_classifier()(pooled)
+
+
 class LiteEncoder(Encoder):
     """EfficientNet-Lite0 + MiniLM aligned by ConSE; see the module docstring."""
 
@@ -104,9 +116,15 @@ class LiteEncoder(Encoder):
         return embeddings
 
     def _forward_images(self, pixels: torch.Tensor):
-        pooled = self.image_model.forward_head(self.image_model.forward_features(pixels), pre_logits=True)
-        probs = self.image_model.get_classifier()(pooled).float().softmax(dim=-1)
-        top = probs.topk(CONSE_TOP_K, dim=-1)
+        return self._image_outputs(self.image_graph()(pixels))
+
+    def image_graph(self) -> torch.nn.Module:
+        return _PooledAndLogits(self.image_model)
+
+    def _image_outputs(self, outputs):
+        """ConSE: the probability-weighted mean of the top-k ImageNet class text embeddings."""
+        pooled, logits = outputs
+        top = logits.float().softmax(dim=-1).topk(CONSE_TOP_K, dim=-1)
         embeddings = torch.einsum("nk,nkd->nd", top.values, self.class_text[top.indices])
         return embeddings, pooled
 
