@@ -17,12 +17,14 @@ numbers differ from the float model, and that is all an index or head sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -148,7 +150,9 @@ def _convert(encoder: "Encoder"):
     graph = encoder.image_graph().float().eval().requires_grad_(False)
     size = encoder.input_size
     example = torch.zeros(2, 3, size, size)
-    with torch.no_grad():
+    # Tracing needs requires_grad off under no_grad; torch's tracer warns that it is deprecated.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         model = ov.convert_model(graph, example_input=example, input=[(-1, 3, size, size)])
     # uint8 NHWC in, scaled and normalised inside the graph: the caller hands over decoded pixels as they are.
     ppp = PrePostProcessor(model)
@@ -168,13 +172,15 @@ def _quantize(model, transformer: bool, images: list[np.ndarray]):
         # Transformer recipe: SmoothQuant (moves activation outliers into the weights) and
         # mixed presets for the attention inputs; see README "OpenVINO runtime".
         options["model_type"] = nncf.ModelType.TRANSFORMER
-    return nncf.quantize(
-        model,
-        nncf.Dataset(batches),
-        subset_size=len(batches),
-        preset=nncf.QuantizationPreset.MIXED if transformer else nncf.QuantizationPreset.PERFORMANCE,
-        **options,
-    )
+    # nncf draws its progress bars on stdout, which belongs to results (--json): send them to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize(
+            model,
+            nncf.Dataset(batches),
+            subset_size=len(batches),
+            preset=nncf.QuantizationPreset.MIXED if transformer else nncf.QuantizationPreset.PERFORMANCE,
+            **options,
+        )
 
 
 def nncf_recipe(transformer: bool) -> dict:
