@@ -118,7 +118,6 @@ def test_int8_calibrates_on_the_folder_being_indexed(tmp_path, monkeypatch, samp
     from clipxfer.index import Index
 
     monkeypatch.setenv("CLIPXFER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(openvino_runtime, "MIN_FOLDER_IMAGES", 8)
     encoder = load_encoder("tiny", "cpu", "openvino:int8")
     Index.update(sample_photos_dir, model=encoder, path=tmp_path / "index", workers=0)
     calibration = encoder.image_runtime.metadata["calibration"]

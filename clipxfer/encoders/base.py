@@ -61,6 +61,9 @@ class Encoder(ABC):
     #: :func:`~clipxfer.encoders.registry.load_encoder`.
     runtime: str = "torch"
     precision: str = "fp32"
+    #: Whether ``--precision auto`` may pick int8 for this model: only where int8 passed the
+    #: quality gate (cosine >= 0.99 to fp32, accuracy within 0.01; see benchmarks/RESULTS.md).
+    int8_by_default: bool = True
     #: Set when another runtime runs the image tower: uint8 NHWC batch -> :meth:`image_graph`'s outputs.
     image_runtime: Callable[[np.ndarray], list[np.ndarray]] | None = None
 

@@ -52,12 +52,15 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
     ``precision`` is ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8``, optionally prefixed by a
     runtime (``openvino:int8``, ``torch:auto``); see :func:`clipxfer.device.choose_compute`.
     """
-    from ..device import choose_compute, choose_device, precision_name
+    from ..device import choose_compute, choose_device, join_compute, precision_name, split_compute
 
     compute = choose_compute(choose_device(device), precision)
     # The torch model is built in the precision torch runs; OpenVINO converts from fp32.
     torch_precision = compute.precision if compute.runtime == "torch" else "fp32"
     encoder = _load_torch_encoder(spec, device, torch_precision)
+    runtime, asked = split_compute(precision)
+    if compute.precision == "int8" and asked == "auto" and not encoder.int8_by_default:
+        compute = choose_compute(encoder.device, join_compute(runtime, "float"))
     if compute.runtime == "openvino":
         from .openvino_runtime import attach
 
