@@ -103,11 +103,12 @@ def choose_compute(device: torch.device, requested: str | None = None) -> Comput
     """Runtime and precision for ``device`` from a request like ``auto``, ``int8`` or ``torch:bf16``.
 
     CUDA always runs torch. On the CPU, ``auto`` follows :func:`auto_cpu_compute`; the
-    ``CLIPXFER_RUNTIME`` environment variable (torch or openvino) replaces ``auto`` for the runtime.
+    ``CLIPXFER_RUNTIME`` environment variable (torch or openvino) decides the runtime of a fully
+    automatic request instead.
     An explicit float precision without a runtime runs in torch; int8 exists only in OpenVINO.
     """
     runtime, precision = split_compute(requested)
-    if runtime == "auto":
+    if runtime == "auto" and precision in ("auto", "float"):
         runtime = os.environ.get("CLIPXFER_RUNTIME", "auto").lower() or "auto"
         if runtime not in ("auto", *RUNTIMES):
             raise ClipxferError(f"CLIPXFER_RUNTIME={runtime}: use auto, torch or openvino")

@@ -51,9 +51,11 @@ def test_openvino_matches_torch_on_tiny(tiny_torch, precision):
 
 
 @pytest.mark.slow
-def test_openvino_int8_matches_torch_on_lite():
+def test_openvino_matches_torch_on_lite():
     reference = load_encoder("lite", "cpu", "torch:fp32")
-    encoder = load_encoder("lite", "cpu", "openvino:int8")
+    encoder = load_encoder("lite", "cpu", "openvino:auto")
+    # lite's int8 misses the cosine gate (RESULTS.md), so auto keeps it in a float precision.
+    assert encoder.runtime == "openvino" and encoder.precision != "int8" and encoder.id == reference.id
     pixels = _pixels(encoder)
     ours, ref = encoder.encode_pixels(pixels), reference.encode_pixels(pixels)
     assert _min_cosine(ours.embeddings, ref.embeddings) >= 0.99

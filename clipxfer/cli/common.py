@@ -19,11 +19,13 @@ def model_options(func):
     that takes a precision takes the runtime too.
     """
 
-    @functools.wraps(func)
+    command = func
+
+    @functools.wraps(command)
     def with_runtime(*args, runtime: str = "auto", precision: str = "auto", **kwargs):
         from ..device import join_compute
 
-        return func(*args, precision=join_compute(runtime, precision), **kwargs)
+        return command(*args, precision=join_compute(runtime, precision), **kwargs)
 
     func = with_runtime
     func = click.option(
