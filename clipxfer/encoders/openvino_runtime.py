@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .base import Encoder
 
 #: Bump when the saved graph changes meaning (inputs, outputs, quantization recipe).
-CACHE_FORMAT = 2
+CACHE_FORMAT = 1
 #: Images drawn from the user's folder for int8 calibration, and the fewest that count as enough.
 CALIBRATION_IMAGES = 64
 MIN_FOLDER_IMAGES = 16
