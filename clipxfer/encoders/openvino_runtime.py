@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -175,15 +176,22 @@ def _quantize(model, transformer: bool, images: list[np.ndarray]):
         # Depthwise convolutions lose most under per-tensor int8 (lite: embedding cosine 0.974
         # with them quantized, 0.987 without); they are a small share of the work, so stay float.
         options = {"ignored_scope": nncf.IgnoredScope(types=["GroupConvolution"])}
-    # nncf draws its progress bars on stdout, which belongs to results (--json): send them to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
-        return nncf.quantize(
-            model,
-            nncf.Dataset(batches),
-            subset_size=len(batches),
-            preset=nncf.QuantizationPreset.MIXED,
-            **options,
-        )
+    # nncf draws progress bars and logs INFO lines on stdout, which belongs to results (--json):
+    # bars go to stderr, and its log says only errors while it runs.
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return nncf.quantize(
+                model,
+                nncf.Dataset(batches),
+                subset_size=len(batches),
+                preset=nncf.QuantizationPreset.MIXED,
+                **options,
+            )
+    finally:
+        nncf_log.setLevel(level)
 
 
 def nncf_recipe(transformer: bool) -> dict:
