@@ -21,6 +21,9 @@ PRECISION_CHOICES = ("auto", "float", "fp32", "bf16", "fp16", "int8")
 #: CPU flags (as /proc/cpuinfo spells them) that give int8 dot products: VNNI or AMX-INT8.
 INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+#: OpenVINO float precision on CPUs with native bf16: 3.3-3.9x torch fp32 against 1.7-1.9x for
+#: OpenVINO fp32, cosine 0.99994 (benchmarks/RESULTS.md).
+FLOAT_OPENVINO_WITH_BF16 = "bf16"
 
 
 @lru_cache(maxsize=1)
@@ -61,9 +64,10 @@ def auto_cpu_compute(flags: frozenset[str], have_openvino: bool, allow_int8: boo
     """The fastest measured-safe choice for a CPU with these flags (see README, "OpenVINO runtime").
 
     Measured on a 2-core AVX512-BF16 + VNNI CPU (benchmarks/RESULTS.md): OpenVINO int8 beats every
-    float option by far, and its embeddings stay within cosine 0.99 of fp32; VNNI (or AMX-INT8)
-    is what makes int8 fast, so it needs one of those flags. Among float options OpenVINO fp32
-    is kept over bf16 everywhere bf16 is not native. Without OpenVINO the torch rule stands: bf16
+    float option by far, and its embeddings stay within cosine 0.99 of fp32 (for models whose
+    int8 passed that gate, see ``Encoder.int8_by_default``); VNNI (or AMX-INT8) is what makes
+    int8 fast, so it needs one of those flags. Among float options OpenVINO bf16 where bf16 is
+    native, else OpenVINO fp32. Without OpenVINO the torch rule stands: bf16
     weights where bf16 is native, else fp32 (torch bf16 without it runs 4x slower).
     """
     if have_openvino:
@@ -71,10 +75,6 @@ def auto_cpu_compute(flags: frozenset[str], have_openvino: bool, allow_int8: boo
             return Compute("openvino", "int8")
         return Compute("openvino", FLOAT_OPENVINO_WITH_BF16 if BF16_FLAGS & flags else "fp32")
     return Compute("torch", "bf16" if BF16_FLAGS & flags else "fp32")
-
-
-#: OpenVINO float precision chosen on CPUs with native bf16 (decided by measurement, see RESULTS).
-FLOAT_OPENVINO_WITH_BF16 = "bf16"
 
 
 def split_compute(requested: str | None) -> tuple[str, str]:

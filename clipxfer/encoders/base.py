@@ -153,4 +153,5 @@ class Encoder(ABC):
         return self.embed_images(images, batch_size).embeddings
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.id} on {self.device} ({self.runtime} {self.precision})>"
+        precision = self.precision if self.runtime != "torch" else str(self.dtype).removeprefix("torch.")
+        return f"<{type(self).__name__} {self.id} on {self.device} ({self.runtime} {precision})>"
