@@ -147,7 +147,6 @@ def spec_for_id(model_id: str) -> str:
     """The ``--model`` value that rebuilds the encoder with this id (best effort for files)."""
     from .lite import LITE_ID
     from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
-
     from .openvino_runtime import INT8_SUFFIX
 
     model_id = model_id.removesuffix(INT8_SUFFIX)  # the precision is not part of the spec
