@@ -183,3 +183,15 @@ def test_cli_rejects_int8_in_torch(tmp_path):
                "--precision", "int8"]
     )
     assert result.exit_code == 2 and "int8 runs in OpenVINO only" in result.output
+
+
+def test_bench_takes_runtime_and_precision(tmp_path):
+    from click.testing import CliRunner
+
+    from clipxfer.cli import main
+
+    result = CliRunner().invoke(
+        main, ["bench", "--data", "digits", "--model", "tiny", "--runtime", "torch", "--precision", "int8",
+               "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "int8 runs in OpenVINO only" in result.output
