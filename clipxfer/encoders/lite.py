@@ -83,7 +83,7 @@ class LiteEncoder(Encoder):
     std = (0.5, 0.5, 0.5)
     dim = 384
     feature_dim = 1280
-    # int8 misses the quality gate here (embedding cosine to fp32 0.987 mean on Fashion-MNIST, see
+    # int8 misses the quality gate here (embedding cosine to fp32 0.983-0.987 mean on Fashion-MNIST, zero-shot -0.03, see
     # benchmarks/RESULTS.md): --precision auto keeps a float precision; --precision int8 still works.
     int8_by_default = False
 
