@@ -1,15 +1,21 @@
 """Indexing throughput against a naive open_clip loop, in one process, on the same files.
 
     python benchmarks/encode.py --model ViT-B-32 --pretrained random [--images DIR] \
-        [--device cpu|cuda] [--precision auto] --json
+        [--device cpu|cuda] [--runtime auto|torch|openvino] [--precision auto|fp32|bf16|int8] --json
+    python benchmarks/encode.py --compare torch:auto,openvino:fp32,openvino:int8 --sets photo_500x375 \
+        --rounds 3 --json
 
-Measures, per image set:
+Measures, per image set and per runtime:precision:
 - ``images_per_s``: ``Index.update`` on the folder into a fresh index, i.e. the exact code path of
   ``clipxfer index`` (discovery, parallel decode, preprocessing, encoding, SQLite + FAISS writes);
-- ``naive_images_per_s``: PIL open -> open_clip's own preprocess -> fp32 model, batches of 32;
-- ``raw_forward_images_per_s``: the encoder alone on ready uint8 batches (no decoding), in the
-  precision the index used;
+- ``naive_images_per_s``: PIL open -> open_clip's own preprocess -> fp32 torch model, batches of 32;
+- ``raw_forward_images_per_s``: the encoder alone on ready uint8 batches (no decoding);
 - ``ratio`` = images_per_s / naive_images_per_s and ``fraction_of_raw`` = images_per_s / raw.
+
+With ``--compare`` every listed runtime:precision is loaded once (OpenVINO models are built or read
+from the cache before timing) and the measurements run in ``--rounds`` interleaved rounds (naive,
+then each runtime's index and raw forward), so load from other processes hits all of them alike;
+the figures are medians over rounds. Each row carries the CPU flags that decide the runtime.
 
 Without ``--images`` it writes synthetic JPEG sets of three sizes (thumbnails, 500x375,
 12-megapixel photos). The top-level fields repeat the 500x375 set (or the --images folder).
@@ -75,27 +81,10 @@ def time_index(images: Path, encoder, workers: int | None, batch_size: int) -> t
     return seconds, report.added
 
 
-def time_naive(paths: list[Path], model_name: str, pretrained: str, device: torch.device) -> float:
-    """The loop a user writes first: PIL + open_clip preprocess + fp32 model, batch 32."""
-    import open_clip
-
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=None if pretrained == "random" else pretrained
-    )
-    model = model.eval().to(device)
-    with torch.no_grad():  # untimed warm-up batch, as for the other two measurements
-        model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths[:32]]).to(device))
-    started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, len(paths), 32):
-            batch = torch.stack([preprocess(Image.open(p)) for p in paths[start : start + 32]]).to(device)
-            model.encode_image(batch).cpu()
-    return time.perf_counter() - started
-
-
 def warm_up(encoder, batch_size: int) -> None:
-    """One untimed batch: the first call of a model pays for kernel selection and allocation,
-    which would otherwise weigh on whichever measurement comes first."""
+    """One untimed batch: the first call of a model pays for kernel selection and allocation
+    (and, for OpenVINO, for building or reading the cached model), which would otherwise weigh
+    on whichever measurement comes first."""
     encoder.encode_pixels(np.zeros((batch_size, encoder.input_size, encoder.input_size, 3), np.uint8))
 
 
@@ -112,23 +101,86 @@ def time_raw_forward(encoder, batch_size: int, batches: int) -> float:
     return batch_size * batches / (time.perf_counter() - started)
 
 
-def measure_set(images: Path, args, encoder) -> dict:
+def cpu_flag_summary() -> str:
+    """The CPU flags that decide the runtime and precision (see clipxfer.device)."""
+    from clipxfer.device import BF16_FLAGS, INT8_FLAGS, cpu_flags
+
+    found = sorted((BF16_FLAGS | INT8_FLAGS | {"amx_tile"}) & cpu_flags())
+    return "+".join(found) or "none of amx/avx512_bf16/vnni"
+
+
+def load_encoders(args) -> dict:
+    """runtime:precision label -> encoder, each warmed up (OpenVINO models built before timing)."""
+    from clipxfer.device import join_compute
+
+    requests = args.compare.split(",") if args.compare else [join_compute(args.runtime, args.precision)]
+    encoders = {}
+    for request in requests:
+        encoder = load_encoder(f"{args.model}:{args.pretrained}", device=args.device, precision=request)
+        if args.streams and getattr(encoder, "image_runtime", None) is not None:
+            encoder.image_runtime.streams = args.streams  # read when the model is compiled, below
+        encoders[f"{encoder.runtime}:{encoder.precision}"] = encoder
+    return encoders
+
+
+def measure_set(images: Path, args, encoders: dict) -> dict:
+    """Interleaved rounds of the naive loop and each encoder's index + raw forward; medians."""
     paths = sorted(find_images(images))
-    warm_up(encoder, args.batch_size)
-    seconds, count = time_index(images, encoder, args.workers, args.batch_size)
     naive_paths = paths[: args.naive_limit] if args.naive_limit else paths
-    naive_seconds = time_naive(naive_paths, args.model, args.pretrained, encoder.device)
-    raw = time_raw_forward(encoder, args.batch_size, max(2, min(8, count // args.batch_size)))
-    ours, naive = count / seconds, len(naive_paths) / naive_seconds
-    return {
-        "images": count,
-        "images_per_s": round(ours, 2),
-        "naive_images_per_s": round(naive, 2),
-        "naive_images": len(naive_paths),
-        "ratio": round(ours / naive, 2),
-        "raw_forward_images_per_s": round(raw, 2),
-        "fraction_of_raw": round(ours / raw, 3),
-    }
+    first = next(iter(encoders.values()))
+    naive_model = NaiveModel(args.model, args.pretrained, first.device, naive_paths[:32])
+    rates: dict[str, list[float]] = {"naive": []}
+    for label in encoders:
+        rates[f"{label} index"], rates[f"{label} raw"] = [], []
+    count = len(paths)
+    for _ in range(args.rounds):
+        rates["naive"].append(len(naive_paths) / naive_model.time(naive_paths))
+        for label, encoder in encoders.items():
+            seconds, count = time_index(images, encoder, args.workers, args.batch_size)
+            rates[f"{label} index"].append(count / seconds)
+            rates[f"{label} raw"].append(time_raw_forward(encoder, args.batch_size, max(2, min(8, count // args.batch_size))))
+    naive = float(np.median(rates["naive"]))
+    flags = cpu_flag_summary()
+    rows = {}
+    for label, encoder in encoders.items():
+        ours, raw = float(np.median(rates[f"{label} index"])), float(np.median(rates[f"{label} raw"]))
+        rows[label] = {
+            "model": encoder.id,
+            "cpu_flags": flags,
+            "images": count,
+            "images_per_s": round(ours, 2),
+            "naive_images_per_s": round(naive, 2),
+            "naive_images": len(naive_paths),
+            "ratio": round(ours / naive, 2),
+            "raw_forward_images_per_s": round(raw, 2),
+            "raw_ratio": round(raw / naive, 2),
+            "fraction_of_raw": round(ours / raw, 3),
+            "rounds": {key: [round(v, 2) for v in values] for key, values in rates.items() if key.startswith(label)},
+        }
+    rows["naive rounds"] = [round(v, 2) for v in rates["naive"]]
+    return rows
+
+
+class NaiveModel:
+    """The loop a user writes first: PIL + open_clip preprocess + fp32 torch model, batch 32."""
+
+    def __init__(self, model_name: str, pretrained: str, device: torch.device, warm_paths: list[Path]):
+        import open_clip
+
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None if pretrained == "random" else pretrained
+        )
+        self.model = self.model.eval().to(device)
+        self.device = device
+        self.time(warm_paths)  # untimed warm-up batch, as for the other measurements
+
+    def time(self, paths: list[Path]) -> float:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, len(paths), 32):
+                batch = torch.stack([self.preprocess(Image.open(p)) for p in paths[start : start + 32]])
+                self.model.encode_image(batch.to(self.device)).cpu()
+        return time.perf_counter() - started
 
 
 def main() -> None:
@@ -137,43 +189,55 @@ def main() -> None:
     parser.add_argument("--pretrained", default="random", help="open_clip tag, checkpoint path, or random")
     parser.add_argument("--images", type=Path, help="a folder of images; default: synthetic JPEG sets")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
+    parser.add_argument("--compare", default=None, help="runtime:precision list measured in one process, e.g. "
+                        "torch:auto,openvino:fp32,openvino:int8 (overrides --runtime/--precision)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved measurement rounds (medians reported)")
     parser.add_argument("--workers", type=int, default=None, help="decode worker processes (default: automatic)")
+    parser.add_argument("--streams", type=int, default=None, help="OpenVINO inference streams (default: its THROUGHPUT hint)")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--count", type=int, default=None, help="images per synthetic set (default: per set)")
     parser.add_argument("--naive-limit", type=int, default=None, help="time the naive loop on at most N images")
     parser.add_argument("--sets", default=",".join(SYNTHETIC_SETS), help="synthetic sets to run")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "clipxfer-bench-images")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    encoder = load_encoder(f"{args.model}:{args.pretrained}", device=args.device, precision=args.precision)
-    cuda = encoder.device.type == "cuda"
+    encoders = load_encoders(args)
+    first = next(iter(encoders.values()))
+    cuda = first.device.type == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 64)
+    for encoder in encoders.values():
+        warm_up(encoder, args.batch_size)
     if args.images:
         sets = {args.images.name: args.images}
     else:
         sets = {}
         for name in args.sets.split(","):
             width, height, cpu_count, cuda_count = SYNTHETIC_SETS[name]
-            sets[name] = make_set(args.data_dir / name, width, height, cuda_count if cuda else cpu_count)
-    results = {name: measure_set(folder, args, encoder) for name, folder in sets.items()}
+            count = args.count or (cuda_count if cuda else cpu_count)
+            sets[name] = make_set(args.data_dir / (f"{name}-{count}" if args.count else name), width, height, count)
+    results = {name: measure_set(folder, args, encoders) for name, folder in sets.items()}
     headline = results.get("photo_500x375") or next(iter(results.values()))
     report = {
-        "model": encoder.id,
-        "device": str(encoder.device),
-        "precision": str(encoder.dtype).removeprefix("torch."),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        "device": str(first.device),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags {cpu_flag_summary()}"
         + (f", {torch.cuda.get_device_name()}" if cuda else ""),
-        "date": time.strftime("%Y-%m-%d"),
-        **{key: headline[key] for key in ("images_per_s", "naive_images_per_s", "ratio", "raw_forward_images_per_s")},
+        "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "runtimes": {label: {key: row[key] for key in ("images_per_s", "ratio", "raw_forward_images_per_s", "fraction_of_raw")}
+                     for label, row in headline.items() if isinstance(row, dict)},
         "sets": results,
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for name, row in results.items():
-            print(f"{name}: {row['images_per_s']} img/s vs naive {row['naive_images_per_s']} "
-                  f"({row['ratio']}x), raw forward {row['raw_forward_images_per_s']} ({row['fraction_of_raw']:.0%})")
+        for name, rows in results.items():
+            for label, row in rows.items():
+                if isinstance(row, dict):
+                    print(f"{name} {label}: {row['images_per_s']} img/s vs naive {row['naive_images_per_s']} "
+                          f"({row['ratio']}x), raw forward {row['raw_forward_images_per_s']} ({row['fraction_of_raw']:.0%})")
 
 
 if __name__ == "__main__":

@@ -243,12 +243,15 @@ def encode_files(
     """
     if device_decode is None:
         device_decode = getattr(encoder, "device", None) is not None and encoder.device.type == "cuda"
+    paths = list(paths)
+    if hasattr(encoder, "expect_images"):  # lets a runtime that still has to calibrate use these files
+        encoder.expect_images(paths)
     if device_decode:
         yield from encode_files_on_device(encoder, paths, batch_size)
         return
     pixels: list[np.ndarray] = []
     files: list[FileInfo] = []
-    for result in decoded_files(list(paths), encoder.input_size, workers, prefetch=2 * batch_size):
+    for result in decoded_files(paths, encoder.input_size, workers, prefetch=2 * batch_size):
         if isinstance(result, Failure):
             yield result
             continue

@@ -318,13 +318,14 @@ def encoder_for_head(
 ) -> Encoder:
     """The encoder ``model`` names, by default the one the head at ``head_path`` was made with."""
     from .encoders import load_encoder
-    from .encoders.registry import spec_for_id
+    from .encoders.registry import precision_for_id, spec_for_id
     from .heads.base import read_head_metadata
 
     meta = read_head_metadata(head_path)
     spec = model or spec_for_id(meta["model_id"])
     if model is None and "base_model_id" in (meta.get("config") or {}):  # a fine-tuning adapter is its own head
         spec = f"{spec_for_id(meta['config']['base_model_id'])}+{head_path}"
+    precision = precision_for_id(meta["model_id"], precision)  # an int8 head reloads its int8 encoder
     return load_encoder(spec, device=device, precision=precision)
 
 

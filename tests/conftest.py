@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch is imported, and inherited by the subprocesses tests start.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+# 'auto' would pick OpenVINO int8 on most CPUs, converting and calibrating every model a test
+# loads; the suite runs torch unless a test asks for a runtime (tests/test_openvino.py does).
+os.environ.setdefault("CLIPXFER_RUNTIME", "torch")
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,18 @@ from .common import emit_json
 @click.option("--shots", help="Comma-separated shots per class, e.g. 1,2,4,8,16.")
 @click.option("--seeds", help="Comma-separated seeds, e.g. 1,2,3.")
 @click.option("--model", default=None, metavar="SPEC", help="Encoder (see 'clipxfer models').")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto", show_default=True,
+              help="Image tower runtime (see 'clipxfer index --help').")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
+              show_default=True, help="Precision (see 'clipxfer index --help').")
 @click.option("--templates", default=None, help="Template set or file for --data datasets (default simple).")
 @click.option("--max-test", type=int, default=None, help="Cap the test set of --data datasets (default 2000).")
 @click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--meta", "meta", type=click.Path(dir_okay=False), default=None,
               help="Meta-trained head (clipxfer meta-train) for the meta-probe and meta-coop methods.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON.")
-def bench(config_file, data, methods, shots, seeds, model, templates, max_test, meta, out_dir, as_json):
+def bench(config_file, data, methods, shots, seeds, model, runtime, precision, templates, max_test, meta, out_dir,
+          as_json):
     """Benchmark zero-shot against few-shot methods; writes results.csv, summary.md, plot.png.
 
     CONFIG_FILE is an optional TOML file (see the README); options given here override it.
@@ -54,7 +59,13 @@ def bench(config_file, data, methods, shots, seeds, model, templates, max_test, 
         options = {**config.method_options, **{m: {**config.method_options.get(m, {}), "init": meta}
                                                for m in ("meta-probe", "meta-coop")}}
         config = with_overrides(config, method_options=options)
-    table = run_bench(config, out_dir)
+    encoder = None
+    if (runtime, precision) != ("auto", "auto"):
+        from ..device import join_compute
+        from ..encoders import load_encoder
+
+        encoder = load_encoder(config.model, precision=join_compute(runtime, precision))
+    table = run_bench(config, out_dir, encoder=encoder)
     if as_json:
         emit_json(summarize(table).to_dict(orient="records"))
     else:

@@ -14,13 +14,36 @@ from ..errors import ClipxferError
 
 
 def model_options(func):
-    """``--model``, ``--device`` and ``--precision``, passed on as keyword arguments."""
+    """``--model``, ``--device``, ``--runtime`` and ``--precision``, passed on as keyword arguments.
+
+    The command receives ``model``, ``device`` and ``precision``; ``--runtime`` travels inside the
+    precision string (``openvino:int8``, see :func:`clipxfer.device.split_compute`), so every API
+    that takes a precision takes the runtime too.
+    """
+
+    command = func
+
+    @functools.wraps(command)
+    def with_runtime(*args, runtime: str = "auto", precision: str = "auto", **kwargs):
+        from ..device import join_compute
+
+        return command(*args, precision=join_compute(runtime, precision), **kwargs)
+
+    func = with_runtime
     func = click.option(
         "--precision",
-        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
         default="auto",
         show_default=True,
-        help="Weight precision; auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32.",
+        help="auto = the fastest safe choice for this machine (CPU: OpenVINO int8 where VNNI/AMX exists); "
+        "int8 needs OpenVINO; fp32 is the escape when int8 costs accuracy.",
+    )(func)
+    func = click.option(
+        "--runtime",
+        type=click.Choice(["auto", "torch", "openvino"]),
+        default="auto",
+        show_default=True,
+        help="Image tower runtime; auto = OpenVINO on the CPU when installed (clipxfer[openvino]), torch on CUDA.",
     )(func)
     func = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(func)
     func = click.option(

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import ClipxferError
 from ..images import ImageLike, load_model_input
 
 
@@ -56,10 +57,34 @@ class Encoder(ABC):
     dtype: torch.dtype
     #: Exponentiated CLIP temperature: logits = logit_scale * image @ text.T
     logit_scale: float = 100.0
+    #: Where the image tower runs (``torch`` or ``openvino``) and in which precision; set by
+    #: :func:`~clipxfer.encoders.registry.load_encoder`.
+    runtime: str = "torch"
+    precision: str = "fp32"
+    #: Whether ``--precision auto`` may pick int8 for this model: only where int8 passed the
+    #: quality gate (cosine >= 0.99 to fp32, accuracy within 0.01; see benchmarks/RESULTS.md).
+    int8_by_default: bool = True
+    #: Set when another runtime runs the image tower: uint8 NHWC batch -> :meth:`image_graph`'s outputs.
+    image_runtime: Callable[[np.ndarray], list[np.ndarray]] | None = None
 
     @abstractmethod
     def _forward_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised NCHW pixels on ``self.device`` in ``self.dtype`` -> (embeddings, features)."""
+
+    def image_graph(self) -> torch.nn.Module:
+        """The image tower as one module for export: normalised fp32 NCHW pixels -> a tensor or
+        tuple of tensors that :meth:`_image_outputs` turns into (embeddings, features)."""
+        raise ClipxferError(f"{self.id} cannot run its image tower outside torch")
+
+    def _image_outputs(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`image_graph`'s outputs -> (embeddings, features or None); by default the one output."""
+        return outputs[0], None
+
+    def expect_images(self, paths: Sequence) -> None:
+        """A hint that these image files are about to be encoded: a runtime that still has to
+        calibrate (OpenVINO int8) calibrates on some of them instead of on stock photos."""
+        if self.image_runtime is not None and hasattr(self.image_runtime, "expect_images"):
+            self.image_runtime.expect_images(paths)
 
     @abstractmethod
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -86,7 +111,12 @@ class Encoder(ABC):
         if len(pixels) == 0:
             empty = np.zeros((0, self.dim), np.float32)
             return ImageEncoding(empty, np.zeros((0, self.feature_dim), np.float32))
-        embeddings, features = self._forward_images(self.pixels_to_tensor(pixels))
+        if self.image_runtime is not None:
+            batch = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
+            outputs = tuple(torch.from_numpy(output) for output in self.image_runtime(batch))
+            embeddings, features = self._image_outputs(outputs)
+        else:
+            embeddings, features = self._forward_images(self.pixels_to_tensor(pixels))
         embeddings = l2_normalize(embeddings.float().cpu().numpy())
         if features is None:
             return ImageEncoding(embeddings, embeddings)
@@ -123,4 +153,5 @@ class Encoder(ABC):
         return self.embed_images(images, batch_size).embeddings
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.id} on {self.device} ({self.dtype})>"
+        precision = self.precision if self.runtime != "torch" else str(self.dtype).removeprefix("torch.")
+        return f"<{type(self).__name__} {self.id} on {self.device} ({self.runtime} {precision})>"

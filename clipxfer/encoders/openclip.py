@@ -190,6 +190,9 @@ class OpenClipEncoder(Encoder):
     def _forward_images(self, pixels: torch.Tensor):
         return self.model.encode_image(pixels), None
 
+    def image_graph(self) -> torch.nn.Module:
+        return self.model.visual  # what encode_image runs (it normalises only when asked)
+
     def _trims_padding(self) -> bool:
         """True for CLIP's own text tower: causal attention pooled at the end token, where the
         padding after the longest prompt of a batch cannot change any pooled output."""

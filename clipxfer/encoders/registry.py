@@ -55,13 +55,33 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
 
     ``None``/``'default'`` is open_clip ViT-B-32 (LAION-2B) when its weights are cached or
     downloadable, else the offline ``lite`` encoder with one warning line on stderr.
+    ``precision`` is ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8``, optionally prefixed by a
+    runtime (``openvino:int8``, ``torch:auto``); see :func:`clipxfer.device.choose_compute`.
     """
+    from ..device import choose_compute, choose_device, join_compute, precision_name, split_compute
+
+    compute = choose_compute(choose_device(device), precision)
+    # The torch model is built in the precision torch runs; OpenVINO converts from fp32.
+    torch_precision = compute.precision if compute.runtime == "torch" else "fp32"
+    encoder = _load_torch_encoder(spec, device, torch_precision)
+    runtime, asked = split_compute(precision)
+    if compute.precision == "int8" and asked == "auto" and not encoder.int8_by_default:
+        compute = choose_compute(encoder.device, join_compute(runtime, "float"))
+    if compute.runtime == "openvino":
+        from .openvino_runtime import attach
+
+        return attach(encoder, compute.precision)
+    encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
+    return encoder
+
+
+def _load_torch_encoder(spec: str | None, device: str | None, precision: str) -> Encoder:
     from .lite import LiteEncoder
     from .openclip import TINY_MODEL, MissingWeightsError, OpenClipEncoder
 
     if spec in (None, "", "default"):
         try:
-            return load_encoder(DEFAULT_MODEL, device, precision)
+            return _load_torch_encoder(DEFAULT_MODEL, device, precision)
         except MissingWeightsError:
             print(
                 f"warning: {DEFAULT_MODEL} weights are not available offline; using the 'lite' encoder "
@@ -82,6 +102,22 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
         return _quiet(OpenClipEncoder, TINY_MODEL, None, device, precision)
     model, tag = _split_spec(spec)
     return _quiet(OpenClipEncoder, model, tag, device, precision)
+
+
+def precision_for_id(model_id: str, requested: str | None = None) -> str | None:
+    """The ``precision`` to load the encoder of an artifact made with ``model_id``.
+
+    An explicit precision is kept (and the ids are compared as usual). ``auto`` becomes the
+    choice the id allows: int8 for an ``@int8`` id, the fastest float option otherwise, so an
+    index built with one precision is reopened with a matching one on any machine.
+    """
+    from ..device import join_compute, split_compute
+    from .openvino_runtime import INT8_SUFFIX
+
+    runtime, precision = split_compute(requested)
+    if precision != "auto":
+        return requested
+    return join_compute(runtime, "int8" if model_id.endswith(INT8_SUFFIX) else "float")
 
 
 def _quiet(factory, *args):
@@ -126,7 +162,9 @@ def spec_for_id(model_id: str) -> str:
     from ..finetune.adapter import base_of
     from .lite import LITE_ID
     from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
+    from .openvino_runtime import INT8_SUFFIX
 
+    model_id = model_id.removesuffix(INT8_SUFFIX)  # the precision is not part of the spec
     base_id = base_of(model_id)
     if base_id is not None:  # the id holds no path: the spec this process loaded, else a placeholder
         if model_id in _ADAPTED_SPECS:

@@ -270,10 +270,10 @@ class Index:
 
     def encoder(self, model: "str | Encoder | None" = None, device: str | None = None, precision: str | None = None):
         """The encoder matching this index; ``model`` (a spec or encoder) must be that model."""
-        from ..encoders.registry import cached_encoder
+        from ..encoders.registry import cached_encoder, precision_for_id
 
         if model is None or isinstance(model, str):
-            encoder = cached_encoder(model or self.model_spec, device, precision)
+            encoder = cached_encoder(model or self.model_spec, device, precision_for_id(self.model_id, precision))
         else:
             encoder = model
         if encoder.id != self.model_id:
@@ -409,7 +409,7 @@ class _Writer:
 
     def open(self, model) -> None:
         """Create the meta rows or check them against this run; load the vectors."""
-        from ..encoders.registry import load_encoder, spec_for_id
+        from ..encoders.registry import load_encoder, precision_for_id, spec_for_id
 
         meta = store.get_meta(self.conn)
         if "model_id" in meta:
@@ -422,7 +422,7 @@ class _Writer:
                 # A known mismatch is refused before paying for loading the model.
                 if isinstance(model, str) and model in ("tiny", "lite") and spec_for_id(meta["model_id"]) != model:
                     raise _model_mismatch(self.folder, meta["model_id"], spec, model)
-                self.encoder = load_encoder(model or spec, self.device, self.precision)
+                self.encoder = load_encoder(model or spec, self.device, precision_for_id(meta["model_id"], self.precision))
             else:
                 self.encoder = model
             if self.encoder.id != meta["model_id"]:

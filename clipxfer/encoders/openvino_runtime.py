@@ -1,0 +1,332 @@
+"""The OpenVINO runtime for image towers (optional extra: ``pip install 'clipxfer[openvino]'``).
+
+An encoder's image tower (:meth:`Encoder.image_graph`) is converted to OpenVINO once, with the
+uint8 -> normalised-float step built into the graph, optionally quantized to int8 by nncf
+(post-training, static), and cached on disk under ``cache_dir()/openvino/`` keyed by encoder id,
+precision, OpenVINO version and this module's format version. Later loads reuse the files after
+checking their SHA-256 (a damaged or stale cache is rebuilt, never trusted).
+
+int8 calibration uses the images about to be encoded when there are enough of them
+(:meth:`OpenVinoImageTower.expect_images`, called by the indexing pipeline), else a small set
+made from scikit-image's sample photos; the cache metadata records which. Inference uses the
+THROUGHPUT hint and an ``AsyncInferQueue``: each batch is split across the plugin's streams.
+
+Nothing outside ``encoders/`` knows this module exists: the encoder id says ``@int8`` when the
+numbers differ from the float model, and that is all an index or head sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ClipxferError
+from ..paths import cache_dir
+
+if TYPE_CHECKING:
+    from .base import Encoder
+
+#: Bump when the saved graph changes meaning (inputs, outputs, quantization recipe).
+CACHE_FORMAT = 1
+#: Images drawn from the user's folder for int8 calibration, and the fewest that count as enough.
+CALIBRATION_IMAGES = 64
+MIN_FOLDER_IMAGES = 16
+CALIBRATION_BATCH = 8
+#: OpenVINO's inference precision hint for each precision name (int8 graphs keep f32 elsewhere).
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+
+
+def import_openvino():
+    """``openvino``, or one line naming the extra to install."""
+    try:
+        import openvino
+    except ImportError:
+        raise ClipxferError("the OpenVINO runtime needs the 'openvino' extra: pip install 'clipxfer[openvino]'") from None
+    return openvino
+
+
+def import_nncf():
+    """``nncf`` (int8 quantization), or one line naming the extra to install."""
+    try:
+        import nncf
+    except ImportError:
+        raise ClipxferError("int8 needs nncf from the 'openvino' extra: pip install 'clipxfer[openvino]'") from None
+    return nncf
+
+
+def openvino_version() -> str:
+    return import_openvino().get_version()
+
+
+def cache_key(encoder_id: str, precision: str) -> dict:
+    """What decides a cached model's contents. The float precisions share one fp32 graph: bf16
+    and fp16 are only an inference hint when it is compiled."""
+    stored = "int8" if precision == "int8" else "fp32"
+    return {"encoder_id": encoder_id, "precision": stored, "openvino": openvino_version(), "format": CACHE_FORMAT}
+
+
+def cache_folder(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "openvino" / digest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_transformer(module: torch.nn.Module) -> bool:
+    """True for attention models (ViTs), which nncf quantizes with its transformer recipe."""
+    return any("Attention" in type(m).__name__ for m in module.modules())
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def shipped_calibration_images(size: int) -> list[np.ndarray]:
+    """scikit-image's sample photos, each whole, mirrored and as two zoomed crops (76 images)."""
+    from ..images import load_model_input
+    from ..samples import SAMPLE_PHOTOS, sample_photo
+
+    images = []
+    for name in SAMPLE_PHOTOS:
+        photo = sample_photo(name)
+        height, width = photo.shape[:2]
+        views = [photo, photo[:, ::-1], photo[: height * 2 // 3, : width * 2 // 3], photo[height // 3 :, width // 3 :]]
+        images.extend(load_model_input(np.ascontiguousarray(view), size) for view in views)
+    return images
+
+
+def folder_calibration_images(paths: Sequence[Path], size: int, limit: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """Up to ``limit`` decodable images spread evenly over ``paths`` (unreadable files skipped)."""
+    from ..images import load_model_input
+
+    if not paths:
+        return []
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(len(paths), 2 * limit)).round().astype(int))
+    images = []
+    for i in picks:
+        try:
+            images.append(load_model_input(paths[i], size))
+        except Exception:  # a broken file is the pipeline's to report, not calibration's
+            continue
+        if len(images) >= limit:
+            break
+    return images
+
+
+def calibration_set(paths: Sequence[Path] | None, size: int) -> tuple[list[np.ndarray], dict]:
+    """The images to calibrate int8 on, and a record of where they came from."""
+    images = folder_calibration_images(paths or [], size)
+    if len(images) >= MIN_FOLDER_IMAGES:
+        folder = os.path.commonpath([str(Path(p).parent) for p in paths]) if paths else ""
+        return images, {"source": "folder", "folder": folder, "images": len(images)}
+    images = shipped_calibration_images(size)
+    return images, {"source": "clipxfer sample photos (scikit-image)", "images": len(images)}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _convert(encoder: "Encoder"):
+    """The encoder's image graph as an OpenVINO model taking uint8 NHWC batches."""
+    ov = import_openvino()
+    from openvino.preprocess import PrePostProcessor
+
+    graph = encoder.image_graph().float().eval().requires_grad_(False)
+    size = encoder.input_size
+    example = torch.zeros(2, 3, size, size)
+    # Tracing needs requires_grad off under no_grad; torch's tracer warns that it is deprecated.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(graph, example_input=example, input=[(-1, 3, size, size)])
+    # uint8 NHWC in, scaled and normalised inside the graph: the caller hands over decoded pixels as they are.
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(
+        [255.0 * m for m in encoder.mean]
+    ).scale([255.0 * s for s in encoder.std])
+    return ppp.build(), _is_transformer(graph)
+
+
+def _quantize(model, transformer: bool, images: list[np.ndarray]):
+    nncf = import_nncf()
+    batches = [np.stack(images[i : i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
+    if transformer:
+        # Transformer recipe: SmoothQuant (moves activation outliers into the weights) and
+        # accurate attention inputs; see README "OpenVINO runtime".
+        options = {"model_type": nncf.ModelType.TRANSFORMER}
+    else:
+        # Depthwise convolutions lose most under per-tensor int8 (lite: embedding cosine 0.974
+        # with them quantized, 0.987 without); they are a small share of the work, so stay float.
+        options = {"ignored_scope": nncf.IgnoredScope(types=["GroupConvolution"])}
+    # nncf draws progress bars and logs INFO lines on stdout, which belongs to results (--json):
+    # bars go to stderr, and its log says only errors while it runs.
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return nncf.quantize(
+                model,
+                nncf.Dataset(batches),
+                subset_size=len(batches),
+                preset=nncf.QuantizationPreset.MIXED,
+                **options,
+            )
+    finally:
+        nncf_log.setLevel(level)
+
+
+def nncf_recipe(transformer: bool) -> dict:
+    """The nncf options :func:`_quantize` uses, as recorded in the cache metadata."""
+    if transformer:
+        return {"model_type": "TRANSFORMER", "preset": "MIXED", "smooth_quant": "nncf default for transformers"}
+    return {"model_type": None, "preset": "MIXED", "ignored_types": ["GroupConvolution"]}
+
+
+def build_model(encoder: "Encoder", precision: str, folder: Path, calibration_paths: Sequence[Path] | None) -> None:
+    """Convert (and for int8 quantize) ``encoder``'s image tower into ``folder``, atomically."""
+    ov = import_openvino()
+    started = time.perf_counter()
+    precision = "int8" if precision == "int8" else "fp32"
+    what = "int8 (converting, then calibrating with nncf)" if precision == "int8" else precision
+    print(f"building the OpenVINO {what} image model for {encoder.id}; once, cached in {folder}", file=sys.stderr)
+    model, transformer = _convert(encoder)
+    meta = {**cache_key(encoder.id.removesuffix(INT8_SUFFIX), precision), "transformer": transformer}
+    if precision == "int8":
+        images, meta["calibration"] = calibration_set(calibration_paths, encoder.input_size)
+        meta["nncf"] = {"version": import_nncf().__version__, **nncf_recipe(transformer)}
+        model = _quantize(model, transformer, images)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # Weights stay fp32 on disk (OpenVINO would otherwise compress them to fp16).
+    ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+    meta["sha256"] = {name: _sha256(tmp / name) for name in ("model.xml", "model.bin")}
+    meta["build_seconds"] = round(time.perf_counter() - started, 1)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished the same build first; its copy is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built the OpenVINO {precision} image model in {meta['build_seconds']:.0f} s", file=sys.stderr)
+
+
+def read_cached(folder: Path, key: dict):
+    """The cached model and its metadata, or None when missing, stale or damaged."""
+    ov = import_openvino()
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if any(meta.get(field) != value for field, value in key.items()):
+            return None
+        for name, digest in meta["sha256"].items():
+            if _sha256(folder / name) != digest:
+                return None
+        return ov.Core().read_model(str(folder / "model.xml")), meta
+    except Exception:  # unreadable JSON, missing files, a graph OpenVINO rejects: rebuild
+        return None
+
+
+INT8_SUFFIX = "@int8"
+
+
+# --------------------------------------------------------------------------- running
+
+
+class OpenVinoImageTower:
+    """An encoder's image tower compiled by OpenVINO for the CPU.
+
+    Built (or read from the cache) on first use, so loading an encoder for text only never pays
+    for it. Call it with a ``uint8 (n, size, size, 3)`` batch; it returns the graph's outputs as
+    numpy arrays, in order.
+    """
+
+    def __init__(self, encoder: "Encoder", precision: str, streams: int | None = None):
+        if precision not in INFERENCE_PRECISION:
+            raise ClipxferError(f"OpenVINO precision '{precision}' is not supported: use fp32, bf16 or int8")
+        self.encoder = encoder
+        self.precision = precision
+        self.streams = streams
+        self.calibration_paths: list[Path] | None = None
+        self.metadata: dict | None = None
+        self._queue = None
+
+    def expect_images(self, paths: Sequence) -> None:
+        """Note the images about to be encoded; int8 calibrates on them if it still has to be built."""
+        if self._queue is None and self.calibration_paths is None:
+            self.calibration_paths = [Path(p) for p in paths]
+
+    def load(self):
+        """The compiled model, from the cache or built now (and cached)."""
+        if self._queue is not None:
+            return self._queue
+        ov = import_openvino()
+        key = cache_key(self.encoder.id.removesuffix(INT8_SUFFIX), self.precision)
+        folder = cache_folder(key)
+        cached = read_cached(folder, key)
+        if cached is None:
+            if (folder / "meta.json").exists():
+                print(f"warning: the cached OpenVINO model in {folder} is stale or damaged; rebuilding", file=sys.stderr)
+            build_model(self.encoder, self.precision, folder, self.calibration_paths)
+            cached = read_cached(folder, key)
+            if cached is None:
+                raise ClipxferError(f"could not build a usable OpenVINO model in {folder}: delete it and retry")
+        model, self.metadata = cached
+        self.cache_folder = folder
+        config = {
+            "PERFORMANCE_HINT": "THROUGHPUT",
+            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision],
+        }
+        if self.streams:
+            config["NUM_STREAMS"] = str(self.streams)
+        if self.precision == "fp16" and "FP16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise ClipxferError("this CPU has no fp16 arithmetic for OpenVINO: use --precision bf16, fp32 or int8")
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        self.requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._queue = ov.AsyncInferQueue(compiled, self.requests)
+        return self._queue
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        queue = self.load()
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        parts = np.array_split(pixels, min(self.requests, len(pixels)))
+        results: list = [None] * len(parts)
+
+        def done(request, index):
+            results[index] = [request.get_output_tensor(i).data.copy() for i in range(len(request.model_outputs))]
+
+        queue.set_callback(done)
+        for index, part in enumerate(parts):
+            queue.start_async(part, userdata=index)
+        queue.wait_all()
+        return [np.concatenate([part[i] for part in results]) for i in range(len(results[0]))]
+
+
+def attach(encoder: "Encoder", precision: str) -> "Encoder":
+    """Run ``encoder``'s image tower in OpenVINO from now on; int8 marks the id ``@int8``."""
+    import_openvino()
+    if precision == "int8":
+        import_nncf()
+        encoder.id = encoder.id + INT8_SUFFIX
+    encoder.image_runtime = OpenVinoImageTower(encoder, precision)
+    encoder.runtime = "openvino"
+    encoder.precision = precision
+    return encoder

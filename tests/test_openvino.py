@@ -1,0 +1,197 @@
+"""The OpenVINO runtime: agreement with torch, the on-disk model cache, auto choice, ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipxfer.device import Compute, auto_cpu_compute, choose_compute, join_compute, split_compute
+from clipxfer.errors import ClipxferError
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+from clipxfer.encoders import openvino_runtime  # noqa: E402
+from clipxfer.encoders.registry import load_encoder, precision_for_id, spec_for_id  # noqa: E402
+
+THIS_MACHINE_LIKE = frozenset({"avx512f", "avx512_bf16", "avx512_vnni"})
+
+
+def _pixels(encoder, count=12):
+    """Real photos (scikit-image's samples) at the encoder's input size."""
+    from clipxfer.images import load_model_input
+    from clipxfer.samples import SAMPLE_PHOTOS, sample_photo
+
+    return np.stack([load_model_input(sample_photo(name), encoder.input_size) for name in list(SAMPLE_PHOTOS)[:count]])
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+@pytest.fixture(scope="module")
+def tiny_torch():
+    return load_encoder("tiny", "cpu", "torch:fp32")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_openvino_matches_torch_on_tiny(tiny_torch, precision):
+    encoder = load_encoder("tiny", "cpu", f"openvino:{precision}")
+    assert (encoder.runtime, encoder.precision) == ("openvino", precision)
+    pixels = _pixels(encoder)
+    ours = encoder.encode_pixels(pixels).embeddings
+    reference = tiny_torch.encode_pixels(pixels).embeddings
+    assert ours.shape == reference.shape and ours.dtype == np.float32
+    assert _min_cosine(ours, reference) >= 0.99
+    # A batch that does not divide across the infer requests keeps its row order.
+    odd = encoder.encode_pixels(pixels[:5]).embeddings
+    np.testing.assert_allclose(odd, ours[:5], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_openvino_matches_torch_on_lite():
+    reference = load_encoder("lite", "cpu", "torch:fp32")
+    encoder = load_encoder("lite", "cpu", "openvino:auto")
+    # lite's int8 misses the cosine gate (RESULTS.md), so auto keeps it in a float precision.
+    assert encoder.runtime == "openvino" and encoder.precision != "int8" and encoder.id == reference.id
+    pixels = _pixels(encoder)
+    ours, ref = encoder.encode_pixels(pixels), reference.encode_pixels(pixels)
+    assert _min_cosine(ours.embeddings, ref.embeddings) >= 0.99
+    assert _min_cosine(ours.features, ref.features) >= 0.99
+    assert ours.features.shape == (len(pixels), 1280)
+
+
+def test_cache_reused_and_damaged_cache_rebuilt(tmp_path, monkeypatch, tiny_torch, capsys):
+    monkeypatch.setenv("CLIPXFER_CACHE", str(tmp_path))
+    pixels = _pixels(tiny_torch, 4)
+    first = load_encoder("tiny", "cpu", "openvino:fp32")
+    expected = first.encode_pixels(pixels).embeddings
+    folder = first.image_runtime.cache_folder
+    assert (folder / "model.xml").is_file() and (folder / "meta.json").is_file()
+    assert "building the OpenVINO" in capsys.readouterr().err
+
+    conversions = []
+    real_convert = openvino_runtime._convert
+    monkeypatch.setattr(openvino_runtime, "_convert", lambda enc: conversions.append(1) or real_convert(enc))
+    second = load_encoder("tiny", "cpu", "openvino:bf16")  # the float precisions share the fp32 graph
+    second.encode_pixels(pixels)
+    third = load_encoder("tiny", "cpu", "openvino:fp32")
+    np.testing.assert_allclose(third.encode_pixels(pixels).embeddings, expected, atol=1e-5)
+    assert conversions == []
+
+    weights = folder / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # silent corruption inside the weights
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    rebuilt = load_encoder("tiny", "cpu", "openvino:fp32")
+    np.testing.assert_allclose(rebuilt.encode_pixels(pixels).embeddings, expected, atol=1e-5)
+    assert conversions == [1]
+    assert "stale or damaged" in capsys.readouterr().err
+
+    (folder / "model.xml").write_text("<not a model")
+    assert load_encoder("tiny", "cpu", "openvino:fp32").encode_pixels(pixels).embeddings.shape == expected.shape
+    assert conversions == [1, 1]
+
+
+def test_ids_differ_between_fp32_and_int8_and_index_refuses_the_other(tmp_path, sample_photos_dir):
+    from clipxfer.index import Index
+
+    fp32 = load_encoder("tiny", "cpu", "openvino:fp32")
+    int8 = load_encoder("tiny", "cpu", "int8")
+    torch_fp32 = load_encoder("tiny", "cpu", "torch:fp32")
+    assert int8.id != fp32.id and fp32.id == torch_fp32.id  # float runtimes agree to cosine 0.9999
+    assert int8.id.endswith("@int8") and spec_for_id(int8.id) == "tiny"
+    assert precision_for_id(int8.id) == "int8" and precision_for_id(fp32.id) == "float"
+    assert precision_for_id(int8.id, "fp32") == "fp32"
+
+    report = Index.update(sample_photos_dir, model=int8, path=tmp_path / "index", workers=0)
+    assert report.added == len(list(sample_photos_dir.iterdir()))
+    with pytest.raises(ClipxferError, match="model"):
+        Index.update(sample_photos_dir, model=torch_fp32, path=tmp_path / "index", workers=0)
+    # Reopened without a precision, the index loads the int8 encoder it was built with.
+    index = Index.open(tmp_path / "index")
+    assert index.encoder(device="cpu").id == int8.id
+
+
+def test_int8_calibrates_on_the_folder_being_indexed(tmp_path, monkeypatch, sample_photos_dir):
+    from clipxfer.index import Index
+
+    monkeypatch.setenv("CLIPXFER_CACHE", str(tmp_path / "cache"))
+    encoder = load_encoder("tiny", "cpu", "openvino:int8")
+    Index.update(sample_photos_dir, model=encoder, path=tmp_path / "index", workers=0)
+    calibration = encoder.image_runtime.metadata["calibration"]
+    assert calibration["source"] == "folder" and calibration["images"] == len(list(sample_photos_dir.iterdir()))
+    assert encoder.image_runtime.metadata["nncf"]["model_type"] == "TRANSFORMER"
+
+    unhinted = load_encoder("tiny", "cpu", "openvino:int8")  # same cache entry: not rebuilt
+    unhinted.encode_pixels(_pixels(unhinted, 2))
+    assert unhinted.image_runtime.metadata["calibration"]["source"] == "folder"
+
+
+def test_shipped_calibration_set_without_enough_user_images():
+    images, record = openvino_runtime.calibration_set([], 64)
+    assert record["source"].startswith("clipxfer sample photos") and len(images) == record["images"] >= 64
+    assert all(image.shape == (64, 64, 3) and image.dtype == np.uint8 for image in images)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [frozenset(), frozenset({"avx2"}), frozenset({"avx512f", "avx512_vnni"}), frozenset({"avx2", "avx_vnni"})],
+)
+@pytest.mark.parametrize("have_openvino", [True, False])
+def test_auto_never_picks_bf16_without_native_bf16(flags, have_openvino):
+    for allow_int8 in (True, False):
+        assert auto_cpu_compute(flags, have_openvino, allow_int8).precision != "bf16"
+
+
+def test_auto_rules():
+    assert auto_cpu_compute(THIS_MACHINE_LIKE, True) == Compute("openvino", "int8")
+    assert auto_cpu_compute(frozenset({"avx512f", "avx512_vnni"}), True) == Compute("openvino", "int8")
+    assert auto_cpu_compute(frozenset({"amx_tile", "amx_int8", "amx_bf16"}), True) == Compute("openvino", "int8")
+    assert auto_cpu_compute(frozenset({"avx2"}), True) == Compute("openvino", "fp32")  # no int8 dot products
+    assert auto_cpu_compute(THIS_MACHINE_LIKE, True, allow_int8=False).precision != "int8"
+    assert auto_cpu_compute(THIS_MACHINE_LIKE, False) == Compute("torch", "bf16")
+    assert auto_cpu_compute(frozenset({"avx512_vnni"}), False) == Compute("torch", "fp32")
+
+
+def test_compute_requests(monkeypatch):
+    import torch
+
+    cpu = torch.device("cpu")
+    assert split_compute(None) == ("auto", "auto") and split_compute("openvino:int8") == ("openvino", "int8")
+    assert join_compute("auto", "fp32") == "fp32" and join_compute("torch", "auto") == "torch:auto"
+    assert choose_compute(cpu, "torch:fp32") == Compute("torch", "fp32")
+    assert choose_compute(cpu, "fp32") == Compute("torch", "fp32")  # an explicit float precision stays torch
+    assert choose_compute(cpu, "int8") == Compute("openvino", "int8")
+    monkeypatch.setenv("CLIPXFER_RUNTIME", "torch")
+    assert choose_compute(cpu, "auto").runtime == "torch"
+    for bad in ("torch:int8", "tensorrt:fp32", "int4"):
+        with pytest.raises(ClipxferError):
+            choose_compute(cpu, bad)
+
+
+def test_cli_rejects_int8_in_torch(tmp_path):
+    from click.testing import CliRunner
+
+    from clipxfer.cli import main
+
+    result = CliRunner().invoke(
+        main, ["index", str(tmp_path), "--index", str(tmp_path / "i"), "--model", "tiny", "--runtime", "torch",
+               "--precision", "int8"]
+    )
+    assert result.exit_code == 2 and "int8 runs in OpenVINO only" in result.output
+
+
+def test_bench_takes_runtime_and_precision(tmp_path):
+    from click.testing import CliRunner
+
+    from clipxfer.cli import main
+
+    result = CliRunner().invoke(
+        main, ["bench", "--data", "digits", "--model", "tiny", "--runtime", "torch", "--precision", "int8",
+               "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "int8 runs in OpenVINO only" in result.output
