@@ -27,6 +27,12 @@ METHODS: dict[str, tuple[str, dict]] = {
     # i.e. method_options {"meta-probe": {"init": PATH}}.
     "meta-probe": ("probe", {}),
     "meta-coop": ("coop", {}),
+    # LP++ and CLAP (validation-free probes), and TransCLIP over the test batch on top of a head.
+    "lpp": ("lpp", {}),
+    "clap": ("clap", {}),
+    **{f"{base}+trans": ("transclip", {"base": base, **options})
+       for base, options in (("zeroshot", {}), ("probe", {}), ("tip", {}), ("tipf", {"finetune": True}),
+                             ("coop", {}), ("mix", {}), ("lpp", {}), ("clap", {}))},
 }
 DEFAULT_METHODS = ["zeroshot", "probe", "tip", "tipf", "mix"]
 DEFAULT_SHOTS = [1, 2, 4, 8, 16]

@@ -18,9 +18,12 @@ from .common import emit_json, load_model, model_options
 @click.option("--out", type=click.Path(dir_okay=False), help="Write per-image predictions here (CSV).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix figure here (labelled images).")
 @click.option("--save-head", type=click.Path(dir_okay=False), help="Also save the zero-shot head (.safetensors).")
+@click.option("--transductive", is_flag=True,
+              help="Refine the predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
 @model_options
-def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, as_json, model, device, precision):
+def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, transductive, as_json,
+             model, device, precision):
     """Zero-shot classify the images in FOLDER, or in an index with --index.
 
     Each class becomes prompts (every template, plus its descriptions if given); an image gets the
@@ -52,10 +55,12 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     class_list = load_classnames(classes) if classes else None
     load_templates(templates)  # a bad set name fails before a model loads
     if index_path is not None:
-        result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True)
+        result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True,
+                                transductive=transductive)
     else:
         encoder = load_model(model, device, precision)
-        result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True)
+        result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True,
+                                 transductive=transductive)
     written = {"out": None, "plot": None, "head": None}
     if out:
         written["out"] = str(result.save_table(out, top_k))
