@@ -306,9 +306,9 @@ def test_commands_end_to_end_with_tiny(tmp_path, folder, command, extra):
 
 
 def test_classify_transductive(folder):
-    plain = json.loads(invoke("classify", folder, "--model", "tiny", "--device", "cpu", "--json").output)
+    plain = json.loads(invoke("classify", folder, "--model", "tiny", "--device", "cpu", "--json").stdout)
     trans = json.loads(invoke("classify", folder, "--model", "tiny", "--device", "cpu", "--json",
-                              "--transductive").output)
+                              "--transductive").stdout)
     assert trans["n"] == plain["n"] == 30 and 0 <= trans["accuracy"] <= 1
 
 
