@@ -320,6 +320,13 @@ def test_lpp_and_clap_with_lite(tmp_path, folder):
 
 
 def test_bench_trans_methods(tmp_path, folder, tiny):
+    from clipxfer.bench.config import METHODS
+    from clipxfer.heads import HEAD_TYPES
+
+    for name, (head_method, options) in METHODS.items():  # every +trans base is a fittable head
+        if name.endswith("+trans"):
+            assert head_method == "transclip" and (options["base"] == "zeroshot" or options["base"] in HEAD_TYPES)
+    assert METHODS["tipf+trans"][1] == {"base": "tip", "finetune": True}
     config = BenchConfig(datasets=(DatasetSpec(source=str(folder), max_test=12),),
                          methods=("zeroshot+trans", "lpp", "lpp+trans", "clap"), shots=(2,), seeds=(1,), model="tiny")
     cells = plan_cells(config)
