@@ -1,7 +1,7 @@
 """Fit time of each few-shot method on cached features, and CoOp seconds per training step.
 
     python benchmarks/fit_time.py [--classes 10 100] [--shots 16] [--dim 384 --feature-dim 1280]
-        [--coop-models tiny lite] [--coop-steps 5] [--json]
+        [--coop-models tiny lite] [--coop-steps 5] [--methods probe lpp clap] [--transclip-images 10000] [--json]
 
 Features are synthetic (Gaussian clusters, ``lite``-shaped: 384-d embeddings, 1280-d backbone
 features) because fit time depends on shapes, not on content; the zero-shot head has random
@@ -31,7 +31,8 @@ from clipxfer.heads import HEAD_TYPES  # noqa: E402
 from clipxfer.heads.base import FewShotData  # noqa: E402
 from clipxfer.heads.zeroshot import ZeroShotHead, fit_zeroshot  # noqa: E402
 
-METHODS = [("probe", "probe", {}), ("tip", "tip", {}), ("tipf", "tip", {"finetune": True}), ("mix", "mix", {})]
+METHODS = [("probe", "probe", {}), ("tip", "tip", {}), ("tipf", "tip", {"finetune": True}), ("mix", "mix", {}),
+           ("lpp", "lpp", {}), ("clap", "clap", {})]
 
 
 def synthetic_data(classes: int, shots: int, dim: int, feature_dim: int, seed: int = 0, encoder=None) -> FewShotData:
@@ -57,13 +58,43 @@ def synthetic_data(classes: int, shots: int, dim: int, feature_dim: int, seed: i
     return FewShotData(encoder, names, train, train_labels, val, val_labels, zeroshot, shots, seed, "")
 
 
-def time_methods(classes: int, shots: int, dim: int, feature_dim: int) -> list[dict]:
+def time_methods(classes: int, shots: int, dim: int, feature_dim: int, only: list[str] | None = None) -> list[dict]:
     rows = []
     data = synthetic_data(classes, shots, dim, feature_dim)
     for name, method, options in METHODS:
+        if only and name not in only:
+            continue
         start = time.perf_counter()
         HEAD_TYPES[method].fit(data, **options)
         rows.append({"method": name, "classes": classes, "shots": shots, "fit_seconds": round(time.perf_counter() - start, 3)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def time_transclip(images: int, classes: int, shots: int, dim: int, feature_dim: int) -> list[dict]:
+    """TransCLIP over a batch of ``images`` on top of the zero-shot head: label-free (one run) and
+    with ``shots`` per class (one run per gamma, validation images in the batch). The kNN graph
+    (faiss, exact) is timed apart."""
+    from clipxfer.heads.transclip import TransCLIPHead, knn_affinity
+
+    data = synthetic_data(classes, shots, dim, feature_dim)
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, classes, size=images)
+    batch = synthetic_data(classes, 1, dim, feature_dim, seed=0).train  # the same class means (seed 0)
+    means_emb = batch.embeddings
+    emb = l2_normalize(means_emb[labels] + 0.05 * rng.normal(size=(images, dim)))
+    lift = np.random.default_rng(0).normal(size=(dim, feature_dim)).astype(np.float32)
+    encoding = ImageEncoding(emb, np.maximum(emb @ lift, 0))
+    rows = []
+    start = time.perf_counter()
+    knn_affinity(l2_normalize(encoding.features), 3)
+    rows.append({"method": "transclip kNN graph", "images": images, "seconds": round(time.perf_counter() - start, 3)})
+    for name, head in (("zeroshot+trans", TransCLIPHead.wrap(data.zeroshot)),
+                       (f"zeroshot+trans, {shots} shots", TransCLIPHead.wrap(data.zeroshot, data))):
+        start = time.perf_counter()
+        head.predict(encoding)
+        rows.append({"method": name, "images": images, "classes": classes,
+                     "seconds": round(time.perf_counter() - start, 3)})
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -93,22 +124,30 @@ def main() -> None:
     parser.add_argument("--coop-models", nargs="*", default=["tiny", "lite"])
     parser.add_argument("--coop-steps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", nargs="*", default=None, help="Only these fit methods (default all).")
+    parser.add_argument("--transclip-images", type=int, default=0, help="Also time TransCLIP over this many images.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     rows = []
     for classes in args.classes:
-        rows += time_methods(classes, args.shots, args.dim, args.feature_dim)
+        rows += time_methods(classes, args.shots, args.dim, args.feature_dim, args.methods)
     coop = [time_coop(spec, classes, args.shots, args.coop_steps, args.device)
             for spec in args.coop_models for classes in args.classes]
+    trans = [r for classes in args.classes for r in time_transclip(args.transclip_images, classes, args.shots, args.dim,
+                                                                      args.feature_dim)] if args.transclip_images else []
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     if args.json:
-        print(json.dumps({"meta": meta, "fit": rows, "coop": coop}, indent=2))
+        print(json.dumps({"meta": meta, "fit": rows, "coop": coop, "transclip": trans}, indent=2))
         return
     print("| method | classes | shots | fit s |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['method']} | {row['classes']} | {row['shots']} | {row['fit_seconds']:.2f} |")
+    if trans:
+        print("\n| TransCLIP | images | classes | s |\n|---|---:|---:|---:|")
+        for row in trans:
+            print(f"| {row['method']} | {row['images']} | {row.get('classes', '')} | {row['seconds']:.2f} |")
     print("\n| CoOp text tower | classes | s/step (batch 32) |\n|---|---:|---:|")
     for row in coop:
         print(f"| {row['model']} | {row['classes']} | {row['seconds_per_step']:.3f} |")

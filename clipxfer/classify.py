@@ -160,8 +160,14 @@ def build_head(
     return fit_zeroshot(encoder, list(classnames), template_list, descriptions, progress=progress)
 
 
-def _finish(source, paths, encoding: ImageEncoding, head: ZeroShotHead, labels, templates) -> Classification:
-    probs = head.predict_proba(encoding)
+def _finish(source, paths, encoding: ImageEncoding, head: ZeroShotHead, labels, templates,
+            transductive: bool = False) -> Classification:
+    if transductive:  # TransCLIP over this batch, starting from the zero-shot probabilities
+        from .heads.transclip import TransCLIPHead
+
+        probs = TransCLIPHead.wrap(head).predict_proba(encoding)
+    else:
+        probs = head.predict_proba(encoding)
     report = classification_report(labels, probs, head.classnames) if labels is not None else None
     name = templates if isinstance(templates, str) else f"{len(head.config['templates'])} templates"
     return Classification(str(source), [str(p) for p in paths], probs, head, labels, report, name)
@@ -190,8 +196,9 @@ def classify_folder(
     templates: str | Sequence[str] = "simple",
     descriptions: str | os.PathLike | dict | None = None,
     progress: bool = False,
+    transductive: bool = False,
 ) -> Classification:
-    """Classify every image below ``folder``.
+    """Classify every image below ``folder`` (with ``transductive``: TransCLIP over all of them).
 
     Without ``classes`` the folder must be an ImageFolder and its subfolder names are the classes.
     With ``classes``, a folder whose class subfolders are all among them is evaluated as labelled;
@@ -220,7 +227,7 @@ def classify_folder(
         paths, encoding = encode_folder(encoder, folder, progress, why="looked for .jpg, .png, .webp, ... recursively")
         classnames, labels = list(classes), None
     head = build_head(encoder, classnames, templates, descriptions, progress)
-    return _finish(folder, paths, encoding, head, labels, templates)
+    return _finish(folder, paths, encoding, head, labels, templates, transductive)
 
 
 def folder_label(path: str | os.PathLike, root: str | os.PathLike | None) -> str | None:
@@ -247,8 +254,10 @@ def classify_index(
     device: str | None = None,
     precision: str | None = None,
     progress: bool = False,
+    transductive: bool = False,
 ) -> Classification:
-    """Classify the images of an index from its stored vectors (no re-encoding).
+    """Classify the images of an index from its stored vectors (no re-encoding); with
+    ``transductive``, TransCLIP refines the zero-shot predictions over all of them.
 
     ``model`` (a spec or an encoder) defaults to the index's model; another one is refused. When
     every image lies in a class subfolder of the index root whose name is a class (or ``classes``
@@ -275,7 +284,7 @@ def classify_index(
         index_of = {name: i for i, name in enumerate(classes)}
         labels = np.array([index_of[f] for f in folders], dtype=np.int64)
     head = build_head(encoder, list(classes), templates, descriptions, progress)
-    return _finish(where, paths, encoding, head, labels, templates)
+    return _finish(where, paths, encoding, head, labels, templates, transductive)
 
 
 def conformalize(

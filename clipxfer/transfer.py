@@ -1,7 +1,7 @@
 """Few-shot transfer, end to end: labelled data -> K-shot draw -> features -> zero-shot head ->
 fitted head -> accuracy on the held-out test set, and ``predict`` with a saved head.
 
-The commands ``clipxfer probe|tip|coop|mix`` and ``clipxfer predict`` are thin layers over
+The commands ``clipxfer probe|tip|coop|mix|lpp|clap`` and ``clipxfer predict`` are thin layers over
 :func:`run_transfer` and :func:`predict`; the benchmark calls the same pieces.
 """
 
@@ -28,7 +28,7 @@ from .paths import atomic_write_bytes, safe_filename
 from .sampling import FewShotSplit, draw_few_shot
 
 #: Few-shot methods the commands train (``zeroshot`` is the baseline every run also scores).
-FEW_SHOT_METHODS = ("probe", "tip", "coop", "mix")
+FEW_SHOT_METHODS = ("probe", "tip", "coop", "mix", "lpp", "clap")
 
 
 @dataclass
@@ -228,10 +228,13 @@ def run_transfer(
     save: bool = True,
     progress: bool = False,
     classes: list[str] | None = None,
+    transductive: bool = False,
     **options,
 ) -> dict[str, Any]:
     """Fit ``method`` on ``shots`` images per class of ``data`` and score it against zero-shot on
     the same test set; save the head (and the drawn manifest next to it) unless ``save=False``.
+    With ``transductive``, the head is wrapped in TransCLIP (:mod:`clipxfer.heads.transclip`):
+    it is scored on the test set as one batch, and the saved head refines every batch it predicts.
 
     ``classes`` fixes the class list and order of a folder or manifest (unknown labels are errors).
     Returns ``method, shots, seed, accuracy, zeroshot_accuracy, val_accuracy, fit_seconds,
@@ -244,11 +247,15 @@ def run_transfer(
         from .encoders import load_encoder
 
         encoder = load_encoder(model, device=device, precision=precision)
-    head_path = resolve_head_path(out, method, dataset, shots, seed)
+    head_path = resolve_head_path(out, f"{method}-trans" if transductive else method, dataset, shots, seed)
     task = prepare_task(encoder, dataset, shots, seed, templates, index_path, max_test, progress=progress)
 
     start = time.perf_counter()
     head = fit_head(method, task.data, **options)
+    if transductive:
+        from .heads.transclip import TransCLIPHead
+
+        head = TransCLIPHead.wrap(head, task.data)
     fit_seconds = time.perf_counter() - start
 
     return score_and_save(method, head, task, encoder, fit_seconds, head_path if save else None, options)
@@ -338,8 +345,11 @@ def predict(
     device: str | None = None,
     precision: str | None = None,
     progress: bool = False,
+    transductive: bool = False,
 ) -> tuple[Head, pd.DataFrame, np.ndarray]:
-    """Classify the images of ``folder`` (or every image of the index) with a saved head.
+    """Classify the images of ``folder`` (or every image of the index) with a saved head; with
+    ``transductive``, TransCLIP refines its predictions over all those images together (a head
+    saved with ``--transductive`` always does).
 
     Returns the head, a table ``path, label, probability`` (best class per image) and the full
     ``(n, num_classes)`` probability matrix. The model defaults to the one the head was made with.
@@ -349,6 +359,10 @@ def predict(
     if encoder is None:
         encoder = encoder_for_head(head_path, model, device, precision)
     head = load_head(head_path, model_id=encoder.id)
+    if transductive and head.method != "transclip":
+        from .heads.transclip import TransCLIPHead
+
+        head = TransCLIPHead.wrap(head)
     if index_path is not None:
         rows, encoding = _index_rows(index_path, encoder)
         paths = sorted(rows, key=rows.get)  # type: ignore[arg-type]

@@ -16,6 +16,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+#: bench names whose head method differs from the name (tipf is Tip-Adapter with finetune=True)
+METHODS_BASE = {"tipf": "tip"}
 #: bench method name -> (head method, fit options)
 METHODS: dict[str, tuple[str, dict]] = {
     "zeroshot": ("zeroshot", {}),
@@ -31,6 +33,12 @@ METHODS: dict[str, tuple[str, dict]] = {
     # i.e. method_options {"meta-probe": {"init": PATH}}.
     "meta-probe": ("probe", {}),
     "meta-coop": ("coop", {}),
+    # LP++ and CLAP (validation-free probes), and TransCLIP over the test batch on top of a head.
+    "lpp": ("lpp", {}),
+    "clap": ("clap", {}),
+    **{f"{name}+trans": ("transclip", {"base": METHODS_BASE.get(name, name), **options})
+       for name, options in (("zeroshot", {}), ("probe", {}), ("tip", {}), ("tipf", {"finetune": True}),
+                             ("coop", {}), ("mix", {}), ("lpp", {}), ("clap", {}))},
 }
 DEFAULT_METHODS = ["zeroshot", "probe", "tip", "tipf", "mix"]
 DEFAULT_SHOTS = [1, 2, 4, 8, 16]

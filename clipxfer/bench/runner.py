@@ -228,7 +228,9 @@ def plan_cells(config: BenchConfig) -> list[tuple[DatasetSpec, str, int, int]]:
             if method == "zeroshot":
                 cells.append((spec, method, 0, 0))
             else:
-                if getattr(HEAD_TYPES[METHODS[method][0]], "transductive", False):
+                head_method, options = METHODS[method]
+                # Label-free cell: methods that adapt to the test images, and TransCLIP on zero-shot.
+                if getattr(HEAD_TYPES[head_method], "transductive", False) or options.get("base") == "zeroshot":
                     cells.append((spec, method, 0, 0))
                 cells.extend((spec, method, k, s) for k in config.shots if k > 0 for s in config.seeds)
     return cells

@@ -18,7 +18,7 @@ from .common import ErrorReportingGroup
 PANELS = {
     "Index & search": ["index", "search", "info", "dups", "embed", "export-embeddings", "sample-photos"],
     "Classify": ["classify", "predict", "prompts", "models"],
-    "Adapt": ["probe", "tip", "coop", "mix", "finetune", "adapt", "meta-train"],
+    "Adapt": ["probe", "tip", "coop", "mix", "lpp", "clap", "finetune", "adapt", "meta-train"],
     "Inspect": [],
     "Benchmark": ["bench", "bench-episodes"],
     "Serve": ["serve", "suggest"],

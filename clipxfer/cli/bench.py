@@ -14,7 +14,8 @@ from .common import emit_json
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", "data", multiple=True, metavar="NAME|PATH",
               help="Built-in dataset (fashion-mnist, digits, mnist-5k), ImageFolder or CSV manifest; repeatable.")
-@click.option("--methods", help="Comma-separated: zeroshot,probe,tip,tipf,coop,mix,transductive,meta-probe,meta-coop.")
+@click.option("--methods", help="Comma-separated: zeroshot,probe,tip,tipf,coop,mix,transductive,lpp,clap,meta-probe,meta-coop, "
+                   "or any head with +trans (TransCLIP over the test set), e.g. probe+trans.")
 @click.option("--shots", help="Comma-separated shots per class, e.g. 1,2,4,8,16.")
 @click.option("--seeds", help="Comma-separated seeds, e.g. 1,2,3.")
 @click.option("--model", default=None, metavar="SPEC", help="Encoder (see 'clipxfer models').")

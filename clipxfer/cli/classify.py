@@ -18,11 +18,13 @@ from .common import conformal_options, emit_json, load_model, model_options
 @click.option("--out", type=click.Path(dir_okay=False), help="Write per-image predictions here (CSV).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix figure here (labelled images).")
 @click.option("--save-head", type=click.Path(dir_okay=False), help="Also save the zero-shot head (.safetensors).")
+@click.option("--transductive", is_flag=True,
+              help="Refine the predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
 @conformal_options
 @model_options
-def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, as_json, conformal,
-             calibrate, conformal_score, reject, model, device, precision):
+def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, transductive, as_json,
+             conformal, calibrate, conformal_score, reject, model, device, precision):
     """Zero-shot classify the images in FOLDER, or in an index with --index.
 
     Each class becomes prompts (every template, plus its descriptions if given); an image gets the
@@ -67,10 +69,12 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
     encoder = None
     if index_path is not None:
-        result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True)
+        result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True,
+                                transductive=transductive)
     else:
         encoder = load_model(model, device, precision)
-        result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True)
+        result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True,
+                                 transductive=transductive)
     if conformal is not None:
         conformalize(result, conformal, calibrate, conformal_score, reject, encoder)
     written = {"out": None, "plot": None, "head": None}

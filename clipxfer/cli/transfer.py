@@ -1,4 +1,4 @@
-"""``clipxfer probe|tip|coop|mix`` (few-shot transfer) and ``clipxfer predict`` (apply a head).
+"""``clipxfer probe|tip|coop|mix|lpp|clap`` (few-shot transfer) and ``clipxfer predict`` (apply a head).
 
 Each training command prints zero-shot and adapted accuracy on the same test set; ``--json``
 prints the result object of :func:`clipxfer.transfer.run_transfer` (at least ``method, shots,
@@ -33,6 +33,9 @@ def few_shot_options(func):
             click.option("--classes", default=None, metavar="A,B,C|FILE",
                          help="The classes, in order (comma-separated or a file); a manifest label or class "
                               "folder outside them is an error. Default: the labels found in DATA."),
+            click.option("--transductive", is_flag=True,
+                         help="Wrap the head in TransCLIP: it refines its predictions over each batch it "
+                              "classifies (the test set here; the images given to 'predict' later)."),
             click.option("--no-save", is_flag=True, help="Score only; write no head or manifest."),
             click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
             model_options,
@@ -42,15 +45,15 @@ def few_shot_options(func):
     return func
 
 
-def _run(method: str, data, shots, seed, out, templates, index_path, max_test, classes, no_save, as_json, model,
-         device, precision, **options):
+def _run(method: str, data, shots, seed, out, templates, index_path, max_test, classes, transductive, no_save, as_json,
+         model, device, precision, **options):
     from ..prompts import load_classnames
     from ..transfer import run_transfer
 
     result = run_transfer(
         method, data, shots, seed, model=model, out=out, templates=templates, index_path=index_path,
         max_test=max_test, device=device, precision=precision, save=not no_save, progress=not as_json,
-        classes=load_classnames(classes) if classes else None, **options,
+        classes=load_classnames(classes) if classes else None, transductive=transductive, **options,
     )
     if as_json:
         emit_json(result)
@@ -58,7 +61,7 @@ def _run(method: str, data, shots, seed, out, templates, index_path, max_test, c
     click.echo(f"{result['variant']}: {result['shots']} shots/class, seed {result['seed']}, "
                f"{result['num_classes']} classes, {result['num_test']} test images ({result['model']})")
     click.echo(f"  zero-shot accuracy  {result['zeroshot_accuracy']:.4f}")
-    label = "tipf" if result["variant"] == "tipf" else method
+    label = result["variant"] if result["variant"] in ("tipf",) or result["variant"].endswith("+trans") else method
     click.echo(f"  {label:<9} accuracy  {result['accuracy']:.4f}  "
                f"({result['accuracy'] - result['zeroshot_accuracy']:+.4f}; fit {result['fit_seconds']:.1f} s)")
     if result["head"]:
@@ -135,16 +138,45 @@ def mix(base, mix_value, **kwargs):
 
 
 @main.command()
+@few_shot_options
+@click.option("--epochs", type=int, default=300, show_default=True, help="Full-batch training epochs.")
+@click.option("--alpha-init", type=click.Choice(["fit", "reference"]), default="fit", show_default=True,
+              help="Starting text weight: fitted to the shots (fit) or the authors' 250 x mean text logit.")
+def lpp(epochs, alpha_init, **kwargs):
+    """LP++: a linear probe blended class-wise with the text weights, step sizes from Lipschitz
+    bounds (no validation search).
+
+    Example: clipxfer lpp fashion-mnist --shots 16 --model lite --out lpp.safetensors
+    """
+    _run("lpp", epochs=epochs, alpha_init=alpha_init, **kwargs)
+
+
+@main.command()
+@few_shot_options
+@click.option("--epochs", type=int, default=300, show_default=True, help="Full-batch training epochs.")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate (cosine schedule).")
+def clap(epochs, lr, **kwargs):
+    """CLAP: a linear probe started at the zero-shot weights and held near them by per-class
+    penalties set from the shots (no validation search).
+
+    Example: clipxfer clap fashion-mnist --shots 16 --model lite --out clap.safetensors
+    """
+    _run("clap", epochs=epochs, lr=lr, **kwargs)
+
+
+@main.command()
 @click.argument("head", type=click.Path(dir_okay=False))
 @click.argument("folder", required=False, type=click.Path(file_okay=False))
 @click.option("--index", "index_path", type=click.Path(), default=None, help="Classify every image of this index.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
               help="Write path,label,probability[,set,decision] plus one column per class to this CSV.")
+@click.option("--transductive", is_flag=True,
+              help="Refine the head's predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON.")
 @conformal_options
 @model_options
-def predict(head, folder, index_path, out, as_json, conformal, calibrate, conformal_score, reject, model, device,
-            precision):
+def predict(head, folder, index_path, out, transductive, as_json, conformal, calibrate, conformal_score, reject, model,
+            device, precision):
     """Classify the images in FOLDER (or --index PATH) with a saved HEAD.
 
     With --conformal ALPHA each image also gets a prediction set holding its true class with
@@ -161,7 +193,8 @@ def predict(head, folder, index_path, out, as_json, conformal, calibrate, confor
     if conformal is None and (calibrate or reject):
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
     encoder = encoder_for_head(head, model, device, precision)
-    fitted, table, probs = run_predict(head, folder, index_path, encoder=encoder, progress=not as_json)
+    fitted, table, probs = run_predict(head, folder, index_path, encoder=encoder, progress=not as_json,
+                                       transductive=transductive)
     sets = None
     if conformal is not None:
         sets = predict_sets(fitted, probs, conformal, head, encoder, calibrate, conformal_score, reject)

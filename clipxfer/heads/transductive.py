@@ -20,6 +20,17 @@ text weights and the scalars are stored), so it classifies images it never saw d
 Defaults (``prior_weight`` 1, ``kappa`` 10) were chosen with lite on Fashion-MNIST test images
 with no labels; with labelled shots and a validation split, both are chosen on validation from
 :data:`PRIOR_GRID` x :data:`KAPPA_GRID`.
+
+The collapse guard (no validation split to choose on): plain EM can lock onto clusters that have
+nothing to do with the classes (a narrow domain whose images differ mostly in lighting or pose),
+and then it lands below the zero-shot head it started from, even below chance. Such clusters
+agree with the zero-shot predictions no better than chance, so after EM the agreement between the
+adapted and the zero-shot labels on the unlabelled images is measured with Cohen's kappa; below
+:data:`MIN_AGREEMENT` the head falls back to the zero-shot prior (prototype weight 0). Healthy
+runs pass (lite on Fashion-MNIST: kappa 0.47, EM 0.28 -> 0.46); lite on digits, where EM fell
+from 0.10 to 0.06, has kappa 0.0 and falls back. (Raising the prior weight until the agreement
+passes was tried and rejected: on the synthetic collapse set of the tests it passed at 8x the
+weight with accuracy still 0.49 against 0.63 zero-shot.)
 """
 
 from __future__ import annotations
@@ -37,6 +48,17 @@ DEFAULT_PRIOR_WEIGHT = 1.0
 DEFAULT_KAPPA = 10.0
 PRIOR_GRID = (0.5, 1.0, 1.5, 2.0)
 KAPPA_GRID = (5.0, 10.0, 15.0, 20.0)
+#: Least Cohen's kappa between adapted and zero-shot labels that the guard accepts.
+MIN_AGREEMENT = 0.2
+
+
+def agreement(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
+    """Cohen's kappa of two labelings (0: chance-level agreement, 1: identical). When chance
+    agreement is already 1 (both constant and equal) the labelings agree fully (1.0)."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    observed = float((a == b).mean())
+    expected = float(np.bincount(a, minlength=num_classes) @ np.bincount(b, minlength=num_classes)) / len(a) ** 2
+    return 1.0 if expected >= 1.0 else (observed - expected) / (1.0 - expected)
 
 
 def centred_inputs(features: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -129,13 +151,16 @@ def fit_transductive(
     label_weight: float | None = None,
     max_iter: int = 100,
     tol: float = 1e-5,
+    guard: bool = True,
 ) -> TransductiveHead:
     """Refine prototypes of ``zeroshot``'s classes on ``unlabelled`` images (plus optional
     ``labelled`` shots with ``labels``). With a validation set and ``prior_weight`` / ``kappa``
     unset, each unset one is chosen on it from its grid; otherwise the defaults are used.
 
     ``label_weight`` (default: the unlabelled images per class, so the shots of a class weigh as
-    much as its share of the target set) scales the labelled shots in the M-step."""
+    much as its share of the target set) scales the labelled shots in the M-step. ``guard``
+    (default on) applies the collapse guard of the module docstring when no validation set
+    chooses the settings."""
     if unlabelled is None or len(unlabelled.embeddings) == 0:
         raise ClipxferError(
             "transductive: no unlabelled images: give the target images to adapt to (--unlabelled DIR or --index PATH)"
@@ -178,9 +203,14 @@ def fit_transductive(
         return TransductiveHead(zeroshot.model_id, zeroshot.classnames, weights, config)
 
     use_val = val is not None and val_labels is not None and len(val_labels) > 0
-    if not use_val or (prior_weight is not None and kappa is not None):
-        head = run(DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight,
+    if not use_val and not guard:
+        return run(DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight,
                    DEFAULT_KAPPA if kappa is None else kappa)
+    if not use_val:
+        return guarded(run, zeroshot, unlabelled, DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight,
+                       DEFAULT_KAPPA if kappa is None else kappa)
+    if prior_weight is not None and kappa is not None:
+        head = run(prior_weight, kappa)
         if use_val:
             head.config["val_accuracy"] = val_score(head.logits(val), val_labels)[0]
         return head
@@ -193,3 +223,16 @@ def fit_transductive(
                 best, best_score = head, result
     best.config.update({"val_accuracy": best_score[0], "val_loss": -best_score[1], "selected_on": "validation"})
     return best
+
+
+def guarded(run, zeroshot: Head, unlabelled: ImageEncoding, prior_weight: float, kappa: float) -> TransductiveHead:
+    """EM with the collapse guard of the module docstring: ``run(prior_weight, kappa)`` fits a
+    head; it is kept when its labels agree with ``zeroshot``'s on ``unlabelled`` (kappa >=
+    :data:`MIN_AGREEMENT`), else the prior alone is kept (prototype weight 0)."""
+    head = run(float(prior_weight), kappa)
+    score = agreement(head.predict(unlabelled), zeroshot.predict(unlabelled), len(zeroshot.classnames))
+    fell_back = score < MIN_AGREEMENT
+    if fell_back:
+        head.config["kappa"] = 0.0  # prototypes off: the zero-shot prior alone
+    head.config["guard"] = {"agreement": round(score, 4), "min_agreement": MIN_AGREEMENT, "fell_back": fell_back}
+    return head
