@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -44,6 +45,18 @@ def emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
+def printable(value) -> str:
+    """``value`` (a path or message) as one safe line of text: bytes that are not UTF-8 (file
+    names may hold any) as ``\\xff``, control characters such as newlines as ``\\n``."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class ErrorReportingGroup(click.Group):
     """A click group that prints :class:`ClipxferError` as ``error: ...`` and exits 2."""
 
@@ -51,7 +64,7 @@ class ErrorReportingGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ClipxferError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             # Every command commits or writes atomically, so what finished is already safe.
@@ -67,7 +80,7 @@ def reports_errors(func):
         try:
             return func(*args, **kwargs)
         except ClipxferError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(exc)}", err=True)
             sys.exit(2)
 
     return wrapper
