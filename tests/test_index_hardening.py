@@ -168,10 +168,9 @@ def test_non_utf8_and_newline_file_names(tmp_path, tiny):
     report = update(root, index_path, tiny)
     assert (report.moved, report.unchanged, report.failed) == (1, 4, [])
 
-    from clipxfer.features import encode_folder
-
-    paths, encoding = encode_folder(tiny, root)  # what `classify FOLDER` does first
-    assert len(paths) == len(encoding.embeddings) == 5
+    result = cli("classify", root, "--classes", "cat,dog", "--model", "tiny", "--device", "cpu", "--out", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    assert "moved\\xfe.png" in result.stdout and "moved\\xfe.png" in (tmp_path / "p.csv").read_text(encoding="utf-8")
 
 
 # -- 7: a damaged database ---------------------------------------------------------------------

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 
 import click
 
 from ..errors import ClipxferError
+from ..paths import path_text
 
 
 def model_options(func):
@@ -48,12 +48,7 @@ def emit_json(value) -> None:
 def printable(value) -> str:
     """``value`` (a path or message) as one safe line of text: bytes that are not UTF-8 (file
     names may hold any) as ``\\xff``, control characters such as newlines as ``\\n``."""
-    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raw = text.encode("utf-8", "backslashreplace")
-    text = raw.decode("utf-8", "backslashreplace")
+    text = path_text(value)
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 

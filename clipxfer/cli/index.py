@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ClipxferError
+from ..paths import path_text
 from . import main
 from .common import emit_json, model_options, printable
 
@@ -110,8 +111,7 @@ def search(query, image, k, index_path, model, device, min_score, as_json, as_cs
         writer.writerow(["rank", "score", "path"])
         for hit in hits:
             # CSV quotes newlines itself; only undecodable bytes need escaping.
-            path = str(hit.path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            writer.writerow([hit.rank, f"{hit.score:.6f}", path])
+            writer.writerow([hit.rank, f"{hit.score:.6f}", path_text(hit.path)])
     else:
         for hit in hits:
             click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {printable(hit.path)}")
