@@ -170,7 +170,7 @@ def test_non_utf8_and_newline_file_names(tmp_path, tiny):
 
     result = cli("classify", root, "--classes", "cat,dog", "--model", "tiny", "--device", "cpu", "--out", tmp_path / "p.csv")
     assert result.exit_code == 0, result.output
-    assert "moved\\xfe.png" in result.stdout and "moved\\xfe.png" in (tmp_path / "p.csv").read_text(encoding="utf-8")
+    assert "moved\\xfe.png" in (tmp_path / "p.csv").read_text(encoding="utf-8")
 
 
 # -- 7: a damaged database ---------------------------------------------------------------------
