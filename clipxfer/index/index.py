@@ -188,6 +188,13 @@ def _faiss_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("vectors-*.faiss"))
 
 
+def _faiss_version(file: Path) -> int:
+    try:
+        return int(file.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def _rebuild_hint(folder: Path, root: str | None) -> str:
     return f"clipxfer index {root or 'FOLDER'} --index {folder} --rebuild"
 
@@ -385,19 +392,22 @@ class Index:
 
     def _try_save_cache(self, index, file: Path, generation: str | None) -> None:
         """Save a rebuilt FAISS index for later readers: only where the folder is writable and no
-        writer is at work (the writer saves its own), and only while the database is unchanged."""
+        writer is at work (the writer saves its own), and only while the database is unchanged.
+
+        No lock is taken, so a reader never makes a writer wait or fail; a file saved just as a
+        writer commits is named after an old version and carries an old generation, so it is
+        never loaded, and the writer's next save removes it."""
         if generation is None or not os.access(self.path, os.W_OK) or writer_pid(self.path) is not None:
             return
         try:
-            with WriterLock(self.path):
-                if store.get_meta(self._conn).get("generation") != generation:
-                    return
-                vectors.save(index, file, generation)
-                for old in _faiss_files(self.path):
-                    if old != file:
-                        old.unlink(missing_ok=True)
-                self._cache_generation = generation
-        except (ClipxferError, OSError, sqlite3.Error):
+            if store.get_meta(self._conn).get("generation") != generation:
+                return
+            vectors.save(index, file, generation)
+            self._cache_generation = generation
+            for old in _faiss_files(self.path):  # older versions only: a writer may be saving a newer one
+                if _faiss_version(old) < _faiss_version(file):
+                    old.unlink(missing_ok=True)
+        except (OSError, sqlite3.Error):
             pass  # a cache that cannot be written only costs the next reader a rebuild
 
     # -- reading -------------------------------------------------------------------------
