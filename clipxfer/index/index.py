@@ -195,8 +195,13 @@ def _faiss_version(file: Path) -> int:
         return -1
 
 
-def _rebuild_hint(folder: Path, root: str | None) -> str:
-    return f"clipxfer index {root or 'FOLDER'} --index {folder} --rebuild"
+def _rebuild_hint(folder: Path, root: str | None = None, model_spec: str | None = None) -> str:
+    """The quoted ``--rebuild`` command, with what to fill in where the database no longer says."""
+    command = f"'clipxfer index {root or 'FOLDER'} --index {folder} --model {model_spec or 'SPEC'} --rebuild'"
+    notes = ([] if root else ["FOLDER: the folder of images it indexed"]) + (
+        [] if model_spec else ["SPEC: the model it was built with"]
+    )
+    return command + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def damaged_error(folder: Path, reason: str) -> ClipxferError:
@@ -206,10 +211,8 @@ def damaged_error(folder: Path, reason: str) -> ClipxferError:
         recover = f"{len(found.rows)} indexed images can still be read and are kept without re-encoding"
     else:
         recover = "nothing in it can be recovered, so every image will be encoded again"
-    where = "" if found.meta.get("root") else " (FOLDER: the folder of images it indexed)"
-    return ClipxferError(
-        f"index {folder} is damaged ({reason}); {recover}: rebuild it with '{_rebuild_hint(folder, found.meta.get('root'))}'{where}"
-    )
+    hint = _rebuild_hint(folder, found.meta.get("root"), found.meta.get("model_spec"))
+    return ClipxferError(f"index {folder} is damaged ({reason}); {recover}: rebuild it with {hint}")
 
 
 def _cannot_write(folder: Path, exc: BaseException) -> ClipxferError:
@@ -307,7 +310,7 @@ class Index:
                 if meta is None:
                     raise ClipxferError(
                         f"index {folder} is empty or damaged (index.sqlite has no tables); nothing in it can be "
-                        f"recovered: rebuild it with '{_rebuild_hint(folder, None)}' (FOLDER: the folder of images it indexed)"
+                        f"recovered: rebuild it with {_rebuild_hint(folder)}"
                     )
                 raise ClipxferError(
                     f"index {folder} is incomplete (its first run stopped early): run 'clipxfer index' again"
