@@ -733,7 +733,10 @@ class _Writer:
             report.failed.append(
                 Failure(folder, f"cannot read folder ({exc.strerror or exc}); its indexed images are kept")
             )
-            rel = folder.relative_to(self.root).as_posix() if folder != self.root else ""
+            try:
+                rel = folder.relative_to(self.root).as_posix() if folder != self.root else ""
+            except ValueError:  # not below the root: keep everything rather than guess
+                rel = ""
             kept_prefixes.append(rel + "/" if rel else "")
 
         new, changed = [], []
