@@ -19,6 +19,7 @@ from .calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets,
 from .data import from_image_folder
 from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
+from .paths import path_text
 from .features import encode_dataset, encode_folder
 from .heads.zeroshot import ZeroShotHead, fit_zeroshot
 from .images import find_images, is_image_path
@@ -66,7 +67,7 @@ class Classification:
         pred_k, prob_k``."""
         order, values = self.top_k(k)
         names = np.asarray(self.classnames, dtype=object)
-        columns: dict[str, object] = {"path": self.paths}
+        columns: dict[str, object] = {"path": [path_text(p) for p in self.paths]}  # any file name
         if self.labels is not None:
             columns["label"] = names[self.labels]
         for rank in range(order.shape[1]):

@@ -21,7 +21,7 @@ def dataset_fingerprint(encoder_id: str, dataset: LabelledImages) -> str:
     """A hash of the encoder id and each item's key (plus size and mtime for files)."""
     digest = hashlib.sha256(encoder_id.encode())
     for key, source in zip(dataset.keys, dataset.sources):
-        digest.update(key.encode())
+        digest.update(key.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
         if isinstance(source, (str, os.PathLike)):
             stat = Path(source).stat()
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())

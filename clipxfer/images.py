@@ -11,7 +11,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -35,15 +35,16 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(root: str | os.PathLike) -> Iterator[Path]:
+def find_images(root: str | os.PathLike, on_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
     """Yield image files below ``root``, recursively, in a stable sorted order.
 
     Symbolic links to folders are followed once: a folder reached again through a link
-    (a symlink loop) is skipped.
+    (a symlink loop) is skipped. A folder that cannot be listed (permission denied) is passed
+    to ``on_error`` as the ``OSError`` (its ``filename`` is the folder) and skipped.
     """
     root = Path(root)
     seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
             dirnames[:] = []
@@ -131,6 +132,8 @@ def _open_rgb(source, name, draft_size: int | None) -> Image.Image:
         raise
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found") from None
+    except PermissionError:
+        raise ImageDecodeError(path, "permission denied (the file cannot be read)") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not an image file PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

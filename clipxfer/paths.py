@@ -41,6 +41,16 @@ def safe_filename(name: str, default: str = "data") -> str:
     return cleaned.strip("-") or default
 
 
+def path_text(path) -> str:
+    """A path as valid UTF-8 text for output files and tables: bytes of a file name that are not
+    UTF-8 (Linux allows any) shown as ``\\xff`` instead of failing to encode."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never half of it."""
     path = Path(path)

@@ -103,6 +103,8 @@ def decode_file(path: Path, size: int) -> tuple[np.ndarray, FileInfo] | Failure:
         return pixels, info
     except ImageDecodeError as exc:
         return Failure(path, exc.reason)
+    except PermissionError:
+        return Failure(path, "permission denied (the file cannot be read)")
     except Exception as exc:  # anything else a hostile file triggers in a decoder
         return Failure(path, f"cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
 

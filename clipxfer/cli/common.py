@@ -11,6 +11,7 @@ import click
 from rich_click import RichGroup
 
 from ..errors import ClipxferError
+from ..paths import path_text
 
 
 def model_options(func):
@@ -108,6 +109,13 @@ def emit_json(value) -> None:
     click.echo(json.dumps(json_safe(value), indent=2, default=str, allow_nan=False))
 
 
+def printable(value) -> str:
+    """``value`` (a path or message) as one safe line of text: bytes that are not UTF-8 (file
+    names may hold any) as ``\\xff``, control characters such as newlines as ``\\n``."""
+    text = path_text(value)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class ErrorReportingGroup(RichGroup):
     """A click group that prints :class:`ClipxferError` as ``error: ...`` and exits 2."""
 
@@ -115,7 +123,7 @@ class ErrorReportingGroup(RichGroup):
         try:
             return super().invoke(ctx)
         except ClipxferError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             # Every command commits or writes atomically, so what finished is already safe.
@@ -131,7 +139,7 @@ def reports_errors(func):
         try:
             return func(*args, **kwargs)
         except ClipxferError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(exc)}", err=True)
             sys.exit(2)
 
     return wrapper

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from ..errors import ClipxferError
+from ..paths import path_text
 from . import main
-from .common import emit_json, model_options
+from .common import emit_json, model_options, printable
 
 INDEX_OPTION = click.option(
     "--index",
@@ -40,9 +41,16 @@ INDEX_OPTION = click.option(
 @click.option("--workers", type=int, default=None, help="Decoding processes (0: decode in this process).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--fail-fast", is_flag=True, help="Stop at the first unreadable file (after saving what is done).")
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Rebuild a damaged index: a new database from the rows of the old one that can still be read,"
+    " then the rest encoded from FOLDER.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and failed files as JSON.")
 def index_command(
-    folder, index_path, from_embeddings, model, device, precision, index_type, workers, batch_size, fail_fast, as_json
+    folder, index_path, from_embeddings, model, device, precision, index_type, workers, batch_size, fail_fast, rebuild,
+    as_json,
 ):
     """Index the images below FOLDER (again: only new and changed files are encoded)."""
     from ..index import Index
@@ -65,16 +73,20 @@ def index_command(
         progress=True,
         device=None if device == "auto" else device,
         precision=None if precision == "auto" else precision,
+        rebuild=rebuild,
     )
     if as_json:
         emit_json(report.to_dict())
         return
+    if rebuild:
+        kept = f"; the damaged database is kept as {printable(report.damaged_copy)}" if report.damaged_copy else ""
+        click.echo(f"rebuilt: {report.recovered} indexed images recovered from the old database{kept}")
     click.echo(
         f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.removed} removed, "
-        f"{report.unchanged} unchanged, {len(report.failed)} failed ({report.index})"
+        f"{report.unchanged} unchanged, {len(report.failed)} failed ({printable(report.index)})"
     )
     for failure in report.failed:
-        click.echo(f"failed: {failure.path}: {failure.reason}")
+        click.echo(f"failed: {printable(failure.path)}: {printable(failure.reason)}")
 
 
 @main.command()
@@ -114,10 +126,11 @@ def search(query, image, k, index_path, model, device, min_score, as_json, as_cs
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["rank", "score", "path"])
         for hit in hits:
-            writer.writerow([hit.rank, f"{hit.score:.6f}", str(hit.path)])
+            # CSV quotes newlines itself; only undecodable bytes need escaping.
+            writer.writerow([hit.rank, f"{hit.score:.6f}", path_text(hit.path)])
     else:
         for hit in hits:
-            click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}")
+            click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {printable(hit.path)}")
 
 
 @main.command()
@@ -133,7 +146,7 @@ def info(index_path, as_json):
         emit_json(details)
         return
     for key, value in details.items():
-        click.echo(f"{key:<14}{value}")
+        click.echo(f"{key:<14}{printable(value)}")
 
 
 @main.command()
@@ -150,4 +163,4 @@ def dups(index_path, threshold, as_json):
         emit_json([pair.to_dict() for pair in pairs])
         return
     for pair in pairs:
-        click.echo(f"{pair.score:.4f}  {pair.a}  {pair.b}")
+        click.echo(f"{pair.score:.4f}  {printable(pair.a)}  {printable(pair.b)}")

@@ -125,6 +125,21 @@ def _file_id(path: Path) -> str:
     return "file-" + digest.hexdigest()[:16]
 
 
+def _load_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
+    """``model_name`` with the weights in ``path``; a file that is not such a checkpoint (a
+    pickle with code in it, garbage, another architecture's weights) is one ClipxferError.
+    open_clip reads checkpoints with ``weights_only``, so nothing in the file is executed."""
+    try:
+        return open_clip.create_model(model_name, pretrained=str(path))
+    except Exception as exc:  # torch and open_clip raise many kinds for a bad file
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        first = next((line.strip() for line in lines if line.strip()), type(exc).__name__)
+        raise ClipxferError(
+            f"{path}: not a usable {model_name} checkpoint ({type(exc).__name__}: {first[:200]}); "
+            f"give a state dict saved from a {model_name} model, or another --model"
+        ) from None
+
+
 class OpenClipEncoder(Encoder):
     """An open_clip model.
 
@@ -178,7 +193,7 @@ class OpenClipEncoder(Encoder):
         if Path(pretrained).expanduser().is_file():
             path = Path(pretrained).expanduser()
             self.id = f"open_clip:{model_name}:{_file_id(path)}"
-            return open_clip.create_model(model_name, pretrained=str(path))
+            return _load_checkpoint(model_name, path)
         self.id = f"open_clip:{model_name}:{pretrained}"
         weights = cached_weights(model_name, pretrained)
         if weights is None:

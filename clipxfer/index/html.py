@@ -9,6 +9,7 @@ from typing import Sequence
 
 from ..errors import ImageDecodeError
 from ..images import open_image
+from ..paths import path_text
 
 THUMBNAIL_SIZE = 192
 
@@ -30,14 +31,14 @@ def results_page(title: str, hits: Sequence) -> str:
     cards = []
     for hit in hits:
         uri = thumbnail_data_uri(hit.path)
-        name = html.escape(hit.path.name)
+        name = html.escape(path_text(hit.path.name))
         image = f'<img src="{uri}" alt="{name}">' if uri else '<div class="missing">unreadable</div>'
         cards.append(
-            f'<figure title="{html.escape(str(hit.path))}">{image}'
+            f'<figure title="{html.escape(path_text(hit.path))}">{image}'
             f"<figcaption>#{hit.rank} &middot; {hit.score:.3f}<br>{name}</figcaption></figure>"
         )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(path_text(title))}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; }}
 main {{ display: flex; flex-wrap: wrap; gap: 12px; }}
@@ -45,7 +46,7 @@ figure {{ margin: 0; width: {THUMBNAIL_SIZE}px; }}
 img, .missing {{ width: {THUMBNAIL_SIZE}px; height: {THUMBNAIL_SIZE}px; object-fit: contain; background: #eee; }}
 figcaption {{ font-size: 12px; word-break: break-all; }}
 </style></head>
-<body><h1>{html.escape(title)}</h1>
+<body><h1>{html.escape(path_text(title))}</h1>
 <main>
 {chr(10).join(cards)}
 </main></body></html>

@@ -7,17 +7,29 @@ Layout of an index folder::
     lock                  held (flock) by the one process updating the index
 
 Consistency: SQLite is the single source of truth, written in batched transactions. Every
-committed change increments ``meta.version``; the FAISS file is named after the version it
-reflects and written atomically. On open, a FAISS file for the current version is loaded, and
-anything else (a crash before the FAISS file was saved, a kill -9 at any point) makes the FAISS
-index be rebuilt from the SQLite rows. So whatever moment a run is killed at, the index loads
-with every committed file, and a re-run continues with the files not committed yet.
+committed change increments ``meta.version`` and draws a new random ``meta.generation``; the
+FAISS file records the generation it was built from and a checksum of its bytes, and is
+written atomically. On open, the FAISS file is used only when its generation, count and
+checksum match the database; anything else (a crash before the FAISS file was saved, a kill -9
+at any point, a database deleted and built again, altered bytes) makes the FAISS index be
+rebuilt from the SQLite rows and saved again. Scores a healthy index cannot produce (outside
+[-1, 1] for unit vectors) also trigger a rebuild. So whatever moment a run is killed at, the
+index loads with every committed file, and a re-run continues with the files not committed yet.
+
+Readers (search, info) open SQLite read-only and write nothing when the folder is not
+writable, so an index on read-only media or owned by another user can still be searched. A
+damaged database is reported in one line, with ``clipxfer index --rebuild`` to rebuild it from
+the images (keeping every row that can still be read).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
+import math
 import os
+import sqlite3
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +81,8 @@ class UpdateReport:
     unchanged: int = 0
     failed: list[Failure] = field(default_factory=list)
     total: int = 0
+    recovered: int = 0  # rows kept from a damaged database by --rebuild
+    damaged_copy: str | None = None  # where --rebuild kept a damaged database it could not fully read
 
     def to_dict(self) -> dict:
         """The stable JSON form: counts, ``failed_count`` and ``failed`` as {path, reason} objects."""
@@ -110,6 +124,22 @@ def _close_inherited_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def writer_pid(folder: Path) -> str | None:
+    """The pid of the process updating the index in ``folder``, or None when none is."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
 
 
 class WriterLock:
@@ -158,6 +188,91 @@ def _faiss_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("vectors-*.faiss"))
 
 
+def _faiss_version(file: Path) -> int:
+    try:
+        return int(file.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _rebuild_hint(folder: Path, root: str | None = None, model_spec: str | None = None) -> str:
+    """The quoted ``--rebuild`` command, with what to fill in where the database no longer says."""
+    command = f"'clipxfer index {root or 'FOLDER'} --index {folder} --model {model_spec or 'SPEC'} --rebuild'"
+    notes = ([] if root else ["FOLDER: the folder of images it indexed"]) + (
+        [] if model_spec else ["SPEC: the model it was built with"]
+    )
+    return command + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def damaged_error(folder: Path, reason: str) -> ClipxferError:
+    """The one line for a damaged database: what is wrong, what can be recovered, and how."""
+    found = store.salvage(folder / DB_FILE)
+    if found.meta.get("model_id") and found.rows:
+        recover = f"{len(found.rows)} indexed images can still be read and are kept without re-encoding"
+    else:
+        recover = "nothing in it can be recovered, so every image will be encoded again"
+    hint = _rebuild_hint(folder, found.meta.get("root"), found.meta.get("model_spec"))
+    return ClipxferError(f"index {folder} is damaged ({reason}); {recover}: rebuild it with {hint}")
+
+
+def _cannot_write(folder: Path, exc: BaseException) -> ClipxferError:
+    why = getattr(exc, "strerror", None) or str(exc)
+    return ClipxferError(
+        f"cannot write index {folder} ({why}): it is read-only here; search and info still work, "
+        "or give another --index to build one"
+    )
+
+
+def _disk_full(folder: Path) -> ClipxferError:
+    return ClipxferError(
+        f"disk full while writing index {folder}: the images indexed so far are kept; "
+        "free some space and run the same command again to resume"
+    )
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _sqlite_error(folder: Path, exc: sqlite3.Error) -> ClipxferError:
+    """A SQLite error as one line: disk full, read-only, busy, or a damaged database."""
+    code = store.error_code(exc)
+    if code == sqlite3.SQLITE_FULL:
+        return _disk_full(folder)
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return _cannot_write(folder, exc)
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return ClipxferError(f"index {folder} is busy ({exc}): try again in a moment")
+    return damaged_error(folder, str(exc))
+
+
+def _reports_damage(method):
+    """SQLite errors while reading an index become one line (see :func:`_sqlite_error`)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _sqlite_error(self.path, exc) from None
+
+    return wrapper
+
+
+def _check_search_options(k, min_score) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ClipxferError(f"-k {k}: the number of results must be a whole number of at least 1")
+    if min_score is not None and not math.isfinite(min_score):
+        raise ClipxferError(f"--min-score {min_score}: give a number, a cosine similarity between -1 and 1")
+
+
+def _scores_possible(index, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> bool:
+    """False when FAISS returned scores that unit vectors cannot have (a damaged cache)."""
+    found = ids >= 0
+    limit = vectors.score_bound(index) * np.linalg.norm(queries, axis=1, keepdims=True)
+    return bool(np.all(np.isfinite(scores[found])) and np.all(np.abs(scores) <= limit, where=found))
+
+
 class Index:
     """An indexed image folder: search by text or image, near duplicates, stored vectors.
 
@@ -169,6 +284,7 @@ class Index:
         self._conn = conn
         self._meta = meta
         self._faiss = None
+        self._cache_generation: str | None = None  # set when the FAISS file on disk is current
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -177,11 +293,31 @@ class Index:
         folder = resolve_index_path(path)
         if not (folder / DB_FILE).is_file():
             raise ClipxferError(f"no index at {folder}: build one with 'clipxfer index DIR --index {folder}'")
-        conn = store.connect(folder / DB_FILE)
-        meta = store.get_meta(conn)
-        if "model_id" not in meta:
+        try:
+            conn = store.connect_readonly(folder / DB_FILE)
+        except sqlite3.Error as exc:
+            raise _sqlite_error(folder, exc) from None
+        try:
+            meta = store.get_meta(conn) if store.has_schema(conn) else None
+            if meta is None or "model_id" not in meta:
+                conn.close()
+                pid = writer_pid(folder)
+                if pid is not None:
+                    raise ClipxferError(
+                        f"index {folder} is being built by another process (pid {pid}): "
+                        "try again when its first batch is saved"
+                    )
+                if meta is None:
+                    raise ClipxferError(
+                        f"index {folder} is empty or damaged (index.sqlite has no tables); nothing in it can be "
+                        f"recovered: rebuild it with {_rebuild_hint(folder)}"
+                    )
+                raise ClipxferError(
+                    f"index {folder} is incomplete (its first run stopped early): run 'clipxfer index' again"
+                )
+        except sqlite3.Error as exc:
             conn.close()
-            raise ClipxferError(f"index {folder} is incomplete (its first run stopped early): run 'clipxfer index' again")
+            raise _sqlite_error(folder, exc) from None
         return cls(folder, conn, meta)
 
     def close(self) -> None:
@@ -220,6 +356,7 @@ class Index:
         """Requested index type: flat, hnsw, ivf or auto."""
         return self._meta["index_type"]
 
+    @_reports_damage
     def __len__(self) -> int:
         return store.count(self._conn)
 
@@ -230,27 +367,54 @@ class Index:
             self._faiss = self._load_or_rebuild()
         return self._faiss
 
-    def _load_or_rebuild(self):
+    def _load_or_rebuild(self, trust_file: bool = True):
+        """The saved FAISS index when it belongs to the current database content, else one built
+        from the SQLite rows (and saved for the next reader, where this folder is writable)."""
         conn = self._conn
         conn.execute("BEGIN")  # one snapshot for the version and the rows
         try:
             meta = store.get_meta(conn)
             expected = store.count(conn)
+            generation = meta.get("generation")
             file = self.path / f"vectors-{meta.get('version', '0')}.faiss"
-            if file.is_file():
+            if trust_file and file.is_file():
                 try:
-                    index = vectors.load(file)
-                    if index.ntotal == expected:
-                        return index
-                except RuntimeError:  # unreadable cache: rebuilt below
+                    index = vectors.load(file, generation, expected)
+                    self._cache_generation = generation
+                    return index
+                except (vectors.StaleCache, OSError):  # rebuilt below
                     pass
+            self._cache_generation = None
             ids, _, embeddings, _ = store.vectors(conn, self.dim)
         finally:
             conn.rollback()
         factory = vectors.factory_string(meta["index_type"], len(ids), self.dim)
-        return vectors.build(factory, embeddings, ids, self.dim)
+        index = vectors.build(factory, embeddings, ids, self.dim)
+        self._try_save_cache(index, file, generation)
+        return index
+
+    def _try_save_cache(self, index, file: Path, generation: str | None) -> None:
+        """Save a rebuilt FAISS index for later readers: only where the folder is writable and no
+        writer is at work (the writer saves its own), and only while the database is unchanged.
+
+        No lock is taken, so a reader never makes a writer wait or fail; a file saved just as a
+        writer commits is named after an old version and carries an old generation, so it is
+        never loaded, and the writer's next save removes it."""
+        if generation is None or not os.access(self.path, os.W_OK) or writer_pid(self.path) is not None:
+            return
+        try:
+            if store.get_meta(self._conn).get("generation") != generation:
+                return
+            vectors.save(index, file, generation)
+            self._cache_generation = generation
+            for old in _faiss_files(self.path):  # older versions only: a writer may be saving a newer one
+                if _faiss_version(old) < _faiss_version(file):
+                    old.unlink(missing_ok=True)
+        except (OSError, sqlite3.Error):
+            pass  # a cache that cannot be written only costs the next reader a rebuild
 
     # -- reading -------------------------------------------------------------------------
+    @_reports_damage
     def load_encoding(self) -> tuple[list[Path], "ImageEncoding"]:
         """Absolute paths and stored vectors of all items, by id (features = embeddings when
         the encoder has no separate probe features)."""
@@ -280,8 +444,10 @@ class Index:
             raise _model_mismatch(self.path, self.model_id, self.model_spec, encoder.id)
         return encoder
 
+    @_reports_damage
     def search_vectors(self, queries: np.ndarray, k: int = 10, min_score: float | None = None) -> list[list[Hit]]:
         """Top-``k`` hits for each query row (unit vectors in this index's space)."""
+        _check_search_options(k, min_score)
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None]
@@ -291,6 +457,10 @@ class Index:
         if index.ntotal == 0:
             return [[] for _ in queries]
         scores, ids = vectors.search(index, queries, k)
+        if not _scores_possible(index, queries, scores, ids):
+            # Only a damaged FAISS file gives these: rebuild it from SQLite and search again.
+            self._faiss = index = self._load_or_rebuild(trust_file=False)
+            scores, ids = vectors.search(index, queries, k)
         paths = store.paths_for(self._conn, {int(i) for i in ids.ravel() if i >= 0})
         results = []
         for row_scores, row_ids in zip(scores, ids):
@@ -308,14 +478,19 @@ class Index:
         """Images best matching a text query (its embedding is cached on disk)."""
         from .textcache import cached_text_embeddings
 
+        if not isinstance(query, str) or not query.strip():
+            raise ClipxferError("the search query is empty: give some words describing the images to find")
+        _check_search_options(k, min_score)
         encoder = self.encoder(model)
         return self.search_vectors(cached_text_embeddings(encoder, [query]), k, min_score)[0]
 
     def search_image(self, image, k: int = 10, model=None, min_score: float | None = None) -> list[Hit]:
         """Images most similar to ``image`` (a path, PIL image or uint8 array)."""
+        _check_search_options(k, min_score)
         encoder = self.encoder(model)
         return self.search_vectors(encoder.encode_images([image]), k, min_score)[0]
 
+    @_reports_damage
     def duplicates(self, threshold: float = 0.95) -> list[DuplicatePair]:
         """Pairs of items with cosine similarity >= ``threshold``, most similar first (exact)."""
         import faiss
@@ -334,6 +509,7 @@ class Index:
         pairs.sort(key=lambda p: (-p.score, str(p.a), str(p.b)))
         return pairs
 
+    @_reports_damage
     def info(self) -> dict:
         """Model id, count, dimensions, index type, bytes on disk, last update (stable keys)."""
         self._meta = store.get_meta(self._conn)
@@ -371,32 +547,87 @@ class Index:
         progress: bool = False,
         device: str | None = None,
         precision: str | None = None,
+        rebuild: bool = False,
     ) -> UpdateReport:
         """Create or refresh the index at ``path`` for the images below ``root``.
 
         New and changed files are encoded, deleted ones removed, moved or renamed ones found by
-        content hash and kept without re-encoding. Unreadable files are reported in
+        content hash and kept without re-encoding. Unreadable files and folders are reported in
         ``report.failed`` (with ``fail_fast``: the run stops with a ClipxferError after saving
-        what it did). ``model`` defaults to the index's own model, or the default model for a
-        new index; another model than the index's is refused.
+        what it did); the indexed images of a folder that cannot be read are kept. ``model``
+        defaults to the index's own model, or the default model for a new index; another model
+        than the index's is refused. ``rebuild`` starts a new database from the rows of the old
+        one that can still be read (for a damaged index), then updates it as usual.
         """
+        from ..encoders.registry import load_encoder
+
         root = Path(root).expanduser().resolve()
         if not root.is_dir():
             raise ClipxferError(f"{root} is not a folder: give the folder of images to index")
         folder = resolve_index_path(path)
         if index_type is not None:
             vectors.resolve_index_type(index_type, 0, 1)  # validate early
-        folder.mkdir(parents=True, exist_ok=True)
-        with WriterLock(folder):
+        if not (folder / DB_FILE).is_file() and (model is None or isinstance(model, str)):
+            # A new index: load the model first, so a model that fails to load creates nothing.
+            model = load_encoder(model, device, precision)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = WriterLock(folder)
+            lock.__enter__()
+        except OSError as exc:
+            raise _cannot_write(folder, exc) from None
+        try:
             for stray in folder.glob(".vectors-*.tmp-*"):  # left by a run killed while saving
                 stray.unlink(missing_ok=True)
+            recovered = _set_aside_for_rebuild(folder, root) if rebuild else None
             conn = store.connect(folder / DB_FILE, create=True)
             try:
                 writer = _Writer(folder, conn, root, index_type, device, precision)
+                if recovered is not None:
+                    writer.restore(recovered)
                 writer.open(model)
                 return writer.run(workers, batch_size, fail_fast, progress)
             finally:
                 conn.close()
+        except sqlite3.Error as exc:
+            raise _sqlite_error(folder, exc) from None
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise _disk_full(folder) from None
+            if exc.errno in _READ_ONLY_ERRNOS and exc.filename and Path(exc.filename).parent == folder:
+                raise _cannot_write(folder, exc) from None
+            raise
+        finally:
+            lock.__exit__(None, None, None)
+
+
+@dataclass
+class _Recovered:
+    """Rows read back from a database set aside by ``--rebuild``."""
+
+    salvage: "store.Salvage"
+    set_aside: Path  # the old database, kept while it holds anything not recovered
+    complete: bool
+
+
+REQUIRED_META = ("model_id", "dim", "feature_dim", "store_features", "index_type", "root")
+
+
+def _set_aside_for_rebuild(folder: Path, root: Path) -> _Recovered | None:
+    """Move the database out of the way for ``--rebuild``, keeping what can be read from it."""
+    db = folder / DB_FILE
+    if not db.is_file():
+        return None
+    found = store.salvage(db)
+    usable = all(key in found.meta for key in REQUIRED_META) and found.meta["root"] == str(root)
+    if not usable:
+        found = store.Salvage(error=found.error or "no usable meta")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = folder / f"{DB_FILE}.damaged-{stamp}"
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{db}{suffix}").exists():
+            os.replace(f"{db}{suffix}", f"{aside}{suffix}")
+    return _Recovered(found, aside, complete=found.error is None)
 
 
 class _Writer:
@@ -407,11 +638,25 @@ class _Writer:
         self.requested_type = index_type
         self.device, self.precision = device, precision
 
+    def restore(self, recovered: _Recovered) -> None:
+        """Fill the new database with the rows recovered by ``--rebuild``."""
+        self.recovered = recovered
+        if recovered.salvage.meta:
+            store.restore(self.conn, recovered.salvage)
+            store.bump_version(self.conn)
+            self.conn.commit()
+        if recovered.complete:  # everything was copied: the old file holds nothing more
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{recovered.set_aside}{suffix}").unlink(missing_ok=True)
+
     def open(self, model) -> None:
         """Create the meta rows or check them against this run; load the vectors."""
         from ..encoders.registry import load_encoder, precision_for_id, spec_for_id
 
         meta = store.get_meta(self.conn)
+        if "model_id" in meta and "generation" not in meta:
+            store.bump_version(self.conn)  # an index from before generations: give it one
+            self.conn.commit()
         if "model_id" in meta:
             if Path(meta["root"]) != self.root:
                 raise ClipxferError(
@@ -455,6 +700,7 @@ class _Writer:
         self.store_features = self.meta["store_features"] == "1"
         reader = Index(self.folder, self.conn, self.meta)
         self.faiss = reader._vectors()
+        self.cache_generation = reader._cache_generation  # the FAISS file on disk is current for it
         # After the index type changed, the final step rebuilds anyway.
         if vectors.describe(self.faiss) != vectors.factory_string(self.meta["index_type"], self.faiss.ntotal, self.dim):
             self.faiss = None
@@ -479,9 +725,26 @@ class _Writer:
 
     def run(self, workers, batch_size: int, fail_fast: bool, progress: bool) -> UpdateReport:
         report = UpdateReport(str(self.folder), str(self.root), self.encoder.id)
+        recovered = getattr(self, "recovered", None)
+        if recovered is not None:
+            report.recovered = len(recovered.salvage.rows)
+            report.damaged_copy = None if recovered.complete else str(recovered.set_aside)
         existing = {row.path: row for row in store.rows(self.conn)}
-        on_disk = {p.relative_to(self.root).as_posix(): p for p in find_images(self.root)}
+        unreadable: list[OSError] = []
+        on_disk = {p.relative_to(self.root).as_posix(): p for p in find_images(self.root, on_error=unreadable.append)}
         report.total = len(on_disk)
+        # A folder that cannot be listed is not a deleted one: its rows stay.
+        kept_prefixes = []
+        for exc in unreadable:
+            folder = Path(exc.filename)
+            report.failed.append(
+                Failure(folder, f"cannot read folder ({exc.strerror or exc}); its indexed images are kept")
+            )
+            try:
+                rel = folder.relative_to(self.root).as_posix() if folder != self.root else ""
+            except ValueError:  # not below the root: keep everything rather than guess
+                rel = ""
+            kept_prefixes.append(rel + "/" if rel else "")
 
         new, changed = [], []
         for rel, full in on_disk.items():
@@ -498,7 +761,11 @@ class _Writer:
                 report.unchanged += 1
             else:
                 changed.append(rel)
-        vanished = [row for rel, row in existing.items() if rel not in on_disk]
+        vanished = [
+            row
+            for rel, row in existing.items()
+            if rel not in on_disk and not any(rel.startswith(prefix) for prefix in kept_prefixes)
+        ]
 
         new = self._apply_moves(new, vanished, on_disk, report)
         gone = [row.id for row in vanished if row.id not in self._moved_ids]
@@ -604,8 +871,11 @@ class _Writer:
         if self.faiss is None or vectors.describe(self.faiss) != factory or self.faiss.ntotal != count:
             ids, _, embeddings, _ = store.vectors(self.conn, self.dim)
             self.faiss = vectors.build(factory, embeddings, ids, self.dim)
-        if not target.is_file():
-            vectors.save(self.faiss, target)
+        # Written unless the file there was loaded and verified for this very content: a stale
+        # or damaged file under the same name is replaced.
+        if self.cache_generation != meta["generation"] or not target.is_file():
+            vectors.save(self.faiss, target, meta["generation"])
+            self.cache_generation = meta["generation"]
         for old in _faiss_files(self.folder):
             if old != target:
                 old.unlink(missing_ok=True)

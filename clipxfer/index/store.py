@@ -3,15 +3,23 @@
 SQLite is the index's source of truth. Each row holds the file's path relative to the indexed
 folder, size, mtime, SHA-256, width and height, its embedding (float32 blob) and, for encoders
 whose probe features differ from the embedding (``lite``), its features (float16 blob). The
-``version`` in ``meta`` goes up with every committed change, and the FAISS file carries the
-version it was saved at, so a stale FAISS file (after a crash) is recognised and rebuilt.
+``version`` in ``meta`` goes up with every committed change and ``generation`` becomes a new
+random token with it; the FAISS file carries the generation it was built from, so a stale FAISS
+file (after a crash, or left from an index whose database was deleted and built again) is
+recognised and rebuilt.
+
+Paths are stored losslessly: as TEXT when the file name is valid UTF-8, else as a BLOB of the
+raw file-system bytes (``os.fsencode``), so any file name Linux allows can be indexed.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import quote
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -49,6 +57,51 @@ class Row:
     height: int
 
 
+def encode_path(rel: str) -> str | bytes:
+    """The stored form of a relative path: the text itself, or its raw bytes when the name is
+    not valid UTF-8 (Python holds such names with surrogate escapes, which SQLite refuses)."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel)
+
+
+def decode_path(value: str | bytes) -> str:
+    """Inverse of :func:`encode_path`."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open the database for reading only: nothing in the index folder is written.
+
+    A WAL database normally needs its ``-shm`` file (created by the first reader); where the
+    folder cannot be written (read-only media, another user's index) SQLite is told the file is
+    immutable instead, which is true for as long as nobody can write there.
+    """
+    uri = "file:" + quote(os.fsencode(Path(path).absolute()).decode("utf-8", "surrogateescape"))
+    conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        if error_code(exc) not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+            raise
+        conn.close()
+    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=30)
+
+
+def error_code(exc: sqlite3.Error) -> int:
+    """The primary SQLite result code of ``exc`` (SQLITE_FULL, SQLITE_CORRUPT, ...)."""
+    return getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_ERROR) & 0xFF
+
+
+def has_schema(conn: sqlite3.Connection) -> bool:
+    """True when the ``meta`` and ``items`` tables exist."""
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return {"meta", "items"} <= names
+
+
 def connect(path: Path, create: bool = False) -> sqlite3.Connection:
     """Open the database; ``create`` (the writer) also sets up WAL mode and the schema.
 
@@ -80,14 +133,16 @@ def set_meta(conn: sqlite3.Connection, **values) -> None:
 def bump_version(conn: sqlite3.Connection) -> int:
     """Mark a change (within the caller's transaction): new version, updated time."""
     version = int(get_meta(conn).get("version", "0")) + 1
-    set_meta(conn, version=version, updated=time.time())
+    set_meta(conn, version=version, generation=secrets.token_hex(16), updated=time.time())
     return version
 
 
 def rows(conn: sqlite3.Connection) -> Iterator[Row]:
     """All rows without vectors, by id."""
-    for values in conn.execute("SELECT id, path, size, mtime_ns, sha256, width, height FROM items ORDER BY id"):
-        yield Row(*values)
+    for item_id, path, *values in conn.execute(
+        "SELECT id, path, size, mtime_ns, sha256, width, height FROM items ORDER BY id"
+    ):
+        yield Row(item_id, decode_path(path), *values)
 
 
 def count(conn: sqlite3.Connection) -> int:
@@ -99,7 +154,7 @@ def insert(conn: sqlite3.Connection, values: dict, embedding: np.ndarray, featur
     cursor = conn.execute(
         "INSERT INTO items (path, size, mtime_ns, sha256, width, height, embedding, features)"
         " VALUES (:path, :size, :mtime_ns, :sha256, :width, :height, :embedding, :features)",
-        {**values, "embedding": _f32(embedding), "features": _f16(features)},
+        {**values, "path": encode_path(values["path"]), "embedding": _f32(embedding), "features": _f16(features)},
     )
     return cursor.lastrowid
 
@@ -115,7 +170,7 @@ def replace_content(conn: sqlite3.Connection, item_id: int, values: dict, embedd
 
 def move(conn: sqlite3.Connection, item_id: int, path: str, size: int, mtime_ns: int) -> None:
     """Same content under a new path: the vectors stay."""
-    conn.execute("UPDATE items SET path=?, size=?, mtime_ns=? WHERE id=?", (path, size, mtime_ns, item_id))
+    conn.execute("UPDATE items SET path=?, size=?, mtime_ns=? WHERE id=?", (encode_path(path), size, mtime_ns, item_id))
 
 
 def delete(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
@@ -129,7 +184,7 @@ def vectors(conn: sqlite3.Connection, dim: int, feature_dim: int | None = None):
     query = "SELECT id, path, embedding" + (", features" if with_features else "") + " FROM items ORDER BY id"
     for row in conn.execute(query):
         ids.append(row[0])
-        paths.append(row[1])
+        paths.append(decode_path(row[1]))
         embeddings.append(row[2])
         if with_features:
             features.append(row[3])
@@ -147,7 +202,7 @@ def paths_for(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, str]:
     for start in range(0, len(ids), 500):
         part = ids[start : start + 500]
         marks = ",".join("?" * len(part))
-        found.update(conn.execute(f"SELECT id, path FROM items WHERE id IN ({marks})", part))
+        found.update((i, decode_path(p)) for i, p in conn.execute(f"SELECT id, path FROM items WHERE id IN ({marks})", part))
     return found
 
 
@@ -157,3 +212,51 @@ def _f32(array: np.ndarray) -> bytes:
 
 def _f16(array: np.ndarray | None) -> bytes | None:
     return None if array is None else np.ascontiguousarray(array, dtype=np.float16).tobytes()
+
+
+@dataclass
+class Salvage:
+    """What could be read back from a (possibly damaged) database."""
+
+    meta: dict[str, str] = field(default_factory=dict)
+    rows: list[tuple] = field(default_factory=list)  # full ``items`` rows, as stored
+    error: str | None = None  # the first read error, None when everything was read
+
+
+ITEM_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, embedding, features"
+
+
+def salvage(path: Path) -> Salvage:
+    """Read whatever is readable from the database at ``path`` (read-only), row by row.
+
+    Rows whose vectors do not have the meta's dimensions are left out; without a readable
+    ``meta`` no row can be trusted (the model that made its vectors is unknown).
+    """
+    found = Salvage()
+    try:
+        conn = connect_readonly(path)
+    except sqlite3.Error as exc:
+        found.error = str(exc)
+        return found
+    try:
+        found.meta = get_meta(conn)
+        dim = int(found.meta["dim"])
+        feature_dim = int(found.meta["feature_dim"]) if found.meta.get("store_features") == "1" else None
+        for row in conn.execute(f"SELECT {ITEM_COLUMNS} FROM items ORDER BY id"):
+            embedding, features = row[7], row[8]
+            if not isinstance(embedding, bytes) or len(embedding) != 4 * dim:
+                continue
+            if feature_dim is not None and (not isinstance(features, bytes) or len(features) != 2 * feature_dim):
+                continue
+            found.rows.append(tuple(row))
+    except (sqlite3.Error, KeyError, ValueError) as exc:
+        found.error = str(exc) if isinstance(exc, sqlite3.Error) else f"meta table incomplete ({exc})"
+    finally:
+        conn.close()
+    return found
+
+
+def restore(conn: sqlite3.Connection, salvaged: Salvage) -> None:
+    """Write salvaged meta and rows into a fresh database (within the caller's transaction)."""
+    set_meta(conn, **{k: v for k, v in salvaged.meta.items() if k != "generation"})
+    conn.executemany(f"INSERT INTO items ({ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", salvaged.rows)

@@ -25,15 +25,18 @@ def _connect() -> sqlite3.Connection:
 
 
 def cached_text_embeddings(encoder, texts: Sequence[str]) -> np.ndarray:
-    """``encoder.encode_texts(texts)``, reading and filling the on-disk cache."""
+    """``encoder.encode_texts(texts)``, reading and filling the on-disk cache.
+
+    A cache that cannot be opened or written (read-only home, full disk) only costs speed.
+    """
     texts = list(texts)
     key = f"{encoder.id}@{getattr(encoder, 'dtype', '')}"
     found: dict[str, np.ndarray] = {}
     try:
         conn = _connect()
-    except sqlite3.Error:  # an unwritable cache only costs speed
+    except (sqlite3.Error, OSError):
         return encoder.encode_texts(texts)
-    with conn:
+    try:
         for text in set(texts):
             row = conn.execute(
                 "SELECT embedding FROM text_embeddings WHERE model_id=? AND text=?", (key, text)
@@ -45,9 +48,16 @@ def cached_text_embeddings(encoder, texts: Sequence[str]) -> np.ndarray:
             encoded = encoder.encode_texts(missing)
             for text, vector in zip(missing, encoded):
                 found[text] = vector
-            conn.executemany(
-                "INSERT OR REPLACE INTO text_embeddings (model_id, text, embedding) VALUES (?, ?, ?)",
-                [(key, t, np.asarray(found[t], np.float32).tobytes()) for t in missing],
-            )
-    conn.close()
+            try:
+                with conn:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO text_embeddings (model_id, text, embedding) VALUES (?, ?, ?)",
+                        [(key, t, np.asarray(found[t], np.float32).tobytes()) for t in missing],
+                    )
+            except (sqlite3.Error, UnicodeEncodeError):
+                pass
+    except (sqlite3.Error, UnicodeEncodeError):
+        found = dict(zip(texts, encoder.encode_texts(texts)))
+    finally:
+        conn.close()
     return np.stack([found[t] for t in texts]).astype(np.float32)

@@ -13,6 +13,8 @@ half the RAM, IVF-PQ beyond.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -98,23 +100,62 @@ def can_update(index: faiss.Index) -> bool:
     return not isinstance(inner, faiss.IndexHNSW) and index.is_trained
 
 
-def save(index: faiss.Index, path: Path) -> None:
-    """Write ``index`` to ``path`` atomically: readers see the old file or the new one."""
+CACHE_MAGIC = b"CLIPXFER-FAISS 1\n"
+
+
+class StaleCache(Exception):
+    """A FAISS cache file that does not belong to the current database content."""
+
+
+def save(index: faiss.Index, path: Path, generation: str) -> None:
+    """Write ``index`` to ``path`` atomically (readers see the old file or the new one), bound to
+    the database ``generation`` it was built from and checksummed, replacing any file there."""
     path = Path(path)
+    data = faiss.serialize_index(index).tobytes()
+    header = {"generation": generation, "ntotal": int(index.ntotal), "sha256": hashlib.sha256(data).hexdigest()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        with open(tmp, "wb") as handle:
+            handle.write(CACHE_MAGIC + json.dumps(header).encode() + b"\n")
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk-full write leaves no half file behind
+        raise
 
 
-def load(path: Path) -> faiss.IndexIDMap2:
-    """Read an index written by :func:`save`."""
-    index = faiss.read_index(str(path))
-    return _tune(faiss.downcast_index(index) if not isinstance(index, faiss.IndexIDMap2) else index)
+def load(path: Path, generation: str | None, count: int) -> faiss.IndexIDMap2:
+    """Read an index written by :func:`save`; raises :class:`StaleCache` unless it was built from
+    database ``generation``, holds ``count`` vectors and its bytes are intact."""
+    blob = Path(path).read_bytes()
+    if not blob.startswith(CACHE_MAGIC) or generation is None:
+        raise StaleCache(f"{path}: not a clipxfer FAISS cache of this database")
+    end = blob.index(b"\n", len(CACHE_MAGIC))
+    try:
+        header = json.loads(blob[len(CACHE_MAGIC) : end])
+    except ValueError:
+        raise StaleCache(f"{path}: unreadable header") from None
+    data = memoryview(blob)[end + 1 :]
+    if header.get("generation") != generation or header.get("ntotal") != count:
+        raise StaleCache(f"{path}: built from other database content")
+    if hashlib.sha256(data).hexdigest() != header.get("sha256"):
+        raise StaleCache(f"{path}: damaged (checksum mismatch)")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise StaleCache(f"{path}: unreadable ({exc})") from None
+    index = faiss.downcast_index(index) if not isinstance(index, faiss.IndexIDMap2) else index
+    if not isinstance(index, faiss.IndexIDMap2) or index.ntotal != count:
+        raise StaleCache(f"{path}: not an id-mapped index of {count} vectors")
+    return _tune(index)
+
+
+def score_bound(index: faiss.Index) -> float:
+    """The largest |score| / |query| a healthy index can return for unit vectors: 1 for exact
+    vectors (plus float error), more for product-quantised ones (approximated vectors)."""
+    return 2.0 if "PQ" in describe(index) else 1.0 + 1e-3
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
