@@ -153,6 +153,8 @@ def prompts(name, as_json):
 
     A set is a text file, one template per line with {} where the class name goes and # comment
     lines; any such file works wherever a set name does (--templates FILE).
+
+    Example: clipxfer prompts industrial
     """
     from ..prompts import list_template_sets, load_templates
 

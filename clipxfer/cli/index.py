@@ -52,7 +52,10 @@ def index_command(
     folder, index_path, from_embeddings, model, device, precision, index_type, workers, batch_size, fail_fast, rebuild,
     as_json,
 ):
-    """Index the images below FOLDER (again: only new and changed files are encoded)."""
+    """Index the images below FOLDER (again: only new and changed files are encoded).
+
+    Example: clipxfer index ~/Pictures --index idx --model lite
+    """
     from ..index import Index
 
     if (folder is None) == (from_embeddings is None):
@@ -101,7 +104,10 @@ def index_command(
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV with columns rank, score, path.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write an HTML page with thumbnails.")
 def search(query, image, k, index_path, model, device, min_score, as_json, as_csv, html_path):
-    """Find indexed images matching a text QUERY (or --image PATH)."""
+    """Find indexed images matching a text QUERY (or --image PATH).
+
+    Example: clipxfer search "a cracked weld" --index idx -k 5 --html results.html
+    """
     from ..index import Index
 
     if (query is None) == (image is None):
@@ -137,7 +143,10 @@ def search(query, image, k, index_path, model, device, min_score, as_json, as_cs
 @INDEX_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def info(index_path, as_json):
-    """Model, size, index type and last update of an index."""
+    """Model, size, index type and last update of an index.
+
+    Example: clipxfer info --index idx --json
+    """
     from ..index import Index
 
     with Index.open(index_path) as idx:
@@ -154,7 +163,10 @@ def info(index_path, as_json):
 @click.option("--threshold", type=float, default=0.95, show_default=True, help="Minimum cosine similarity.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {score, a, b}.")
 def dups(index_path, threshold, as_json):
-    """Near-duplicate image pairs in an index, most similar first."""
+    """Near-duplicate image pairs in an index, most similar first.
+
+    Example: clipxfer dups --index idx --threshold 0.95
+    """
     from ..index import Index
 
     with Index.open(index_path) as idx:

@@ -77,7 +77,10 @@ def _run(method: str, data, shots, seed, out, templates, index_path, max_test, c
 @click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
               help="Start from a meta-trained head (clipxfer meta-train).")
 def probe(prior, l2, init, **kwargs):
-    """Linear probe (logistic regression) on DATA with K shots per class."""
+    """Linear probe (logistic regression) on DATA with K shots per class.
+
+    Example: clipxfer probe my_defects/ --shots 16 --seed 0 --model lite --out probe.safetensors
+    """
     _run("probe", prior=prior, l2=l2, **({"init": init} if init else {}), **kwargs)
 
 
@@ -88,7 +91,10 @@ def probe(prior, l2, init, **kwargs):
 @click.option("--key-space", type=click.Choice(["features", "embeddings"]), default="features", show_default=True,
               help="What the cache keys are made of.")
 def tip(finetune, steps, key_space, **kwargs):
-    """Tip-Adapter (training-free cache), or Tip-Adapter-F with --finetune."""
+    """Tip-Adapter (training-free cache), or Tip-Adapter-F with --finetune.
+
+    Example: clipxfer tip my_defects/ --shots 16 --model lite --finetune
+    """
     _run("tip", finetune=finetune, steps=steps, key_space=key_space, **kwargs)
 
 
@@ -105,7 +111,10 @@ def tip(finetune, steps, key_space, **kwargs):
 @click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
               help="Start from a meta-trained head (clipxfer meta-train).")
 def coop(n_ctx, ctx_init, class_token_position, class_specific_context, max_steps, epochs, lr, init, **kwargs):
-    """CoOp prompt tuning through the frozen text tower."""
+    """CoOp prompt tuning through the frozen text tower.
+
+    Example: clipxfer coop my_defects/ --shots 16 --model lite --n-ctx 16
+    """
     if init:  # the meta-trained context vectors replace --n-ctx/--ctx-init
         kwargs["init"] = init
     else:
@@ -133,7 +142,10 @@ def _mix_value(ctx, param, value):
 @click.option("--mix", "mix_value", default="auto", show_default=True, callback=_mix_value,
               help="Weight of the adapted head in [0, 1], or auto (chosen on validation).")
 def mix(base, mix_value, **kwargs):
-    """WiSE-FT weight-space mixing of the zero-shot head with a probe or CoOp head."""
+    """WiSE-FT weight-space mixing of the zero-shot head with a probe or CoOp head.
+
+    Example: clipxfer mix my_defects/ --shots 16 --model lite --base probe --mix auto
+    """
     _run("mix", base=base, mix=mix_value, **kwargs)
 
 
