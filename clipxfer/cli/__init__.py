@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "adapt",
     "meta",
     "episodes",
+    "anomaly",
 ]
 
 for _name in COMMAND_MODULES:
