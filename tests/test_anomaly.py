@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -37,7 +38,16 @@ def test_encode_patches_tiny_and_lite(tiny, lite):
     assert [m.shape for m in dense.maps] == [(2, grid, grid, 64)]
     assert dense.joint.shape == (2, grid, grid, tiny.dim)
     np.testing.assert_allclose(np.linalg.norm(dense.joint, axis=-1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(dense.image, tiny.encode_pixels(pixels).embeddings, atol=1e-6)
+    # Independent path: open_clip's own forward with output_tokens, tokens through the projection.
+    visual = tiny.model.visual
+    visual.output_tokens = True
+    try:
+        with torch.inference_mode():
+            _, tokens = visual(tiny.pixels_to_tensor(pixels))
+            expected = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1).reshape(2, grid, grid, -1).numpy()
+    finally:
+        visual.output_tokens = False
+    np.testing.assert_allclose(dense.joint, expected, atol=1e-5)
     pixels = rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     maps = lite.encode_patches(pixels)
     assert [m.shape for m in maps.maps] == [(1, 28, 28, 40), (1, 14, 14, 112)]

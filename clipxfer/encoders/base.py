@@ -40,13 +40,11 @@ class PatchFeatures:
     (channels last; deeper maps may be coarser). ``joint``: ``(n, h, w, dim)`` L2-normalised patch
     embeddings in the shared image-text space, comparable with :meth:`Encoder.encode_texts` rows
     (open_clip ViTs: patch tokens through the final norm and projection, as in WinCLIP), or None
-    when the encoder has no such projection (``lite``). ``image``: ``(n, dim)`` the usual image
-    embeddings.
+    when the encoder has no such projection (``lite``).
     """
 
     maps: list[np.ndarray]
     joint: np.ndarray | None
-    image: np.ndarray
 
 
 def l2_normalize(rows: np.ndarray) -> np.ndarray:
@@ -110,9 +108,9 @@ class Encoder(ABC):
             return ImageEncoding(embeddings, embeddings)
         return ImageEncoding(embeddings, features.float().cpu().numpy())
 
-    def _forward_patches(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    def _forward_patches(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Normalised NCHW pixels -> (NCHW feature maps finest first, NCHW joint-space patch
-        embeddings or None, image embeddings). Backends without dense features keep this default."""
+        embeddings or None). Backends without dense features keep this default."""
         from ..errors import ClipxferError
 
         raise ClipxferError(f"model {self.id} has no dense patch features: use --model lite or an open_clip ViT")
@@ -120,11 +118,11 @@ class Encoder(ABC):
     @torch.inference_mode()
     def encode_patches(self, pixels: np.ndarray | torch.Tensor) -> PatchFeatures:
         """Dense patch features of a ``uint8 (n, input_size, input_size, 3)`` batch; see :class:`PatchFeatures`."""
-        maps, joint, image = self._forward_patches(self.pixels_to_tensor(pixels))
+        maps, joint = self._forward_patches(self.pixels_to_tensor(pixels))
         as_rows = [m.float().permute(0, 2, 3, 1).contiguous().cpu().numpy() for m in maps]
         if joint is not None:
             joint = torch.nn.functional.normalize(joint.float().permute(0, 2, 3, 1), dim=-1).contiguous().cpu().numpy()
-        return PatchFeatures(as_rows, joint, l2_normalize(image.float().cpu().numpy()))
+        return PatchFeatures(as_rows, joint)
 
     def embed_images(
         self,

@@ -115,6 +115,7 @@ class LiteEncoder(Encoder):
     patch_stages = (2, 4)
 
     def _forward_patches(self, pixels: torch.Tensor):
+        # Stops after the last stage it needs: the deeper stages and the head are about half the work.
         model = self.image_model
         x = model.bn1(model.conv_stem(pixels))
         maps = []
@@ -122,8 +123,7 @@ class LiteEncoder(Encoder):
             x = stage(x)
             if number in self.patch_stages:
                 maps.append(x)
-        embeddings, _ = self._forward_images(pixels)
-        return maps, None, embeddings
+        return maps, None
 
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Word-piece embeddings of ``input_ids``, the input CoOp's learned context joins."""

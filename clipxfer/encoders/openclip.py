@@ -199,12 +199,13 @@ class OpenClipEncoder(Encoder):
         # projection, land in the text space (WinCLIP's dense zero-shot features).
         middle = sorted({max(depth // 2 - 1, 0), max(3 * depth // 4 - 1, 0)})
         out = visual.forward_intermediates(
-            pixels, indices=sorted({*middle, depth - 1}), normalize_intermediates=True, output_fmt="NCHW"
+            pixels, indices=sorted({*middle, depth - 1}), normalize_intermediates=True, output_fmt="NCHW",
+            intermediates_only=True,
         )
         chosen = dict(zip(sorted({*middle, depth - 1}), out["image_intermediates"]))
         last = chosen[depth - 1]
         joint = last.permute(0, 2, 3, 1) @ visual.proj if visual.proj is not None else last.permute(0, 2, 3, 1)
-        return [chosen[i] for i in middle], joint.permute(0, 3, 1, 2), out["image_features"]
+        return [chosen[i] for i in middle], joint.permute(0, 3, 1, 2)
 
     def _trims_padding(self) -> bool:
         """True for CLIP's own text tower: causal attention pooled at the end token, where the
