@@ -95,8 +95,9 @@ def test_texture_set_is_reproducible_with_masks(tmp_path):
         mask = a / "gravel" / "ground_truth" / kind / "000_mask.png"
         assert mask.is_file() == (group == "local")
         if mask.is_file():
-            share = (np.asarray(Image.open(mask).convert("L")) > 127).mean()
-            assert 0.001 < share < 0.1, (kind, share)
+            pixels = np.argwhere(np.asarray(Image.open(mask).convert("L")) > 127)
+            assert 0.001 < len(pixels) / 250**2 < 0.1, kind
+            assert np.ptp(pixels, axis=0).max() < 160, kind  # local: one compact place, not scattered
 
 
 def test_fit_save_load_score_and_refuse_other_model(tiny, textures, tmp_path):

@@ -112,7 +112,8 @@ def stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     disc = np.clip(1.3 - np.hypot(xx - x, yy - y) / radius, 0, 1)
     noise = np.asarray(noise, np.float32)
     blob = disc + 0.35 * (noise - noise.mean()) / max(float(noise.std()), 1e-6)
-    region = Image.fromarray(((blob > 0.6) * 255).astype(np.uint8))
+    # Noise shapes the edge only near the disc; elsewhere it would scatter spots over the whole part.
+    region = Image.fromarray((((blob > 0.6) & (disc > 0)) * 255).astype(np.uint8))
     alpha = _soft(region, 2.0)
     colour = np.asarray([0.45, 0.3, 0.15] if rng.random() < 0.5 else [0.25, 0.25, 0.25], np.float32)
     stained = image * colour / 0.6
