@@ -193,3 +193,21 @@ def test_cli_fit_score_heatmaps_json_csv(tiny, textures, tmp_path):
     assert table.stdout.splitlines()[0] == "path,score,decision" and len(table.stdout.splitlines()) == 4
     other = runner.invoke(main, ["anomaly", "score", str(test_dir), "--detector", str(det), "--model", "lite"])
     assert other.exit_code == 2 and "fitted with model" in other.output
+
+
+def test_bench_task_anomaly_rows_groups_and_resume(textures, tmp_path):
+    runner = CliRunner()
+    args = ["bench", "--task", "anomaly", "--data", str(textures), "--model", "tiny", "--shots", "1,2", "--seeds", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "anomaly_results.csv")
+    assert sorted(zip(table["shots"], table["group"])) == [(1, "global"), (1, "local"), (2, "global"), (2, "local")]
+    local = table[table["group"] == "local"]
+    assert local["pixel_auroc"].notna().all() and table[table["group"] == "global"]["pixel_auroc"].isna().all()
+    assert (local["n_defect"] == 15).all() and (table["calibration_size"] == 40 - table["shots"]).all()
+    assert "| brick | auto | local | 1 |" in (tmp_path / "anomaly_summary.md").read_text()
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and len(pd.read_csv(tmp_path / "anomaly_results.csv")) == 4
