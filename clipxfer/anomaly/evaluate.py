@@ -107,7 +107,8 @@ def aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = AUPRO_MAX_FPR, s
     fpr = 1 - np.searchsorted(good_sorted, thresholds, side="right") / good_sorted.size
     pro = np.mean([1 - np.searchsorted(r, thresholds, side="right") / r.size for r in regions], axis=0)
     fpr = np.clip(fpr, 0, max_fpr)
-    return float(np.trapezoid(pro, fpr) / max_fpr)
+    integrate = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
+    return float(integrate(pro, fpr) / max_fpr)
 
 
 def _number(value: float) -> float | None:

@@ -34,7 +34,12 @@ SIZE = 250
 
 def texture_photo(name: str) -> np.ndarray:
     """The greyscale scikit-image photo ``name`` as float32 in [0, 1]."""
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        from ..errors import ClipxferError
+
+        raise ClipxferError("the texture set needs scikit-image: pip install 'clipxfer[data]'") from None
 
     return getattr(skimage.data, name)().astype(np.float32) / 255.0
 
