@@ -49,7 +49,10 @@ def aggregate(maps: Sequence[np.ndarray], neighbourhood: int = NEIGHBOURHOOD) ->
     parts = []
     for feature_map in maps:
         x = torch.from_numpy(np.ascontiguousarray(feature_map)).permute(0, 3, 1, 2)
-        x = F.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+        # Zero padding counts, as in PatchCore's reference code (torch's AvgPool2d default): border
+        # patches then differ from interior ones in both the bank and the test image, so they are
+        # matched to border patches. Without it, good parts' edges were the highest-scoring patches.
+        x = F.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=True)
         if tuple(x.shape[2:]) != tuple(finest):
             x = F.interpolate(x, size=finest, mode="bilinear", align_corners=False)
         parts.append(x)
