@@ -20,14 +20,27 @@ def test_every_command_is_in_exactly_one_panel():
     assert sorted(placed) == sorted(_commands()), "a command is missing from PANELS or listed twice"
 
 
+def _leaves(group, prefix=()):
+    """(command words, command) for every runnable command, looking inside groups (anomaly fit ...)."""
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from _leaves(command, (*prefix, name))
+
+
 def test_every_command_help_shows_an_example_using_its_own_options():
-    for name, command in _commands().items():
+    for words, command in _leaves(main):
+        name = " ".join(words)
         examples = re.findall(r"^\s*Example: (clipxfer .+)$", command.help or "", flags=re.M)
         assert len(examples) == 1, f"{name}: expected one 'Example:' line"
-        words = examples[0].split()
-        assert words[1] == name or (words[1], words[2]) == tuple(name.split()), f"{name}: {examples[0]}"
+        example = examples[0].split()
+        assert example[1 : 1 + len(words)] == list(words), f"{name}: {examples[0]}"
+        if isinstance(command, click.Group):
+            continue  # a group's example runs one of its subcommands, checked on its own
         known = {opt for param in command.params for opt in getattr(param, "opts", [])}
-        for word in words[2:]:
+        for word in example[1 + len(words) :]:
             if word.startswith("-"):
                 assert word in known, f"{name}: example uses unknown option {word}"
 

@@ -19,7 +19,7 @@ PANELS = {
     "Index & search": ["index", "search", "info", "dups", "embed", "export-embeddings", "sample-photos"],
     "Classify": ["classify", "predict", "prompts", "models"],
     "Adapt": ["probe", "tip", "coop", "mix", "lpp", "clap", "finetune", "adapt", "meta-train"],
-    "Inspect": [],
+    "Inspect": ["anomaly"],
     "Benchmark": ["bench", "bench-episodes"],
     "Serve": ["serve", "suggest"],
 }
@@ -52,6 +52,7 @@ COMMAND_MODULES = [
     "episodes",
     "serve",
     "finetune",
+    "anomaly",
 ]
 
 for _name in COMMAND_MODULES:

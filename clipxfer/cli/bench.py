@@ -28,8 +28,11 @@ from .common import emit_json
 @click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--meta", "meta", type=click.Path(dir_okay=False), default=None,
               help="Meta-trained head (clipxfer meta-train) for the meta-probe and meta-coop methods.")
+@click.option("--task", type=click.Choice(["classify", "anomaly"]), default="classify", show_default=True,
+              help="anomaly: detectors over good shots (default 1,4,16) x seeds on --data anomaly sets "
+                   "(train/good + test/, e.g. 'clipxfer anomaly textures'); writes anomaly_results.csv, anomaly_summary.md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON.")
-def bench(config_file, data, methods, shots, seeds, model, runtime, precision, templates, max_test, meta, out_dir,
+def bench(config_file, data, methods, shots, seeds, model, runtime, precision, templates, max_test, meta, out_dir, task,
           as_json):
     """Benchmark zero-shot against few-shot methods; writes results.csv, summary.md, plot.png.
 
@@ -38,6 +41,8 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
 
     Example: clipxfer bench benchmarks/configs/fashion-mnist-lite.toml --out bench-out
     """
+    if task == "anomaly":
+        return _anomaly_bench(data, shots, seeds, model, out_dir, as_json)
     from ..bench.config import (
         DEFAULT_MAX_TEST, BenchConfig, DatasetSpec, load_config, parse_int_list, with_overrides,
     )  # fmt: skip
@@ -72,3 +77,27 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
     else:
         click.echo(Path(out_dir, "summary.md").read_text())
         click.echo(f"wrote {out_dir}/results.csv, summary.md, plot.png")
+
+
+def _anomaly_bench(data, shots, seeds, model, out_dir, as_json):
+    from ..anomaly import run_anomaly_bench
+    from ..anomaly.bench import DEFAULT_SEEDS, DEFAULT_SHOTS, summarize
+    from ..bench.config import parse_int_list
+    from ..errors import ClipxferError
+
+    if not data:
+        raise ClipxferError("--task anomaly needs --data PATH (an anomaly set: train/good + test/, or folders of them)")
+    for source in data:
+        table = run_anomaly_bench(
+            source, out_dir,
+            shots=parse_int_list(shots, "--shots") if shots else DEFAULT_SHOTS,
+            seeds=parse_int_list(seeds, "--seeds") if seeds else DEFAULT_SEEDS,
+            model=model,
+        )  # fmt: skip
+    if as_json:
+        summary = summarize(table)
+        summary.columns = [f"{name}_{stat}" for name, stat in summary.columns]
+        emit_json(summary.reset_index().to_dict(orient="records"))
+    else:
+        click.echo(Path(out_dir, "anomaly_summary.md").read_text())
+        click.echo(f"wrote {out_dir}/anomaly_results.csv, anomaly_summary.md")

@@ -3,7 +3,8 @@
 An encoder turns images and texts into L2-normalised float32 rows in one shared space, and
 names itself with a stable ``id`` that every artifact (index, head, bench result) records.
 Backends implement two methods, :meth:`Encoder.encode_pixels` and :meth:`Encoder.encode_texts`;
-decoding, batching and normalisation of inputs live here once.
+decoding, batching and normalisation of inputs live here once. Backends with dense features also
+implement ``_forward_patches``, which :meth:`Encoder.encode_patches` exposes (anomaly detection).
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ class ImageEncoding:
 
     embeddings: np.ndarray
     features: np.ndarray
+
+
+@dataclass(frozen=True)
+class PatchFeatures:
+    """Dense features of one image batch, for locating things inside images.
+
+    ``maps``: local features at several depths, finest first, each ``(n, h_i, w_i, c_i)`` float32
+    (channels last; deeper maps may be coarser). ``joint``: ``(n, h, w, dim)`` L2-normalised patch
+    embeddings in the shared image-text space, comparable with :meth:`Encoder.encode_texts` rows
+    (open_clip ViTs: patch tokens through the final norm and projection, as in WinCLIP), or None
+    when the encoder has no such projection (``lite``).
+    """
+
+    maps: list[np.ndarray]
+    joint: np.ndarray | None
 
 
 def l2_normalize(rows: np.ndarray) -> np.ndarray:
@@ -121,6 +137,22 @@ class Encoder(ABC):
         if features is None:
             return ImageEncoding(embeddings, embeddings)
         return ImageEncoding(embeddings, features.float().cpu().numpy())
+
+    def _forward_patches(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Normalised NCHW pixels -> (NCHW feature maps finest first, NCHW joint-space patch
+        embeddings or None). Backends without dense features keep this default."""
+        from ..errors import ClipxferError
+
+        raise ClipxferError(f"model {self.id} has no dense patch features: use --model lite or an open_clip ViT")
+
+    @torch.inference_mode()
+    def encode_patches(self, pixels: np.ndarray | torch.Tensor) -> PatchFeatures:
+        """Dense patch features of a ``uint8 (n, input_size, input_size, 3)`` batch; see :class:`PatchFeatures`."""
+        maps, joint = self._forward_patches(self.pixels_to_tensor(pixels))
+        as_rows = [m.float().permute(0, 2, 3, 1).contiguous().cpu().numpy() for m in maps]
+        if joint is not None:
+            joint = torch.nn.functional.normalize(joint.float().permute(0, 2, 3, 1), dim=-1).contiguous().cpu().numpy()
+        return PatchFeatures(as_rows, joint)
 
     def embed_images(
         self,

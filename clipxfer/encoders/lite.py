@@ -131,6 +131,21 @@ class LiteEncoder(Encoder):
         embeddings = torch.einsum("nk,nkd->nd", top.values, self.class_text[top.indices])
         return embeddings, pooled
 
+    #: EfficientNet stages whose outputs are the dense features: the ends of the stride-8 and
+    #: stride-16 stacks, the counterparts of the ResNet layer2 and layer3 PatchCore uses.
+    patch_stages = (2, 4)
+
+    def _forward_patches(self, pixels: torch.Tensor):
+        # Stops after the last stage it needs: the deeper stages and the head are about half the work.
+        model = self.image_model
+        x = model.bn1(model.conv_stem(pixels))
+        maps = []
+        for number, stage in enumerate(model.blocks[: max(self.patch_stages) + 1]):
+            x = stage(x)
+            if number in self.patch_stages:
+                maps.append(x)
+        return maps, None
+
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Word-piece embeddings of ``input_ids``, the input CoOp's learned context joins."""
         return self.text_model.get_input_embeddings()(input_ids)

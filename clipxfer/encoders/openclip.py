@@ -208,6 +208,23 @@ class OpenClipEncoder(Encoder):
     def image_graph(self) -> torch.nn.Module:
         return self.model.visual  # what encode_image runs (it normalises only when asked)
 
+    def _forward_patches(self, pixels: torch.Tensor):
+        visual = self.model.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
+            raise ClipxferError(f"model {self.id}: dense patch features need an open_clip ViT (CLIP-style, no attention pooling)")
+        depth = len(visual.transformer.resblocks)
+        # Middle blocks hold local structure; the last block's tokens, through ln_post and the
+        # projection, land in the text space (WinCLIP's dense zero-shot features).
+        middle = sorted({max(depth // 2 - 1, 0), max(3 * depth // 4 - 1, 0)})
+        out = visual.forward_intermediates(
+            pixels, indices=sorted({*middle, depth - 1}), normalize_intermediates=True, output_fmt="NCHW",
+            intermediates_only=True,
+        )
+        chosen = dict(zip(sorted({*middle, depth - 1}), out["image_intermediates"]))
+        last = chosen[depth - 1]
+        joint = last.permute(0, 2, 3, 1) @ visual.proj if visual.proj is not None else last.permute(0, 2, 3, 1)
+        return [chosen[i] for i in middle], joint.permute(0, 3, 1, 2)
+
     def _trims_padding(self) -> bool:
         """True for CLIP's own text tower: causal attention pooled at the end token, where the
         padding after the longest prompt of a batch cannot change any pooled output."""
