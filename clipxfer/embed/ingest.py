@@ -79,9 +79,9 @@ def ingest(embeddings: str | os.PathLike, index_path=None, index_type: str | Non
                 sample = emb[np.sort(rng.choice(len(emb), size=min(len(emb), TRAIN_POINTS_PER_LIST * 4096), replace=False))]
                 index = _empty_index(factory, dim, embeddings, manifest, progress, sample)
                 index.add_with_ids(emb, ids)
-            version = store.get_meta(conn)["version"]
-            target = folder / f"vectors-{version}.faiss"
-            vectors.save(index, target)
+            meta = store.get_meta(conn)
+            target = folder / f"vectors-{meta['version']}.faiss"
+            vectors.save(index, target, meta["generation"])  # bound to the rows just committed
             for old in folder.glob("vectors-*.faiss"):
                 if old != target:
                     old.unlink(missing_ok=True)
