@@ -50,6 +50,21 @@ def test_openvino_matches_torch_on_tiny(tiny_torch, precision):
     np.testing.assert_allclose(odd, ours[:5], atol=1e-4)
 
 
+def test_concurrent_callers_get_their_own_results():
+    """The server encodes uploads from a thread pool: concurrent calls must not mix their batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = load_encoder("tiny", "cpu", "openvino:fp32")
+    pixels = _pixels(encoder)
+    singles = [pixels[i : i + 1] for i in range(len(pixels))]
+    expected = [encoder.encode_pixels(one).embeddings for one in singles]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda one: encoder.encode_pixels(one).embeddings, singles))
+            for mine, reference in zip(got, expected):
+                np.testing.assert_allclose(mine, reference, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_openvino_matches_torch_on_lite():
     reference = load_encoder("lite", "cpu", "torch:fp32")

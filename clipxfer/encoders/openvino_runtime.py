@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -268,6 +269,9 @@ class OpenVinoImageTower:
         self.calibration_paths: list[Path] | None = None
         self.metadata: dict | None = None
         self._queue = None
+        # One call at a time: the infer queue and its callback are shared, and a call already
+        # spreads its batch over every stream (the server encodes uploads from several threads).
+        self._lock = threading.Lock()
 
     def expect_images(self, paths: Sequence) -> None:
         """Note the images about to be encoded; int8 calibrates on them if it still has to be built."""
@@ -305,6 +309,10 @@ class OpenVinoImageTower:
         return self._queue
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            return self._infer(pixels)
+
+    def _infer(self, pixels: np.ndarray) -> list[np.ndarray]:
         queue = self.load()
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         parts = np.array_split(pixels, min(self.requests, len(pixels)))
