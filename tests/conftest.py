@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 # Hermetic caches shared by all xdist workers of one run, kept between runs for speed.
 os.environ.setdefault("CLIPXFER_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "clipxfer"))
@@ -83,3 +84,14 @@ def sample_photo_index(tmp_path_factory, sample_photos_dir, lite):
     path = tmp_path_factory.mktemp("sample-index") / "index"
     Index.update(sample_photos_dir, lite, path=path, workers=0)
     return path
+
+
+def write_tinted_folder(root: Path, classes: list[str], per_class: int = 10, seed: int = 0) -> Path:
+    """An ImageFolder of noise images, each class tinted in its own channel so even tiny separates them."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(random_images(per_class, seed=seed + c)):
+            tinted = image // 4
+            tinted[..., c] = 255
+            Image.fromarray(tinted).save(root / name / f"{i}.png")
+    return root

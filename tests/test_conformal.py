@@ -24,7 +24,7 @@ from clipxfer.calibrate import (
 from clipxfer.cli import main
 from clipxfer.errors import ClipxferError
 
-from .conftest import random_images
+from .conftest import random_images, write_tinted_folder
 
 
 def test_quantile_is_the_ceil_n_plus_1_rank():
@@ -125,13 +125,7 @@ CLASSES = ["bird", "fish", "tree"]
 def folder(tmp_path_factory):
     """3 classes x 12 tinted noise images: tiny separates them, so sets are small."""
     root = tmp_path_factory.mktemp("labelled")
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i, image in enumerate(random_images(12, seed=10 + c)):
-            tinted = image // 4
-            tinted[..., c] = 255
-            Image.fromarray(tinted).save(root / name / f"{i}.png")
-    return root
+    return write_tinted_folder(root, CLASSES, per_class=12, seed=10)
 
 
 def invoke(*args):

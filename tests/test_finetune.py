@@ -20,7 +20,7 @@ from clipxfer.finetune.adapter import ENCODER_PREFIX, apply_tensors, base_of, tr
 from clipxfer.finetune.train import _inject_lora, finetune_encoder, lora_factors, lora_targets, working_copy
 from clipxfer.transfer import prepare_task
 
-from .conftest import random_images
+from .conftest import random_images, write_tinted_folder
 
 CLASSES = ["bird", "fish", "tree"]
 
@@ -29,13 +29,7 @@ CLASSES = ["bird", "fish", "tree"]
 def folder(tmp_path_factory):
     """3 classes x 10 images, tinted per class so even tiny can separate them."""
     root = tmp_path_factory.mktemp("labelled")
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i, image in enumerate(random_images(10, seed=c)):
-            tinted = image // 4
-            tinted[..., c] = 255
-            Image.fromarray(tinted).save(root / name / f"{i}.png")
-    return root
+    return write_tinted_folder(root, CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from clipxfer.bench import BenchConfig, DatasetSpec, run_bench
 from clipxfer.bench.runner import plan_cells
@@ -26,7 +25,7 @@ from clipxfer.heads.transclip import (
 from clipxfer.heads.transductive import agreement, fit_transductive
 from clipxfer.heads.zeroshot import ZeroShotHead
 
-from .conftest import random_images
+from .conftest import write_tinted_folder
 
 
 def clusters(n_per_class=30, classes=3, dim=16, emb_dim=8, seed=0, spread=0.35, text_noise=1.0):
@@ -277,13 +276,7 @@ CLASSES = ["bird", "fish", "tree"]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i, image in enumerate(random_images(10, seed=c)):
-            tinted = image // 4
-            tinted[..., c] = 255
-            Image.fromarray(tinted).save(root / name / f"{i}.png")
-    return root
+    return write_tinted_folder(root, CLASSES)
 
 
 def invoke(*args):

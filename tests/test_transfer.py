@@ -14,7 +14,7 @@ from clipxfer.errors import ClipxferError
 from clipxfer.heads import load_head
 from clipxfer.transfer import run_transfer
 
-from .conftest import random_images
+from .conftest import random_images, write_tinted_folder
 
 CLASSES = ["bird", "fish", "tree"]
 
@@ -23,13 +23,7 @@ CLASSES = ["bird", "fish", "tree"]
 def folder(tmp_path_factory):
     """A small ImageFolder: 3 classes x 10 images, tinted per class so even tiny can tell them apart."""
     root = tmp_path_factory.mktemp("labelled")
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i, image in enumerate(random_images(10, seed=c)):
-            tinted = image // 4
-            tinted[..., c] = 255
-            Image.fromarray(tinted).save(root / name / f"{i}.png")
-    return root
+    return write_tinted_folder(root, CLASSES)
 
 
 def invoke(*args):

@@ -83,6 +83,19 @@ def conformal_options(func):
     return func
 
 
+def unit_or_auto(ctx, param, value):
+    """click callback: ``auto``, or a number in [0, 1] (mixing weights such as --mix and --wise)."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter("a number between 0 and 1, or auto") from None
+    if not 0.0 <= number <= 1.0:
+        raise click.BadParameter("a number between 0 and 1, or auto")
+    return number
+
+
 def load_model(model: str | None, device: str, precision: str):
     """The encoder for the standard model options."""
     from ..encoders import load_encoder

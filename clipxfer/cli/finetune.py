@@ -8,19 +8,7 @@ from __future__ import annotations
 import click
 
 from . import main
-from .common import emit_json, model_options
-
-
-def _wise_value(ctx, param, value):
-    if value == "auto":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise click.BadParameter("a number between 0 and 1, or auto") from None
-    if not 0.0 <= number <= 1.0:
-        raise click.BadParameter("a number between 0 and 1, or auto")
-    return number
+from .common import emit_json, model_options, unit_or_auto
 
 
 @main.command()
@@ -38,7 +26,7 @@ def _wise_value(ctx, param, value):
 @click.option("--l2sp", type=float, default=0.01, show_default=True,
               help="Pull of the moving weights toward the pretrained ones (L2-SP).")
 @click.option("--no-augment", is_flag=True, help="No crop/flip/jitter (for tasks where they change the label).")
-@click.option("--wise", default="auto", show_default=True, callback=_wise_value,
+@click.option("--wise", default="auto", show_default=True, callback=unit_or_auto,
               help="WiSE-FT: weight of the fine-tuned weights in [0, 1] (0 = the pretrained encoder), "
                    "or auto (chosen on validation).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,

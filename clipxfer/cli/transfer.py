@@ -12,7 +12,7 @@ import io
 import click
 
 from . import main
-from .common import conformal_options, emit_json, model_options
+from .common import conformal_options, emit_json, model_options, unit_or_auto
 
 
 def few_shot_options(func):
@@ -123,23 +123,11 @@ def coop(n_ctx, ctx_init, class_token_position, class_specific_context, max_step
          class_specific_context=class_specific_context, max_steps=max_steps, epochs=epochs, lr=lr, **kwargs)
 
 
-def _mix_value(ctx, param, value):
-    if value == "auto":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise click.BadParameter("a number between 0 and 1, or auto") from None
-    if not 0.0 <= number <= 1.0:
-        raise click.BadParameter("a number between 0 and 1, or auto")
-    return number
-
-
 @main.command()
 @few_shot_options
 @click.option("--base", type=click.Choice(["probe", "coop"]), default="probe", show_default=True,
               help="The adapted head mixed with zero-shot.")
-@click.option("--mix", "mix_value", default="auto", show_default=True, callback=_mix_value,
+@click.option("--mix", "mix_value", default="auto", show_default=True, callback=unit_or_auto,
               help="Weight of the adapted head in [0, 1], or auto (chosen on validation).")
 def mix(base, mix_value, **kwargs):
     """WiSE-FT weight-space mixing of the zero-shot head with a probe or CoOp head.
