@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .calibrate.conformal import ClassifierCalibration
+from .calibrate.conformal import ClassifierCalibration, check_alpha
 from .calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, split_for_calibration
 from .data import from_image_folder
 from .encoders.base import Encoder, ImageEncoding
@@ -302,6 +302,7 @@ def conformalize(
     Calibrated on ``calibrate`` (labelled images of the same classes) when given; otherwise a
     labelled ``result`` is split in seeded halves, one calibrating and the other measuring coverage.
     """
+    check_alpha(alpha, "--conformal")  # a bad value is named before any calibration work
     evaluate_rows = None
     if calibrate is not None:
         if encoder is None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .calibrate.conformal import check_alpha
 from .calibrate.sets import ConformalSets, calibrate_on, calibrate_on_dataset, conformal_sets, head_calibration
 from .data import LabelledImages, load_dataset
 from .encoders.base import Encoder, ImageEncoding
@@ -393,6 +394,7 @@ def predict_sets(
     """Conformal prediction sets for probabilities from :func:`predict`, calibrated on the head's
     own validation images or, with ``calibrate``, on a labelled folder or manifest (which needs the
     ``encoder``)."""
+    check_alpha(alpha, "--conformal")  # a bad value is named before any calibration work
     if calibrate is not None:
         calibration = calibrate_on_dataset(encoder or encoder_for_head(head_path), head, calibrate)
     else:

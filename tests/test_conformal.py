@@ -144,6 +144,8 @@ def test_predict_sets_from_the_heads_validation_split(tmp_path, folder):
     for item in report["predictions"]:
         assert item["label"] in item["set"] and set(item["set"]) <= set(CLASSES)
         assert item["decision"] == (item["set"][0] if len(item["set"]) == 1 else "unknown")
+    bad = invoke("predict", head, folder, "--conformal", 2)
+    assert bad.exit_code == 2 and "--conformal must be in (0, 1)" in bad.output
     text = invoke("predict", head, folder, "--conformal", 0.25, "--calibrate", folder)
     assert text.exit_code == 0, text.output
     assert "calibrated on" in text.output and "(36 images)" in text.output
