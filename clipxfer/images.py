@@ -157,11 +157,16 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
         new_w, new_h = size, int(size * height / width)
     else:
         new_w, new_h = int(size * width / height), size
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    if (new_w, new_h) == (width, height):
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        # Resizing only the source box that the crop keeps gives the same pixels (to rounding) as
+        # resize-then-crop, with a quarter less work for a 4:3 photo.
+        scale_x, scale_y = width / new_w, height / new_h
+        box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+        img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -37,6 +37,9 @@ DEFAULT_BATCH_SIZE = 64
 # Paths per worker task: large enough that inter-process overhead is small, small enough that
 # every worker has work while a batch is being encoded.
 CHUNK_SIZE = 16
+# The first batch is encoded as soon as this many images are decoded, so the model starts
+# while the workers decode the rest instead of idling until a whole batch is ready.
+FIRST_BATCH = 16
 
 
 def default_workers() -> int:
@@ -251,19 +254,49 @@ def encode_files(
     if device_decode:
         yield from encode_files_on_device(encoder, paths, batch_size)
         return
-    pixels: list[np.ndarray] = []
-    files: list[FileInfo] = []
-    for result in decoded_files(paths, encoder.input_size, workers, prefetch=2 * batch_size):
-        if isinstance(result, Failure):
-            yield result
-            continue
-        pixels.append(result[0])
-        files.append(result[1])
-        if len(files) >= batch_size:
-            yield EncodedBatch(files, encoder.encode_pixels(np.stack(pixels)))
-            pixels, files = [], []
-    if files:
-        yield EncodedBatch(files, encoder.encode_pixels(np.stack(pixels)))
+    decoded = decoded_files(paths, encoder.input_size, workers, prefetch=2 * batch_size)
+    for item in encode_decoded(encoder, decoded, batch_size):
+        yield item if isinstance(item, Failure) else EncodedBatch(*item)
+
+
+def encode_decoded(
+    encoder: "Encoder", results: Iterable, batch_size: int
+) -> Iterator[tuple[list, "ImageEncoding"] | Failure]:
+    """Group decoded ``(pixels, info)`` results into batches of ``batch_size`` and encode them,
+    yielding ``(infos, encoding)`` per batch and each :class:`Failure` as it comes, in input order.
+
+    One batch is encoded in a background thread while the next one is gathered and the previous
+    one is stored by the caller, so the model never waits for the hand-over of decoded images
+    (torch and OpenVINO release the GIL while they compute). The first batch is smaller
+    (:data:`FIRST_BATCH`) so encoding starts early. A batch already being encoded is yielded
+    before any later failure: a caller that stops at a failure has everything before it.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipxfer-encode") as background:
+        in_flight: tuple[list, Future] | None = None
+        pixels: list[np.ndarray] = []
+        infos: list = []
+        limit = min(batch_size, FIRST_BATCH)
+        for result in results:
+            if isinstance(result, Failure):
+                if in_flight is not None:
+                    yield in_flight[0], in_flight[1].result()
+                    in_flight = None
+                yield result
+                continue
+            pixels.append(result[0])
+            infos.append(result[1])
+            if len(infos) >= limit:
+                started = (infos, background.submit(encoder.encode_pixels, np.stack(pixels)))
+                if in_flight is not None:
+                    yield in_flight[0], in_flight[1].result()
+                in_flight, pixels, infos, limit = started, [], [], batch_size
+        if infos:
+            started = (infos, background.submit(encoder.encode_pixels, np.stack(pixels)))
+            if in_flight is not None:
+                yield in_flight[0], in_flight[1].result()
+            in_flight = started
+        if in_flight is not None:
+            yield in_flight[0], in_flight[1].result()
 
 
 def encode_files_on_device(

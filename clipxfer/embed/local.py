@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..pipeline import Failure, ItemInfo, decoded_items
+from ..pipeline import Failure, ItemInfo, decoded_items, encode_decoded
 from .shards import ShardData
 from .sources import Unit, decode_item, read_unit
 
@@ -54,23 +54,11 @@ def run_local(units: Sequence[Unit], encoder, batch_size: int, workers: int | No
         items = []
         for item in read_unit(unit):
             (builder.failed if isinstance(item, Failure) else items).append(item)
-        pixels: list[np.ndarray] = []
-        infos: list[ItemInfo] = []
-
-        def flush() -> None:
-            encoding = encoder.encode_pixels(np.stack(pixels))
-            builder.add(list(infos), encoding.embeddings, encoding.features)
-            pixels.clear()
-            infos.clear()
-
-        for result in decoded_items(items, decode_item, encoder.input_size, workers, prefetch=2 * batch_size):
+        decoded = decoded_items(items, decode_item, encoder.input_size, workers, prefetch=2 * batch_size)
+        for result in encode_decoded(encoder, decoded, batch_size):
             if isinstance(result, Failure):
                 builder.failed.append(result)
                 continue
-            pixels.append(result[0])
-            infos.append(result[1])
-            if len(pixels) >= batch_size:
-                flush()
-        if pixels:
-            flush()
+            infos, encoding = result
+            builder.add(infos, encoding.embeddings, encoding.features)
         yield builder.build(encoder.dim, encoder.feature_dim)
