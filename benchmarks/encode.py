@@ -4,6 +4,7 @@
         [--device cpu|cuda] [--runtime auto|torch|openvino] [--precision auto|fp32|bf16|int8] --json
     python benchmarks/encode.py --compare torch:auto,openvino:fp32,openvino:int8 --sets photo_500x375 \
         --rounds 3 --json
+    python benchmarks/encode.py --compare openvino:int8 --splits 1:1,1:2,2:1,2:2 --sets photo_500x375 --json
 
 Measures, per image set and per runtime:precision:
 - ``images_per_s``: ``Index.update`` on the folder into a fresh index, i.e. the exact code path of
@@ -110,16 +111,25 @@ def cpu_flag_summary() -> str:
 
 
 def load_encoders(args) -> dict:
-    """runtime:precision label -> encoder, each warmed up (OpenVINO models built before timing)."""
+    """label -> (encoder, decode workers), each warmed up (OpenVINO models built before timing).
+
+    With ``--splits W:S,...`` every runtime:precision is measured once per split of the cores
+    between W decode workers and S OpenVINO inference streams (torch ignores S)."""
     from clipxfer.device import join_compute
 
     requests = args.compare.split(",") if args.compare else [join_compute(args.runtime, args.precision)]
+    splits = [tuple(int(v) for v in split.split(":")) for split in args.splits.split(",")] if args.splits else [
+        (args.workers, args.streams)]
     encoders = {}
     for request in requests:
-        encoder = load_encoder(f"{args.model}:{args.pretrained}", device=args.device, precision=request)
-        if args.streams and getattr(encoder, "image_runtime", None) is not None:
-            encoder.image_runtime.streams = args.streams  # read when the model is compiled, below
-        encoders[f"{encoder.runtime}:{encoder.precision}"] = encoder
+        for workers, streams in splits:
+            encoder = load_encoder(f"{args.model}:{args.pretrained}", device=args.device, precision=request)
+            if streams and getattr(encoder, "image_runtime", None) is not None:
+                encoder.image_runtime.streams = streams  # read when the model is compiled, at warm-up
+            label = f"{encoder.runtime}:{encoder.precision}"
+            if args.splits:
+                label += f" workers={workers} streams={streams if encoder.runtime == 'openvino' else '-'}"
+            encoders[label] = (encoder, workers)
     return encoders
 
 
@@ -127,7 +137,7 @@ def measure_set(images: Path, args, encoders: dict) -> dict:
     """Interleaved rounds of the naive loop and each encoder's index + raw forward; medians."""
     paths = sorted(find_images(images))
     naive_paths = paths[: args.naive_limit] if args.naive_limit else paths
-    first = next(iter(encoders.values()))
+    first = next(iter(encoders.values()))[0]
     naive_model = NaiveModel(args.model, args.pretrained, first.device, naive_paths[:32])
     rates: dict[str, list[float]] = {"naive": []}
     for label in encoders:
@@ -135,17 +145,20 @@ def measure_set(images: Path, args, encoders: dict) -> dict:
     count = len(paths)
     for _ in range(args.rounds):
         rates["naive"].append(len(naive_paths) / naive_model.time(naive_paths))
-        for label, encoder in encoders.items():
-            seconds, count = time_index(images, encoder, args.workers, args.batch_size)
+        for label, (encoder, workers) in encoders.items():
+            seconds, count = time_index(images, encoder, workers, args.batch_size)
             rates[f"{label} index"].append(count / seconds)
             rates[f"{label} raw"].append(time_raw_forward(encoder, args.batch_size, max(2, min(8, count // args.batch_size))))
     naive = float(np.median(rates["naive"]))
     flags = cpu_flag_summary()
     rows = {}
-    for label, encoder in encoders.items():
+    for label, (encoder, workers) in encoders.items():
         ours, raw = float(np.median(rates[f"{label} index"])), float(np.median(rates[f"{label} raw"]))
         rows[label] = {
             "model": encoder.id,
+            "decode_workers": workers,
+            "streams": getattr(getattr(encoder, "image_runtime", None), "streams", None),
+            "infer_requests": getattr(getattr(encoder, "image_runtime", None), "requests", None),
             "cpu_flags": flags,
             "images": count,
             "images_per_s": round(ours, 2),
@@ -196,6 +209,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved measurement rounds (medians reported)")
     parser.add_argument("--workers", type=int, default=None, help="decode worker processes (default: automatic)")
     parser.add_argument("--streams", type=int, default=None, help="OpenVINO inference streams (default: its THROUGHPUT hint)")
+    parser.add_argument("--splits", default=None, help="decode workers:inference streams pairs measured side by side, "
+                        "e.g. 1:1,1:2,2:2 (0 streams: OpenVINO's own choice)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--count", type=int, default=None, help="images per synthetic set (default: per set)")
     parser.add_argument("--naive-limit", type=int, default=None, help="time the naive loop on at most N images")
@@ -205,10 +220,10 @@ def main() -> None:
     args = parser.parse_args()
 
     encoders = load_encoders(args)
-    first = next(iter(encoders.values()))
+    first = next(iter(encoders.values()))[0]
     cuda = first.device.type == "cuda"
     args.batch_size = args.batch_size or (512 if cuda else 64)
-    for encoder in encoders.values():
+    for encoder, _ in encoders.values():
         warm_up(encoder, args.batch_size)
     if args.images:
         sets = {args.images.name: args.images}
