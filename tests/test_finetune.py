@@ -79,7 +79,10 @@ def test_loss_falls_on_a_separable_task(task):
 def test_lora_merged_equals_unmerged(tiny):
     work, attribute, root = working_copy(tiny)
     settings = FinetuneSettings(strategy="lora", blocks=2)
-    layers = _inject_lora(root, lora_targets(root, attribute, settings), settings)
+    targets = lora_targets(root, attribute, settings)
+    attention = [t for t in targets if isinstance(root.get_submodule(t), torch.nn.MultiheadAttention)]
+    assert len(attention) == 2 and not any(t.endswith("out_proj") for t in targets)
+    layers = _inject_lora(root, targets, settings)
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in layers.values():
@@ -91,6 +94,11 @@ def test_lora_merged_equals_unmerged(tiny):
     apply_tensors(merged_encoder, lora_factors(layers, attribute))
     merged = merged_encoder.encode_pixels(pixels).embeddings
     np.testing.assert_allclose(merged, unmerged, atol=1e-5)
+    # Attention's packed query/key/value projection moved; its output projection stays (CLIP-LoRA's q, k, v).
+    for name in attention:
+        before, after = tiny.model.get_submodule(name), merged_encoder.model.get_submodule(name)
+        assert not torch.equal(before.in_proj_weight, after.in_proj_weight)
+        assert torch.equal(before.out_proj.weight, after.out_proj.weight)
     assert not np.allclose(merged, tiny.encode_pixels(pixels).embeddings, atol=1e-3)
 
 

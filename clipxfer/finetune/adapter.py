@@ -36,8 +36,19 @@ def trainable_root(encoder: Encoder) -> tuple[str, torch.nn.Module]:
     raise ClipxferError(f"model '{encoder.id}' has no image tower clipxfer can fine-tune")
 
 
+def weights_id(model_id: str) -> str:
+    """The id of the float weights a model runs: without the ``@int8`` of a quantized runtime.
+
+    Fine-tuning changes the float weights; a runtime quantizes the result when it is loaded, so
+    adapters name (and are checked against) the float base."""
+    from ..encoders.openvino_runtime import INT8_SUFFIX
+
+    return model_id.removesuffix(INT8_SUFFIX)
+
+
 def adapted_id(base_id: str, tensors: dict[str, np.ndarray]) -> str:
-    """``<base id>+ft-<16 hex>``: the hash covers every encoder tensor's name, shape and bytes."""
+    """``<base weights id>+ft-<16 hex>``: the hash covers every encoder tensor's name, shape and bytes."""
+    base_id = weights_id(base_id)
     digest = hashlib.sha256(base_id.encode())
     for name in sorted(tensors):
         if name.startswith((ENCODER_PREFIX, LORA_PREFIX)):
@@ -64,6 +75,13 @@ def apply_tensors(encoder: Encoder, tensors: dict[str, np.ndarray]) -> None:
     """Write an adapter's encoder tensors into ``encoder`` in place (its dtype and device kept).
     LoRA factors are stored with their scaling folded into ``B``."""
     attribute, root = trainable_root(encoder)
+    if encoder.image_runtime is not None:
+        # A compiled runtime (OpenVINO) holds the old weights: the changed encoder runs in torch
+        # until a runtime is built for it (the registry attaches one after applying an adapter).
+        from ..device import precision_name
+
+        encoder.image_runtime = None
+        encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
     for name, value in tensors.items():
         if name.startswith(ENCODER_PREFIX):
             target_name = name[len(ENCODER_PREFIX):]
@@ -83,7 +101,9 @@ def apply_tensors(encoder: Encoder, tensors: dict[str, np.ndarray]) -> None:
             owner, _, rest = module_name.partition(".")
             if owner != attribute:
                 raise ClipxferError(f"adapter tensor '{name}' does not belong to this model's {attribute}")
-            weight = root.get_submodule(rest).weight
+            module = root.get_submodule(rest)
+            # LoRA on attention adapts the packed query/key/value projection (see train.lora_targets).
+            weight = module.in_proj_weight if isinstance(module, torch.nn.MultiheadAttention) else module.weight
             a = torch.as_tensor(tensors[name])
             b = torch.as_tensor(tensors[f"{LORA_PREFIX}{module_name}.B"])
             delta = lora_delta(a, b, 1.0, weight.shape)

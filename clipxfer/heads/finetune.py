@@ -30,6 +30,7 @@ class FinetuneHead(LinearHead):
         """Fine-tune ``data.encoder`` on ``images = (train, val)`` (the images behind ``data.train``
         and ``data.val``); ``settings`` are :class:`clipxfer.finetune.train.FinetuneSettings` fields."""
         from ..errors import ClipxferError
+        from ..finetune.adapter import weights_id
         from ..finetune.train import finetune_encoder, make_settings, settings_dict
 
         if images is None:
@@ -37,7 +38,7 @@ class FinetuneHead(LinearHead):
         result = finetune_encoder(data, images[0], images[1], make_settings(**settings), progress=progress)
         config = {
             "variant": f"finetune-{result.settings.strategy}",
-            "base_model_id": data.encoder.id,
+            "base_model_id": weights_id(data.encoder.id),
             **settings_dict(result.settings),
             **fit_provenance(data),
             "wise_alpha": result.alpha,
