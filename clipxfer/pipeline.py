@@ -1,7 +1,8 @@
 """The indexing encode pipeline: image files -> decoded uint8 batches -> encoder -> vectors.
 
-Decoding runs in worker processes while the main process encodes the previous batch, so the
-model waits on decoding as little as possible. A file that cannot be decoded becomes a
+Decoding runs in worker processes; a background thread encodes one batch while the main thread
+gathers the next one and the caller stores the previous one (:func:`encode_decoded`), so the
+model waits on decoding and storing as little as possible. A file that cannot be decoded becomes a
 :class:`Failure` (path and a one-line reason) in the output stream instead of an exception.
 
 Workers are forked where the platform allows, as torch's own DataLoader does: they run only
