@@ -106,7 +106,7 @@ def test_cache_reused_and_damaged_cache_rebuilt(tmp_path, monkeypatch, tiny_torc
 
     conversions = []
     real_convert = openvino_runtime._convert
-    monkeypatch.setattr(openvino_runtime, "_convert", lambda enc: conversions.append(1) or real_convert(enc))
+    monkeypatch.setattr(openvino_runtime, "_convert", lambda *args: conversions.append(1) or real_convert(*args))
     second = load_encoder("tiny", "cpu", "openvino:bf16")  # the float precisions share the fp32 graph
     second.encode_pixels(pixels)
     third = load_encoder("tiny", "cpu", "openvino:fp32")
@@ -227,3 +227,22 @@ def test_bench_takes_runtime_and_precision(tmp_path):
                "--out", str(tmp_path)]
     )
     assert result.exit_code == 2 and "int8 runs in OpenVINO only" in result.output
+
+
+@pytest.mark.parametrize("spec", ["tiny", pytest.param("lite", marks=pytest.mark.slow)])
+def test_patch_features_run_in_openvino_fp32_and_match_torch(spec, tmp_path, monkeypatch):
+    """Anomaly detection's dense features: the float graph whatever the tower's precision."""
+    monkeypatch.setenv("CLIPXFER_CACHE", str(tmp_path))
+    reference = load_encoder(spec, "cpu", "torch:fp32")
+    encoder = load_encoder(spec, "cpu", "openvino:int8")
+    pixels = _pixels(encoder, 4)
+    ours, expected = encoder.encode_patches(pixels), reference.encode_patches(pixels)
+    encoder.encode_pixels(pixels)  # builds the int8 tower: a separate cached model
+    runtime = encoder.patch_runtime
+    assert runtime.precision == "fp32" and runtime.metadata["graph"] == "patches"
+    assert runtime.cache_folder != encoder.image_runtime.cache_folder
+    assert len(ours.maps) == len(expected.maps) and (ours.joint is None) == (expected.joint is None)
+    for mine, theirs in zip(ours.maps, expected.maps):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
+    if expected.joint is not None:
+        np.testing.assert_allclose(ours.joint, expected.joint, atol=1e-3)

@@ -82,6 +82,8 @@ class Encoder(ABC):
     int8_by_default: bool = True
     #: Set when another runtime runs the image tower: uint8 NHWC batch -> :meth:`image_graph`'s outputs.
     image_runtime: Callable[[np.ndarray], list[np.ndarray]] | None = None
+    #: The same for the dense patch features: uint8 NHWC batch -> :meth:`patch_graph`'s outputs.
+    patch_runtime: Callable[[np.ndarray], list[np.ndarray]] | None = None
 
     @abstractmethod
     def _forward_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,10 +147,27 @@ class Encoder(ABC):
 
         raise ClipxferError(f"model {self.id} has no dense patch features: use --model lite or an open_clip ViT")
 
+    def patch_graph(self) -> torch.nn.Module:
+        """:meth:`_forward_patches` as one module for export: normalised fp32 NCHW pixels -> the
+        feature maps, then the joint-space patch embeddings when the model has them. Raises
+        :class:`ClipxferError` (from a one-image trial run) for models without dense features."""
+        graph = _PatchGraph(self)
+        with torch.inference_mode():
+            _, joint = self._forward_patches(torch.zeros(1, 3, self.input_size, self.input_size, dtype=self.dtype,
+                                                         device=self.device))
+        graph.has_joint = joint is not None
+        return graph
+
     @torch.inference_mode()
     def encode_patches(self, pixels: np.ndarray | torch.Tensor) -> PatchFeatures:
         """Dense patch features of a ``uint8 (n, input_size, input_size, 3)`` batch; see :class:`PatchFeatures`."""
-        maps, joint = self._forward_patches(self.pixels_to_tensor(pixels))
+        if self.patch_runtime is not None:
+            batch = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
+            outputs = [torch.from_numpy(output) for output in self.patch_runtime(batch)]
+            has_joint = self.patch_runtime.has_joint
+            maps, joint = (outputs[:-1], outputs[-1]) if has_joint else (outputs, None)
+        else:
+            maps, joint = self._forward_patches(self.pixels_to_tensor(pixels))
         as_rows = [m.float().permute(0, 2, 3, 1).contiguous().cpu().numpy() for m in maps]
         if joint is not None:
             joint = torch.nn.functional.normalize(joint.float().permute(0, 2, 3, 1), dim=-1).contiguous().cpu().numpy()
@@ -187,3 +206,20 @@ class Encoder(ABC):
     def __repr__(self) -> str:
         precision = self.precision if self.runtime != "torch" else str(self.dtype).removeprefix("torch.")
         return f"<{type(self).__name__} {self.id} on {self.device} ({self.runtime} {precision})>"
+
+
+class _PatchGraph(torch.nn.Module):
+    """An encoder's :meth:`Encoder._forward_patches` as a module a runtime can convert: the maps,
+    then the joint-space patch embeddings if there are any (``has_joint``)."""
+
+    has_joint: bool = False
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+        # Registered so that .float()/.eval() and tracing reach the weights.
+        self.tower = encoder.image_graph()
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps, joint = self.encoder._forward_patches(pixels)
+        return (*maps, joint) if joint is not None else tuple(maps)

@@ -75,12 +75,12 @@ def apply_tensors(encoder: Encoder, tensors: dict[str, np.ndarray]) -> None:
     """Write an adapter's encoder tensors into ``encoder`` in place (its dtype and device kept).
     LoRA factors are stored with their scaling folded into ``B``."""
     attribute, root = trainable_root(encoder)
-    if encoder.image_runtime is not None:
+    if encoder.image_runtime is not None or encoder.patch_runtime is not None:
         # A compiled runtime (OpenVINO) holds the old weights: the changed encoder runs in torch
         # until a runtime is built for it (the registry attaches one after applying an adapter).
         from ..device import precision_name
 
-        encoder.image_runtime = None
+        encoder.image_runtime = encoder.patch_runtime = None
         encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
     for name, value in tensors.items():
         if name.startswith(ENCODER_PREFIX):
