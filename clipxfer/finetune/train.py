@@ -323,10 +323,10 @@ def adapted_copy(encoder: Encoder, tensors: dict[str, np.ndarray], model_id: str
 def _torch_runtime(encoder: Encoder) -> Encoder:
     """``encoder`` (a shallow copy) set to run its torch tower: a compiled runtime (OpenVINO) of the
     original holds the original's weights, and the refitted head must see the working tower's features."""
-    if getattr(encoder, "image_runtime", None) is not None:
+    if getattr(encoder, "image_runtime", None) is not None or getattr(encoder, "patch_runtime", None) is not None:
         from ..device import precision_name
 
-        encoder.image_runtime = None
+        encoder.image_runtime = encoder.patch_runtime = None
         encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
     return encoder
 
