@@ -1,9 +1,9 @@
 """Choosing the fine-tuning recipe on held-out TRAINING images (never the test split).
 
-lite on Fashion-MNIST, one K-shot draw; each setting is scored on a development set of
+lite on Fashion-MNIST, one K-shot draw per seed; each setting is scored on a development set of
 ``--dev`` images drawn from the training pool outside the draw, next to the linear probe
-(the LP stage) on the same images. Run:
-  python benchmarks/finetune_recipe.py --shots 16 --seed 1 --dev 500 'strategy=lp-ft' 'strategy=partial,lr=3e-4'
+(the LP stage) on the same images; with several seeds the means come last. Run:
+  OMP_NUM_THREADS=1 python benchmarks/finetune_recipe.py --shots 16 --seeds 1,2,3 --dev 500 'strategy=top' 'strategy=partial,lr=3e-4'
 """
 
 from __future__ import annotations
@@ -40,33 +40,37 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("settings", nargs="+")
     parser.add_argument("--shots", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", default="1", help="comma-separated draw seeds")
     parser.add_argument("--dev", type=int, default=500)
     args = parser.parse_args()
     dataset = load_dataset("fashion-mnist")
     encoder = load_encoder("lite")
-    task = prepare_task(encoder, dataset, args.shots, args.seed, max_test=10)
     pool, _ = partition_train_test(dataset)
-    used = set(task.split.train) | set(task.split.val)
-    rest = np.array([i for i in pool if i not in used])
-    dev = np.sort(np.random.default_rng(1234).choice(rest, size=args.dev, replace=False))
-    dev_set = dataset.subset(dev)
-    probe = ProbeHead.fit(task.data)
-    base_dev = encode_dataset(encoder, dev_set)
-    print(f"probe dev acc {(probe.predict(base_dev) == dev_set.labels).mean():.4f} "
-          f"(val {probe.config['val_accuracy']:.3f})", flush=True)
-    images = ([dataset.sources[i] for i in task.split.train], [dataset.sources[i] for i in task.split.val])
-    for text in args.settings:
-        settings = FinetuneSettings(**parse(text))
-        started = time.perf_counter()
-        result = finetune_encoder(task.data, images[0], images[1], settings)
-        seconds = time.perf_counter() - started
-        dev_encoding = encode_dataset(result.encoder, dev_set, use_cache=False)
-        acc = float((linear_logits(result.tensors, dev_encoding).argmax(1) == dev_set.labels).mean())
-        curve = " ".join(f"{h['val_accuracy']:.2f}" for h in result.history)
-        print(f"{text}: dev acc {acc:.4f}  alpha {result.alpha}  best epoch {result.best_epoch}/{result.epochs_run}  "
-              f"val {result.val_accuracy:.3f}  curve [{curve}]  {seconds:.0f} s", flush=True)
-
+    scores: dict[str, list[float]] = {"probe": []}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        task = prepare_task(encoder, dataset, args.shots, seed, max_test=10)
+        used = set(task.split.train) | set(task.split.val)
+        rest = np.array([i for i in pool if i not in used])
+        dev = np.sort(np.random.default_rng(1234).choice(rest, size=args.dev, replace=False))
+        dev_set = dataset.subset(dev)
+        probe = ProbeHead.fit(task.data)
+        base_dev = encode_dataset(encoder, dev_set)
+        scores["probe"].append(float((probe.predict(base_dev) == dev_set.labels).mean()))
+        print(f"seed {seed} probe dev acc {scores['probe'][-1]:.4f} (val {probe.config['val_accuracy']:.3f})", flush=True)
+        images = ([dataset.sources[i] for i in task.split.train], [dataset.sources[i] for i in task.split.val])
+        for text in args.settings:
+            settings = FinetuneSettings(**parse(text))
+            started = time.perf_counter()
+            result = finetune_encoder(task.data, images[0], images[1], settings)
+            seconds = time.perf_counter() - started
+            dev_encoding = encode_dataset(result.encoder, dev_set, use_cache=False)
+            acc = float((linear_logits(result.tensors, dev_encoding).argmax(1) == dev_set.labels).mean())
+            scores.setdefault(text, []).append(acc)
+            curve = " ".join(f"{h['val_accuracy']:.2f}" for h in result.history)
+            print(f"seed {seed} {text}: dev acc {acc:.4f}  alpha {result.alpha}  best epoch {result.best_epoch}/"
+                  f"{result.epochs_run}  val {result.val_accuracy:.3f}  curve [{curve}]  {seconds:.0f} s", flush=True)
+    for text, values in scores.items():
+        print(f"mean dev acc {np.mean(values):.4f} ({' '.join(f'{v:.4f}' for v in values)})  {text}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ and its encoder id, --model BASE+ADAPTER everywhere, seeds, Ctrl-C, bad input, t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -241,3 +242,116 @@ def test_lite_partial_finetune_and_adapter_round_trip(tmp_path, lite):
     assert adapted.id == result["model"] != lite.id
     pixels = np.stack([np.asarray(Image.fromarray(a).resize((224, 224))) for a in random_images(2, seed=4)])
     assert not np.allclose(adapted.encode_pixels(pixels).features, lite.encode_pixels(pixels).features)
+
+
+# --------------------------------------------------------------------------- the top recipe (default)
+
+
+def test_settings_fill_each_methods_recipe():
+    from clipxfer.finetune.train import GENERIC, RECIPES
+
+    top = FinetuneSettings().check()
+    assert top.strategy == "top" and all(getattr(top, k) == v for k, v in RECIPES["top"].items())
+    lpft = FinetuneSettings(strategy="lp-ft").check()
+    assert all(getattr(lpft, k) == v for k, v in GENERIC.items())
+    assert FinetuneSettings(strategy="top", lr=5e-4, epochs=3).check().lr == 5e-4  # given values win
+    with pytest.raises(ClipxferError, match="--wise auto"):
+        FinetuneSettings(strategy="top", wise="auto").check()  # nothing is held out to choose by
+    with pytest.raises(ClipxferError, match="fit_on"):
+        FinetuneSettings(fit_on="test").check()
+
+
+def test_top_trains_on_all_labelled_images_and_refits_the_head(task, tiny):
+    from clipxfer.heads.linear import probe_inputs
+    from clipxfer.heads.probe import fit_logistic
+
+    dataset, prepared = task
+    result = _finetune(task, lr=1e-2)
+    assert result.settings.fit_on == "all" and result.alpha == 1.0 and result.best_epoch == result.epochs_run == 3
+    stored = {n[len(ENCODER_PREFIX) + len("model."):] for n in result.tensors if n.startswith(ENCODER_PREFIX)}
+    assert stored and all(n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post", "visual.proj")) for n in stored)
+    before, after = _tower(tiny), _tower(result.encoder)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in stored)
+    # the head is the L-BFGS probe on the adapted features of the training AND validation images
+    assert {n for n in result.tensors if not n.startswith(ENCODER_PREFIX)} == {"feature_weights", "bias"}
+    train, val = _images(dataset, prepared)
+    from clipxfer.finetune.train import decode_pixels
+
+    pixels = decode_pixels(train + val, tiny.input_size)
+    features = probe_inputs(result.encoder.encode_pixels(pixels)).astype(np.float64)
+    labels = np.concatenate([prepared.data.train_labels, prepared.data.val_labels])
+    expected = fit_logistic(features, labels, len(CLASSES), result.settings.refit_l2)
+    np.testing.assert_allclose(result.tensors["feature_weights"], expected["W"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.tensors["bias"], expected["b"].numpy(), atol=1e-4)
+    assert (features @ expected["W"].numpy().T + expected["b"].numpy()).argmax(1).tolist() == labels.tolist()
+
+
+def test_top_adapter_reproduces_the_adapted_encoder_through_the_registry(tmp_path, folder, tiny):
+    out = tmp_path / "top.safetensors"
+    result = run_finetune(folder, 3, 1, encoder=tiny, out=out, epochs=2, lr=1e-2)
+    assert result["variant"] == "finetune-top" and result["wise_alpha"] == 1.0 and result["num_val"] > 0
+    from clipxfer.heads import load_head
+
+    head = load_head(out)
+    assert head.config["fit_on"] == "all" and head.config["head"] == "refit" and head.config["blocks"] == 1
+    adapted = load_encoder(f"tiny+{out}", "cpu", "fp32")
+    assert adapted.id == result["model"] != tiny.id
+    pixels = np.stack([np.asarray(Image.fromarray(a).resize((32, 32))) for a in random_images(4, seed=11)])
+    again = finetune_encoder(*_top_inputs(folder, tiny), FinetuneSettings(epochs=2, lr=1e-2))
+    assert again.encoder.id == adapted.id  # same draw, same seed: the same adapter
+    np.testing.assert_array_equal(adapted.encode_pixels(pixels).features, again.encoder.encode_pixels(pixels).features)
+    np.testing.assert_array_equal(head.logits(adapted.encode_pixels(pixels)),
+                                  head.logits(again.encoder.encode_pixels(pixels)))
+
+
+def _top_inputs(folder, tiny):
+    from clipxfer.data import load_dataset
+
+    dataset = load_dataset(folder)
+    prepared = prepare_task(tiny, dataset, 3, 1)
+    return (prepared.data, *_images(dataset, prepared))
+
+
+def test_the_adapted_copy_never_runs_the_bases_compiled_runtime(task, tiny):
+    """A compiled runtime (OpenVINO) attached to the base holds the base's weights: the adapted
+    encoder must encode with its own tower."""
+    dataset, prepared = task
+    base = copy.copy(tiny)
+
+    def stale_runtime(batch):
+        raise AssertionError("the adapted encoder ran the base encoder's compiled runtime")
+
+    base.image_runtime = stale_runtime
+    data = dataclasses.replace(prepared.data, encoder=base)
+    result = finetune_encoder(data, *_images(dataset, prepared), FinetuneSettings(epochs=1, lr=1e-2))
+    assert result.encoder.image_runtime is None and result.encoder.runtime == "torch"
+    pixels = np.stack([np.asarray(Image.fromarray(a).resize((32, 32))) for a in random_images(2, seed=12)])
+    result.encoder.encode_pixels(pixels)
+    assert base.image_runtime is stale_runtime  # the base is untouched
+
+
+@pytest.mark.slow
+def test_lite_top_finetune_adapter_reproduces_the_adapted_encoder(tmp_path, lite):
+    from clipxfer.data import fashion_mnist
+    from clipxfer.encoders import cached_encoder
+    from clipxfer.heads import load_head
+
+    dataset = fashion_mnist().split("train").subset(range(300))
+    out = tmp_path / "lite-top.safetensors"
+    lite32 = cached_encoder("lite", "cpu", "fp32")  # fp32 throughout, so "exactly" means bit-identical
+    result = run_finetune(dataset, 2, 1, encoder=lite32, out=out, max_test=20, epochs=1)
+    head = load_head(out)
+    assert head.config["variant"] == "finetune-top" and head.config["fit_on"] == "all"
+    stored = [n for n in head.weights if n.startswith(ENCODER_PREFIX)]
+    assert stored and all(n.startswith(("encoder/image_model.blocks.6.", "encoder/image_model.conv_head",
+                                         "encoder/image_model.bn2")) for n in stored)
+    assert set(head.weights) - set(stored) == {"feature_weights", "bias"}
+    adapted = load_encoder(f"lite+{out}", "cpu", "fp32")
+    assert adapted.id == result["model"] != lite32.id
+    pixels = np.stack([np.asarray(Image.fromarray(a).resize((224, 224))) for a in random_images(2, seed=4)])
+    # the adapter file gives exactly the tower the fine-tune left (in torch fp32, as it was trained)
+    work, _, _ = working_copy(lite32)
+    apply_tensors(work, head.weights)
+    np.testing.assert_array_equal(adapted.encode_pixels(pixels).features, work.encode_pixels(pixels).features)
+    assert not np.allclose(adapted.encode_pixels(pixels).features, lite32.encode_pixels(pixels).features)

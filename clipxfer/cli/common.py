@@ -84,8 +84,9 @@ def conformal_options(func):
 
 
 def unit_or_auto(ctx, param, value):
-    """click callback: ``auto``, or a number in [0, 1] (mixing weights such as --mix and --wise)."""
-    if value == "auto":
+    """click callback: ``auto``, or a number in [0, 1] (mixing weights such as --mix and --wise);
+    an unset option without a default stays None."""
+    if value is None or value == "auto":
         return value
     try:
         number = float(value)

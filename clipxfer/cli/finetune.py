@@ -15,20 +15,23 @@ from .common import emit_json, model_options, unit_or_auto
 @click.argument("data")
 @click.option("--shots", "-k", type=int, required=True, help="Training images per class (K).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the K-shot draw and of training.")
-@click.option("--method", type=click.Choice(["lp-ft", "partial", "full", "lora"]), default="lp-ft", show_default=True,
-              help="lp-ft: linear probe, then the whole tower; partial: the last --blocks blocks; full: the whole "
-                   "tower from the zero-shot head; lora: rank-2 LoRA factors on the last --blocks blocks (peft).")
-@click.option("--epochs", type=int, default=12, show_default=True, help="Most passes over the training images "
-              "(early stopping on validation may end sooner).")
-@click.option("--lr", type=float, default=1e-4, show_default=True,
-              help="Learning rate of the tower (the head's is 10x).")
-@click.option("--blocks", type=int, default=2, show_default=True, help="Blocks that move with partial and lora.")
-@click.option("--l2sp", type=float, default=0.01, show_default=True,
-              help="Pull of the moving weights toward the pretrained ones (L2-SP).")
+@click.option("--method", type=click.Choice(["top", "lp-ft", "partial", "full", "lora"]), default="top", show_default=True,
+              help="top: linear probe, then the last block and the layers after it on all labelled images, then the "
+                   "head refitted; lp-ft: linear probe, then the whole tower; partial: the last --blocks blocks; full: "
+                   "the whole tower from the zero-shot head; lora: rank-2 LoRA factors on the last --blocks blocks (peft).")
+@click.option("--epochs", type=int, default=None, help="Passes over the training images (top: 10; the others: at "
+              "most 12, early stopping on validation may end sooner).")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate of the tower (the head's is 10x). Default: top 1e-3, the others 1e-4.")
+@click.option("--blocks", type=int, default=None, help="Blocks that move with top, partial and lora (default: top 1, "
+              "the others 2).")
+@click.option("--l2sp", type=float, default=None,
+              help="Pull of the moving weights toward the pretrained ones (L2-SP). Default: top 0, the others 0.01.")
 @click.option("--no-augment", is_flag=True, help="No crop/flip/jitter (for tasks where they change the label).")
-@click.option("--wise", default="auto", show_default=True, callback=unit_or_auto,
+@click.option("--wise", default=None, callback=unit_or_auto,
               help="WiSE-FT: weight of the fine-tuned weights in [0, 1] (0 = the pretrained encoder), "
-                   "or auto (chosen on validation).")
+                   "or auto (chosen on validation; not with top, which trains on the validation images). "
+                   "Default: top 1, the others auto.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
               help="Adapter file to write; the drawn manifest goes next to it. "
                    "Default: finetune-DATA-Kshot-seedS.safetensors here.")
