@@ -70,18 +70,24 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, shape: torch.Si
     return (scaling * delta).reshape(shape)
 
 
+def run_in_torch(encoder: Encoder) -> Encoder:
+    """Detach ``encoder``'s compiled runtimes (OpenVINO image tower and patch graph), which hold the
+    weights they were built from: an encoder whose weights change runs its torch modules."""
+    if encoder.image_runtime is not None or encoder.patch_runtime is not None:
+        from ..device import precision_name
+
+        encoder.image_runtime = encoder.patch_runtime = None
+        encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
+    return encoder
+
+
 @torch.no_grad()
 def apply_tensors(encoder: Encoder, tensors: dict[str, np.ndarray]) -> None:
     """Write an adapter's encoder tensors into ``encoder`` in place (its dtype and device kept).
     LoRA factors are stored with their scaling folded into ``B``."""
     attribute, root = trainable_root(encoder)
-    if encoder.image_runtime is not None or encoder.patch_runtime is not None:
-        # A compiled runtime (OpenVINO) holds the old weights: the changed encoder runs in torch
-        # until a runtime is built for it (the registry attaches one after applying an adapter).
-        from ..device import precision_name
-
-        encoder.image_runtime = encoder.patch_runtime = None
-        encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
+    # The registry attaches a runtime for the adapted weights after applying an adapter.
+    run_in_torch(encoder)
     for name, value in tensors.items():
         if name.startswith(ENCODER_PREFIX):
             target_name = name[len(ENCODER_PREFIX):]

@@ -61,7 +61,7 @@ from ..errors import ClipxferError
 from ..heads.base import FewShotData
 from ..heads.linear import PARTS, cross_entropy, zeroshot_parts
 from ..images import ImageLike, load_model_input
-from .adapter import ENCODER_PREFIX, LORA_PREFIX, apply_tensors, trainable_root
+from .adapter import ENCODER_PREFIX, LORA_PREFIX, apply_tensors, run_in_torch, trainable_root
 
 METHODS = ("top", "lp-ft", "partial", "full", "lora")
 #: The settings a method takes when not given (``None``): :data:`GENERIC`, updated by the method's
@@ -300,7 +300,8 @@ def augment_batch(pixels: np.ndarray, generator: torch.Generator, crop_scale: fl
 def working_copy(encoder: Encoder) -> tuple[Encoder, str, torch.nn.Module]:
     """A float32 copy of ``encoder`` whose image tower can be trained; ``encoder`` is untouched."""
     attribute, root = trainable_root(encoder)
-    work = _torch_runtime(copy.copy(encoder))
+    # The original's compiled runtime holds the original weights; the working copy's must be seen.
+    work = run_in_torch(copy.copy(encoder))
     module = copy.deepcopy(root).float().eval()
     setattr(work, attribute, module)
     work.dtype = torch.float32
@@ -318,17 +319,6 @@ def adapted_copy(encoder: Encoder, tensors: dict[str, np.ndarray], model_id: str
     apply_tensors(adapted, tensors)
     adapted.id = model_id
     return adapted
-
-
-def _torch_runtime(encoder: Encoder) -> Encoder:
-    """``encoder`` (a shallow copy) set to run its torch tower: a compiled runtime (OpenVINO) of the
-    original holds the original's weights, and the refitted head must see the working tower's features."""
-    if getattr(encoder, "image_runtime", None) is not None or getattr(encoder, "patch_runtime", None) is not None:
-        from ..device import precision_name
-
-        encoder.image_runtime = encoder.patch_runtime = None
-        encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
-    return encoder
 
 
 def head_logits(head: dict[str, torch.Tensor], embeddings: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
