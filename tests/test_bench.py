@@ -143,3 +143,27 @@ def test_unknown_dataset_is_one_clear_error(tmp_path, tiny):
     config = BenchConfig(datasets=(DatasetSpec(source="no-such-dataset"),), methods=("zeroshot",))
     with pytest.raises(ClipxferError, match="unknown dataset 'no-such-dataset'"):
         run_bench(config, tmp_path / "out", encoder=tiny)
+
+
+def test_resume_loads_the_precision_the_stored_results_name(tiny_config, tmp_path, monkeypatch):
+    """Results made with int8 resume where `auto` would pick a float precision (and vice versa),
+    as an index is reopened: the stored model id decides."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from clipxfer.encoders import load_encoder
+
+    monkeypatch.setenv("CLIPXFER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    int8 = load_encoder("tiny", "cpu", "openvino:int8")
+    run_bench(tiny_config, out, encoder=int8)
+    first = pd.read_csv(out / "results.csv")
+    assert set(first["model_id"]) == {int8.id}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was fitted again")
+
+    monkeypatch.setattr(HEAD_TYPES["probe"], "fit", classmethod(must_not_run))
+    monkeypatch.setattr(HEAD_TYPES["tip"], "fit", classmethod(must_not_run))
+    monkeypatch.setenv("CLIPXFER_RUNTIME", "torch")  # what `auto` loads here is a float torch model
+    run_bench(tiny_config, out)  # no encoder given: the stored id's precision is loaded
+    pd.testing.assert_frame_equal(first, pd.read_csv(out / "results.csv"))
