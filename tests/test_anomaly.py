@@ -211,3 +211,22 @@ def test_bench_task_anomaly_rows_groups_and_resume(textures, tmp_path):
     assert "| brick | auto | local | 1 |" in (tmp_path / "anomaly_summary.md").read_text()
     again = runner.invoke(main, args)
     assert again.exit_code == 0 and len(pd.read_csv(tmp_path / "anomaly_results.csv")) == 4
+
+
+def test_score_loads_the_precision_the_detector_names(textures, tmp_path, monkeypatch):
+    """A detector fitted with an int8 encoder scores where `auto` would load a float one: the
+    detector's model id decides, as for heads and indexes."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    monkeypatch.setenv("CLIPXFER_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    det = tmp_path / "det.safetensors"
+    fit = runner.invoke(main, ["anomaly", "fit", str(textures / "brick" / "train" / "good"), "--shots", "2",
+                               "--method", "patchcore", "--out", str(det), "--model", "tiny", "--device", "cpu",
+                               "--precision", "int8", "--json"])  # fmt: skip
+    assert fit.exit_code == 0, fit.output
+    assert load_detector(det).model_id.endswith("@int8")
+    monkeypatch.setenv("CLIPXFER_RUNTIME", "torch")  # `auto` alone would load float torch here
+    scored = runner.invoke(main, ["anomaly", "score", str(textures / "brick" / "test" / "hole"), "--detector", str(det),
+                                  "--device", "cpu", "--json"])  # fmt: skip
+    assert scored.exit_code == 0, scored.output

@@ -63,7 +63,12 @@ def run_anomaly_bench(
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "anomaly_results.csv"
     table = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame(columns=COLUMNS)
-    encoder = encoder or load_encoder(model)
+    if encoder is None:
+        # Resuming loads the precision the stored results name, as `clipxfer bench` does.
+        from ..encoders.registry import precision_for_id
+
+        stored = sorted(set(table["model_id"])) if len(table) else []
+        encoder = load_encoder(model, precision=precision_for_id(stored[0]) if len(stored) == 1 else None)
     if len(table) and set(table["model_id"]) - {encoder.id}:
         raise ClipxferError(f"{results_path} holds results of another model than {encoder.id}: use another --out")
     done = set(map(tuple, table[CELL_KEY].astype(str).to_numpy()))

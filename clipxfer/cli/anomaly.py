@@ -97,13 +97,14 @@ def score(folder, detector_path, heatmaps, roc, as_json, as_csv, model, device, 
     Example: clipxfer anomaly score test/ --detector det.safetensors --heatmaps maps/
     """
     from ..anomaly import load_detector, score_folder
-    from ..encoders.registry import spec_for_id
+    from ..encoders.registry import precision_for_id, spec_for_id
     from ..errors import ClipxferError
 
     if as_json and as_csv:
         raise ClipxferError("choose one of --json and --csv")
     detector = load_detector(detector_path)
-    encoder = load_model(model or spec_for_id(detector.model_id), device, precision)
+    # As a head or an index: `auto` loads the precision the detector's model id names (float or int8).
+    encoder = load_model(model or spec_for_id(detector.model_id), device, precision_for_id(detector.model_id, precision))
     result = score_folder(detector, encoder, folder, heatmaps, roc, progress=True)
     rows = result.rows()
     if as_json:
