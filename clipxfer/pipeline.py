@@ -273,31 +273,31 @@ def encode_decoded(
     before any later failure: a caller that stops at a failure has everything before it.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipxfer-encode") as background:
-        in_flight: tuple[list, Future] | None = None
+        in_flight: deque[tuple[list, Future]] = deque()
         pixels: list[np.ndarray] = []
         infos: list = []
         limit = min(batch_size, FIRST_BATCH)
+
+        def finished(keep: int) -> Iterator[tuple[list, "ImageEncoding"]]:
+            """The batches in flight, oldest first, until ``keep`` are left encoding."""
+            while len(in_flight) > keep:
+                batch_infos, encoding = in_flight.popleft()
+                yield batch_infos, encoding.result()
+
         for result in results:
             if isinstance(result, Failure):
-                if in_flight is not None:
-                    yield in_flight[0], in_flight[1].result()
-                    in_flight = None
+                yield from finished(0)
                 yield result
                 continue
             pixels.append(result[0])
             infos.append(result[1])
             if len(infos) >= limit:
-                started = (infos, background.submit(encoder.encode_pixels, np.stack(pixels)))
-                if in_flight is not None:
-                    yield in_flight[0], in_flight[1].result()
-                in_flight, pixels, infos, limit = started, [], [], batch_size
+                in_flight.append((infos, background.submit(encoder.encode_pixels, np.stack(pixels))))
+                pixels, infos, limit = [], [], batch_size
+                yield from finished(1)  # the new batch encodes while the caller stores the previous one
         if infos:
-            started = (infos, background.submit(encoder.encode_pixels, np.stack(pixels)))
-            if in_flight is not None:
-                yield in_flight[0], in_flight[1].result()
-            in_flight = started
-        if in_flight is not None:
-            yield in_flight[0], in_flight[1].result()
+            in_flight.append((infos, background.submit(encoder.encode_pixels, np.stack(pixels))))
+        yield from finished(0)
 
 
 def encode_files_on_device(
