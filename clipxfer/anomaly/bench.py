@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..encoders import Encoder, load_encoder
+from ..encoders import Encoder
 from ..errors import ClipxferError
 from ..images import find_images
 from ..paths import atomic_write_bytes
@@ -64,11 +64,9 @@ def run_anomaly_bench(
     results_path = out / "anomaly_results.csv"
     table = pd.read_csv(results_path) if results_path.is_file() else pd.DataFrame(columns=COLUMNS)
     if encoder is None:
-        # Resuming loads the precision the stored results name, as `clipxfer bench` does.
-        from ..encoders.registry import precision_for_id
+        from ..encoders.registry import load_encoder_for_results
 
-        stored = sorted(set(table["model_id"])) if len(table) else []
-        encoder = load_encoder(model, precision=precision_for_id(stored[0]) if len(stored) == 1 else None)
+        encoder = load_encoder_for_results(model, table["model_id"])
     if len(table) and set(table["model_id"]) - {encoder.id}:
         raise ClipxferError(f"{results_path} holds results of another model than {encoder.id}: use another --out")
     done = set(map(tuple, table[CELL_KEY].astype(str).to_numpy()))

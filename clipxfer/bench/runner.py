@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..data import LabelledImages, check_classes, load_dataset
-from ..encoders import Encoder, ImageEncoding, l2_normalize, load_encoder
-from ..encoders.registry import precision_for_id
+from ..encoders import Encoder, ImageEncoding, l2_normalize
+from ..encoders.registry import load_encoder_for_results
 from ..errors import ClipxferError
 from ..features import encode_dataset, take
 from ..heads import HEAD_TYPES, Head
@@ -295,11 +295,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, encoder: Encoder | None 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.csv"
     table = read_results(results_path)
-    if encoder is None:
-        # Resuming: the precision the stored results' model id names (float or int8), as an index
-        # is reopened, so a run made on one machine resumes on another whatever `auto` picks there.
-        stored = sorted(set(table["model_id"])) if len(table) else []
-        encoder = load_encoder(config.model, precision=precision_for_id(stored[0]) if len(stored) == 1 else None)
+    encoder = encoder or load_encoder_for_results(config.model, table["model_id"])
     if len(table) and set(table["model_id"]) - {encoder.id}:
         raise ClipxferError(
             f"{results_path} holds results of model {', '.join(sorted(set(table['model_id'])))}, not {encoder.id}: "

@@ -120,6 +120,14 @@ def precision_for_id(model_id: str, requested: str | None = None) -> str | None:
     return join_compute(runtime, "int8" if model_id.endswith(INT8_SUFFIX) else "float")
 
 
+def load_encoder_for_results(spec: str | None, model_ids) -> Encoder:
+    """``load_encoder(spec)`` to resume results made with ``model_ids``: with one id, in the
+    precision it names (float or int8), as an index is reopened, so results made on one machine
+    resume on another whatever ``auto`` picks there; with none, ``auto``."""
+    ids = sorted(set(model_ids))
+    return load_encoder(spec, precision=precision_for_id(ids[0]) if len(ids) == 1 else None)
+
+
 def _quiet(factory, *args):
     """open_clip logs 'initialized randomly' at WARNING for random models; the id says so already."""
     root = logging.getLogger()
