@@ -14,6 +14,7 @@ import pandas as pd
 
 from .data import LabelledImages
 from .errors import ClipxferError
+from .paths import atomic_write_bytes
 
 #: Seed of the train/test partition of datasets without a fixed split: the same for every
 #: few-shot seed, so all seeds and methods are scored on one test set.
@@ -46,12 +47,11 @@ class FewShotSplit:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def write_manifest(self, dataset: LabelledImages, path: str | Path) -> Path:
-        """Write the drawn manifest as CSV, so the run can be repeated exactly."""
+        """Write the drawn manifest as CSV (atomically), so the run can be repeated exactly."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.StringIO()
         self.manifest(dataset).to_csv(buffer, index=False)
-        path.write_text(buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue().encode())
         return path
 
 

@@ -7,7 +7,6 @@ The commands ``clipxfer probe|tip|coop|mix|lpp|clap`` and ``clipxfer predict`` a
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
 from .features import encode_dataset, encode_folder, take
 from .heads.base import HEAD_TYPES, FewShotData, Head, load_head
-from .paths import atomic_write_bytes, safe_filename
+from .paths import safe_filename
 from .sampling import FewShotSplit, draw_few_shot
 
 #: Few-shot methods the commands train (``zeroshot`` is the baseline every run also scores).
@@ -308,11 +307,8 @@ def score_and_save(
         head.config.update(
             {"dataset": dataset.name, "test_accuracy": scores["accuracy"], "zeroshot_test_accuracy": zeroshot_scores["accuracy"]}
         )
-        manifest_path = manifest_path_for(head_path)
-        buffer = io.StringIO()
-        task.split.manifest(dataset).to_csv(buffer, index=False)
         # The manifest first: a head on disk always has its manifest beside it.
-        atomic_write_bytes(manifest_path, buffer.getvalue().encode())
+        manifest_path = task.split.write_manifest(dataset, manifest_path_for(head_path))
         result["head"] = str(head.save(head_path))
         result["manifest"] = str(manifest_path)
     return result

@@ -7,7 +7,6 @@ the metadata. It defines a new encoder id; ``--model BASE+ADAPTER.safetensors`` 
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from ..data import LabelledImages, check_classes, load_dataset
 from ..encoders.base import Encoder
 from ..errors import ClipxferError
 from ..features import encode_dataset
-from ..paths import atomic_write_bytes
 from ..transfer import accuracy, manifest_path_for, prepare_task, resolve_head_path
 from .adapter import base_of, load_adapted, read_adapter
 from .train import METHODS, FinetuneSettings, make_settings
@@ -71,9 +69,7 @@ def run_finetune(
     fit_seconds = time.perf_counter() - started
     manifest_path = manifest_path_for(path)
     if save:
-        buffer = io.StringIO()
-        task.split.manifest(dataset).to_csv(buffer, index=False)
-        atomic_write_bytes(manifest_path, buffer.getvalue().encode())  # the manifest first, as for heads
+        task.split.write_manifest(dataset, manifest_path)  # the manifest first, as for heads
     if head.config["interrupted"]:
         if save:
             head.save(path)
