@@ -51,7 +51,11 @@ class FewShotSplit:
         path = Path(path)
         buffer = io.StringIO()
         self.manifest(dataset).to_csv(buffer, index=False)
-        atomic_write_bytes(path, buffer.getvalue().encode())
+        try:
+            atomic_write_bytes(path, buffer.getvalue().encode())
+        except OSError as exc:
+            raise ClipxferError(f"{path}: cannot write the manifest ({exc.strerror or exc}); "
+                                "choose --out in a writable folder") from None
         return path
 
 

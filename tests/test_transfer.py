@@ -150,3 +150,16 @@ def test_features_from_an_index_match_encoding(tmp_path, folder, tiny):
     result = invoke("predict", out, "--index", tmp_path / "idx", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)["predictions"]) == 30
+
+
+def test_an_unwritable_out_is_one_clear_line_and_writes_nothing(tmp_path, tiny):
+    from clipxfer.heads.zeroshot import fit_zeroshot
+
+    data = write_tinted_folder(tmp_path / "labelled", ["red", "green", "blue"])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ClipxferError, match="cannot write the manifest .*choose --out in a writable folder"):
+        run_transfer("probe", data, shots=2, seed=1, encoder=tiny, out=blocker / "head.safetensors")
+    with pytest.raises(ClipxferError, match="cannot write the head .*choose --out in a writable folder"):
+        fit_zeroshot(tiny, ["red", "green"], ["a photo of a {}."]).save(blocker / "zeroshot.safetensors")
+    assert blocker.read_text() == "not a folder"

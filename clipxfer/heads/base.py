@@ -153,7 +153,11 @@ class Head(ABC):
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
-        atomic_write_bytes(path, save(self.weights, metadata={METADATA_KEY: json.dumps(self.metadata())}))
+        try:
+            atomic_write_bytes(path, save(self.weights, metadata={METADATA_KEY: json.dumps(self.metadata())}))
+        except OSError as exc:
+            raise ClipxferError(f"{path}: cannot write the head ({exc.strerror or exc}); "
+                                "choose --out in a writable folder") from None
         return path
 
 
