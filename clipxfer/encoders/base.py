@@ -164,8 +164,7 @@ class Encoder(ABC):
         if self.patch_runtime is not None:
             batch = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
             outputs = [torch.from_numpy(output) for output in self.patch_runtime(batch)]
-            has_joint = self.patch_runtime.has_joint
-            maps, joint = (outputs[:-1], outputs[-1]) if has_joint else (outputs, None)
+            maps, joint = (outputs[:-1], outputs[-1]) if self.patch_runtime.has_joint else (outputs, None)
         else:
             maps, joint = self._forward_patches(self.pixels_to_tensor(pixels))
         as_rows = [m.float().permute(0, 2, 3, 1).contiguous().cpu().numpy() for m in maps]

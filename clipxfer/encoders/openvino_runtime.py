@@ -76,12 +76,12 @@ def openvino_version() -> str:
     return import_openvino().get_version()
 
 
-def cache_key(encoder_id: str, precision: str, graph: str = "image") -> dict:
+def cache_key(encoder_id: str, precision: str, kind: str = "image") -> dict:
     """What decides a cached model's contents. The float precisions share one fp32 graph: bf16
-    and fp16 are only an inference hint when it is compiled. ``graph``: ``image`` (the tower)
+    and fp16 are only an inference hint when it is compiled. ``kind``: ``image`` (the tower)
     or ``patches`` (the dense patch features, :meth:`Encoder.patch_graph`)."""
     stored = "int8" if precision == "int8" else "fp32"
-    return {"encoder_id": encoder_id, "graph": graph, "precision": stored, "openvino": openvino_version(),
+    return {"encoder_id": encoder_id, "graph": kind, "precision": stored, "openvino": openvino_version(),
             "format": CACHE_FORMAT}
 
 
@@ -232,7 +232,7 @@ def build_model(encoder: "Encoder", precision: str, folder: Path, calibration_pa
     what = "int8 (converting, then calibrating with nncf)" if precision == "int8" else precision
     print(f"building the OpenVINO {what} {kind} model for {encoder.id}; once, cached in {folder}", file=sys.stderr)
     model, transformer, has_joint = _convert(encoder, kind)
-    meta = {**cache_key(encoder.id.removesuffix(INT8_SUFFIX), precision, kind), "transformer": transformer,
+    meta = {**cache_key(weights_id(encoder.id), precision, kind), "transformer": transformer,
             "has_joint": has_joint}
     if precision == "int8":
         images, meta["calibration"] = calibration_set(calibration_paths, encoder.input_size)
@@ -272,6 +272,12 @@ def read_cached(folder: Path, key: dict):
 INT8_SUFFIX = "@int8"
 
 
+def weights_id(model_id: str) -> str:
+    """The id of the float weights a model runs: without the ``@int8`` of a quantized runtime
+    (compiled graphs are cached by it; fine-tuned adapters name their base by it)."""
+    return model_id.removesuffix(INT8_SUFFIX)
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -309,7 +315,7 @@ class OpenVinoImageTower:
         if self._queue is not None:
             return self._queue
         ov = import_openvino()
-        key = cache_key(self.encoder.id.removesuffix(INT8_SUFFIX), self.precision, self.kind)
+        key = cache_key(weights_id(self.encoder.id), self.precision, self.kind)
         folder = cache_folder(key)
         cached = read_cached(folder, key)
         if cached is None:

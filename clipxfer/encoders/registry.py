@@ -170,9 +170,9 @@ def spec_for_id(model_id: str) -> str:
     from ..finetune.adapter import base_of
     from .lite import LITE_ID
     from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
-    from .openvino_runtime import INT8_SUFFIX
+    from .openvino_runtime import weights_id
 
-    model_id = model_id.removesuffix(INT8_SUFFIX)  # the precision is not part of the spec
+    model_id = weights_id(model_id)  # the precision is not part of the spec
     base_id = base_of(model_id)
     if base_id is not None:  # the id holds no path: the spec this process loaded, else a placeholder
         if model_id in _ADAPTED_SPECS:

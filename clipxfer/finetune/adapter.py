@@ -36,18 +36,12 @@ def trainable_root(encoder: Encoder) -> tuple[str, torch.nn.Module]:
     raise ClipxferError(f"model '{encoder.id}' has no image tower clipxfer can fine-tune")
 
 
-def weights_id(model_id: str) -> str:
-    """The id of the float weights a model runs: without the ``@int8`` of a quantized runtime.
-
-    Fine-tuning changes the float weights; a runtime quantizes the result when it is loaded, so
-    adapters name (and are checked against) the float base."""
-    from ..encoders.openvino_runtime import INT8_SUFFIX
-
-    return model_id.removesuffix(INT8_SUFFIX)
-
-
 def adapted_id(base_id: str, tensors: dict[str, np.ndarray]) -> str:
-    """``<base weights id>+ft-<16 hex>``: the hash covers every encoder tensor's name, shape and bytes."""
+    """``<base weights id>+ft-<16 hex>``: the hash covers every encoder tensor's name, shape and bytes.
+    Fine-tuning changes the float weights (a runtime quantizes the result when it is loaded), so the
+    base is named without ``@int8``."""
+    from ..encoders.openvino_runtime import weights_id
+
     base_id = weights_id(base_id)
     digest = hashlib.sha256(base_id.encode())
     for name in sorted(tensors):

@@ -30,7 +30,7 @@ class FinetuneHead(LinearHead):
         """Fine-tune ``data.encoder`` on ``images = (train, val)`` (the images behind ``data.train``
         and ``data.val``); ``settings`` are :class:`clipxfer.finetune.train.FinetuneSettings` fields."""
         from ..errors import ClipxferError
-        from ..finetune.adapter import weights_id
+        from ..encoders.openvino_runtime import weights_id
         from ..finetune.train import finetune_encoder, make_settings, settings_dict
 
         if images is None:
