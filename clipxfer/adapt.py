@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import LabelledImages, load_dataset
+from .data import LabelledImages
 from .encoders.base import Encoder, ImageEncoding
 from .errors import ClipxferError
 from .features import encode_folder
@@ -19,7 +19,7 @@ from .heads.base import FewShotData
 from .heads.transductive import TransductiveHead
 from .sampling import PARTITION_SEED, FewShotSplit, partition_train_test
 from .transfer import (
-    FewShotTask, _index_rows, encode_items, prepare_task, resolve_head_path, score_and_save,
+    FewShotTask, _index_rows, encode_items, load_inputs, prepare_task, resolve_head_path, score_and_save,
 )  # fmt: skip
 
 
@@ -103,11 +103,7 @@ def run_adapt(
     """
     if shots < 0:
         raise ClipxferError(f"--shots {shots}: give 0 (no labels) or more labelled images per class")
-    dataset = data if isinstance(data, LabelledImages) else load_dataset(data)
-    if encoder is None:
-        from .encoders import load_encoder
-
-        encoder = load_encoder(model, device=device, precision=precision)
+    dataset, encoder = load_inputs(data, encoder, model, device, precision)
     target = encode_unlabelled(encoder, unlabelled, index_path, progress)
     if shots == 0:
         task = label_free_task(encoder, dataset, seed, templates, max_test, progress)

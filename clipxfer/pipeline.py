@@ -5,12 +5,13 @@ gathers the next one and the caller stores the previous one (:func:`encode_decod
 model waits on decoding and storing as little as possible. A file that cannot be decoded becomes a
 :class:`Failure` (path and a one-line reason) in the output stream instead of an exception.
 
-Workers are forked where the platform allows, as torch's own DataLoader does: they run only
-PIL and numpy, never torch, so the torch thread pools they inherit are never touched, and a
-fork starts in milliseconds. ``forkserver``/``spawn`` re-import the main module in every worker,
-and when that module imports torch (any script or notebook that loaded a model first), each
-worker spends seconds of CPU doing so: measured on the 2-core benchmark machine, indexing fell
-from 30 to 18 images/s. Elsewhere (macOS, Windows) ``spawn`` is used.
+Workers are forked where the platform allows, as torch's own DataLoader does, and like its
+workers they run torch on one thread only (the bicubic resize, :func:`images.resize_bicubic`):
+the thread pools they inherit are never entered, and a fork starts in milliseconds.
+``forkserver``/``spawn`` re-import the main module in every worker, and when that module imports
+torch (any script or notebook that loaded a model first), each worker spends seconds of CPU doing
+so: measured on the 2-core benchmark machine, indexing fell from 30 to 18 images/s. Elsewhere
+(macOS, Windows) ``spawn`` is used.
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ def _init_worker() -> None:
     orphaned decoders behind."""
     import signal
 
+    import torch
+
+    torch.set_num_threads(1)  # one decode per worker process; the parent's pool is not the worker's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes

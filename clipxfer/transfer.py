@@ -212,6 +212,20 @@ def manifest_path_for(head_path: Path) -> Path:
     return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".manifest.csv")
 
 
+def load_inputs(data: str | os.PathLike | LabelledImages, encoder: Encoder | None, model: str | None = None,
+                device: str | None = None, precision: str | None = None,
+                classes: list[str] | None = None) -> tuple[LabelledImages, Encoder]:
+    """The labelled images and the encoder of a training command, each used as given or loaded:
+    ``data`` a built-in name, folder or manifest (``classes`` fixing its class list), the encoder
+    from ``model``, ``device`` and ``precision``."""
+    dataset = data if isinstance(data, LabelledImages) else load_dataset(data, classes)
+    if encoder is None:
+        from .encoders import load_encoder
+
+        encoder = load_encoder(model, device=device, precision=precision)
+    return dataset, encoder
+
+
 def run_transfer(
     method: str,
     data: str | os.PathLike | LabelledImages,
@@ -242,11 +256,7 @@ def run_transfer(
     """
     if method not in FEW_SHOT_METHODS:
         raise ClipxferError(f"unknown method '{method}': use one of {', '.join(FEW_SHOT_METHODS)}")
-    dataset = data if isinstance(data, LabelledImages) else load_dataset(data, classes)
-    if encoder is None:
-        from .encoders import load_encoder
-
-        encoder = load_encoder(model, device=device, precision=precision)
+    dataset, encoder = load_inputs(data, encoder, model, device, precision, classes)
     head_path = resolve_head_path(out, f"{method}-trans" if transductive else method, dataset, shots, seed)
     task = prepare_task(encoder, dataset, shots, seed, templates, index_path, max_test, progress=progress)
 

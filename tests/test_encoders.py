@@ -63,9 +63,9 @@ def test_tiny_matches_open_clip_own_preprocess_and_forward(tiny):
     images = [Image.fromarray(a) for a in random_images(4, seed=2, size=(45, 70))]
     with torch.no_grad():
         reference = model.encode_image(torch.stack([preprocess(img) for img in images]), normalize=True).numpy()
-    # Our crop resizes only the kept box, which rounds a pixel at most one level apart from
-    # resize-then-crop (tests/test_pipeline.py): about 2e-5 in a unit embedding.
-    np.testing.assert_allclose(tiny.encode_images(images), reference, atol=5e-5)
+    # Our resize (torch's uint8 kernel) rounds a pixel at most one level apart from PIL's
+    # (tests/test_pipeline.py): up to 8e-5 in a unit embedding of these noise images.
+    np.testing.assert_allclose(tiny.encode_images(images), reference, atol=1.5e-4)
 
 
 @pytest.mark.parametrize("spec", ["tiny", "ViT-B-32:random"])

@@ -405,3 +405,21 @@ def test_ci_and_makefile_provide_fashion_mnist():
     assert "test: venv system-packages" in makefile and "dataset-fashion-mnist" in makefile
     assert "apt-get install -y -qq $(MISSING)" in makefile
     assert "CLIPXFER_REQUIRE_DATASETS=1 make test" in (root / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize(
+    "module, extra, purpose",
+    [("openvino", "openvino", "the OpenVINO runtime"), ("peft", "finetune", "--method lora"),
+     ("pyarrow.parquet", "shards", "embedding shards"), ("fastapi", "serve", "clipxfer serve")],
+)
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, module, extra, purpose):
+    import sys
+
+    from clipxfer.extras import import_extra
+
+    monkeypatch.setitem(sys.modules, module.split(".")[0], None)  # as if the package were not installed
+    with pytest.raises(ClipxferError) as caught:
+        import_extra(module, extra, purpose)
+    message = str(caught.value)
+    assert message == (f"{purpose} needs the '{extra}' extra ({module.split('.')[0]} is missing): "
+                       f"pip install 'clipxfer[{extra}]'")

@@ -179,6 +179,13 @@ def test_auto_never_picks_bf16_without_native_bf16(flags, have_openvino):
         assert auto_cpu_compute(flags, have_openvino, allow_int8).precision != "bf16"
 
 
+@pytest.mark.parametrize("bf16_native", [True, False])
+def test_int8_runs_its_float_layers_in_bf16_only_where_bf16_is_native(bf16_native):
+    assert openvino_runtime.inference_precision("int8", bf16_native) == ("bf16" if bf16_native else "f32")
+    assert openvino_runtime.inference_precision("fp32", bf16_native) == "f32"
+    assert openvino_runtime.inference_precision("bf16", bf16_native) == "bf16"
+
+
 def test_auto_rules():
     assert auto_cpu_compute(THIS_MACHINE_LIKE, True) == Compute("openvino", "int8")
     assert auto_cpu_compute(frozenset({"avx512f", "avx512_vnni"}), True) == Compute("openvino", "int8")

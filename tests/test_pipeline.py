@@ -13,8 +13,9 @@ from clipxfer.pipeline import Failure, encode_decoded
 
 
 @pytest.mark.parametrize("size_wh", [(500, 375), (375, 500), (640, 480), (45, 70), (28, 28), (1000, 250), (224, 300)])
-def test_box_resize_equals_resize_then_crop(size_wh):
-    """Resizing only the kept box gives torchvision's resize-then-centre-crop pixels, to rounding."""
+def test_resize_and_crop_equal_pil_and_torchvision(size_wh):
+    """Our resize (torch's uint8 kernel) and crop give open_clip's preprocessing pixels (PIL's
+    bicubic resize, then torchvision's centre crop), to rounding."""
     rng = np.random.default_rng(sum(size_wh))
     img = Image.fromarray(rng.integers(0, 256, (size_wh[1], size_wh[0], 3), dtype=np.uint8))
     width, height = img.size

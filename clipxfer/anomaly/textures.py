@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..extras import import_extra
+
 TEXTURES = ("brick", "grass", "gravel")
 #: A constant tint per texture (the photos are greyscale); colour defects change it.
 TINTS = {"brick": (1.0, 0.82, 0.7), "grass": (0.8, 1.0, 0.75), "gravel": (0.95, 0.92, 0.85)}
@@ -34,14 +36,9 @@ SIZE = 250
 
 def texture_photo(name: str) -> np.ndarray:
     """The greyscale scikit-image photo ``name`` as float32 in [0, 1]."""
-    try:
-        import skimage.data
-    except ImportError:
-        from ..errors import ClipxferError
+    skimage_data = import_extra("skimage.data", "data", "the texture set")
 
-        raise ClipxferError("the texture set needs scikit-image: pip install 'clipxfer[data]'") from None
-
-    return getattr(skimage.data, name)().astype(np.float32) / 255.0
+    return getattr(skimage_data, name)().astype(np.float32) / 255.0
 
 
 def good_crop(photo: np.ndarray, tint: tuple, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:

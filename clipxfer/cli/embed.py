@@ -39,7 +39,7 @@ def embed(source, out, model, device, precision, engine, ray_address, num_gpus_p
         batch_size=batch_size,
         shard_size=shard_size,
         workers=workers,
-        device=None if device == "auto" else device,
+        device=device,
         precision=None if precision == "auto" else precision,
         progress=not as_json,
     )

@@ -74,7 +74,7 @@ def index_command(
         batch_size=batch_size,
         fail_fast=fail_fast,
         progress=True,
-        device=None if device == "auto" else device,
+        device=device,
         precision=None if precision == "auto" else precision,
         rebuild=rebuild,
     )
@@ -115,7 +115,7 @@ def search(query, image, k, index_path, model, device, min_score, as_json, as_cs
     if as_json and as_csv:
         raise ClipxferError("choose one of --json and --csv")
     with Index.open(index_path) as idx:
-        encoder = idx.encoder(model, device=None if device == "auto" else device)
+        encoder = idx.encoder(model, device=device)
         if image is not None:
             hits = idx.search_image(Path(image), k, encoder, min_score)
         else:

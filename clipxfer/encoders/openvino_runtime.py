@@ -10,7 +10,8 @@ int8 calibration uses the images about to be encoded when there are enough of th
 (:meth:`OpenVinoImageTower.expect_images`, called by the indexing pipeline), else a small set
 made from scikit-image's sample photos; the cache metadata records which. Inference uses the
 THROUGHPUT hint and an ``AsyncInferQueue``: each batch is split into requests of a few images
-that the plugin's streams take as they come free.
+that the plugin's streams take as they come free. An int8 graph runs the layers nncf left in float
+in bf16 where the CPU has bf16 natively (:func:`inference_precision`).
 
 Nothing outside ``encoders/`` knows this module exists: the encoder id says ``@int8`` when the
 numbers differ from the float model, and that is all an index or head sees.
@@ -34,7 +35,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from ..device import cpu_has_fast_bf16
 from ..errors import ClipxferError
+from ..extras import import_extra
 from ..paths import cache_dir
 
 if TYPE_CHECKING:
@@ -50,26 +53,30 @@ CALIBRATION_BATCH = 8
 #: decoding takes a core from one stream, the other takes more requests instead of waiting for
 #: it at the end of the batch (on 2 cores, batches of 8 run as fast as batches of 64).
 REQUEST_IMAGES = 8
-#: OpenVINO's inference precision hint for each precision name (int8 graphs keep f32 elsewhere).
+#: OpenVINO's inference precision hint for each precision name (for int8: see :func:`inference_precision`).
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
 def import_openvino():
     """``openvino``, or one line naming the extra to install."""
-    try:
-        import openvino
-    except ImportError:
-        raise ClipxferError("the OpenVINO runtime needs the 'openvino' extra: pip install 'clipxfer[openvino]'") from None
-    return openvino
+    return import_extra("openvino", "openvino", "the OpenVINO runtime")
 
 
 def import_nncf():
     """``nncf`` (int8 quantization), or one line naming the extra to install."""
-    try:
-        import nncf
-    except ImportError:
-        raise ClipxferError("int8 needs nncf from the 'openvino' extra: pip install 'clipxfer[openvino]'") from None
-    return nncf
+    return import_extra("nncf", "openvino", "int8")
+
+
+def inference_precision(precision: str, bf16_native: bool) -> str:
+    """OpenVINO's inference precision hint for a model run at ``precision``.
+
+    An int8 graph still runs the layers nncf left unquantized (a ViT's layer norms, softmax and
+    GELU; lite's stem and depthwise convolutions) in this precision: bf16 on a CPU with native
+    bf16, f32 elsewhere (emulated bf16 is 4x slower). See benchmarks/RESULTS.md, "int8 remainder".
+    """
+    if precision == "int8":
+        return "bf16" if bf16_native else "f32"
+    return INFERENCE_PRECISION[precision]
 
 
 def openvino_version() -> str:
@@ -289,13 +296,17 @@ class OpenVinoImageTower:
     numpy arrays, in order.
     """
 
-    def __init__(self, encoder: "Encoder", precision: str, streams: int | None = None, kind: str = "image"):
+    def __init__(self, encoder: "Encoder", precision: str, streams: int | None = None, kind: str = "image",
+                 inference_hint: str | None = None):
+        """``inference_hint``: OpenVINO's inference precision (``f32``, ``bf16``); default
+        :func:`inference_precision`'s choice for this model on this CPU."""
         if precision not in INFERENCE_PRECISION:
             raise ClipxferError(f"OpenVINO precision '{precision}' is not supported: use fp32, bf16 or int8")
         self.encoder = encoder
         self.precision = precision
         self.streams = streams
         self.kind = kind
+        self.inference_hint = inference_hint
         #: For ``patches``: whether the last output is joint-space patch embeddings (from the cache metadata).
         self.has_joint = False
         self.calibration_paths: list[Path] | None = None
@@ -330,7 +341,8 @@ class OpenVinoImageTower:
         self.cache_folder = folder
         config = {
             "PERFORMANCE_HINT": "THROUGHPUT",
-            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision],
+            "INFERENCE_PRECISION_HINT": self.inference_hint
+            or inference_precision(self.precision, cpu_has_fast_bf16()),
         }
         if self.streams:
             config["NUM_STREAMS"] = str(self.streams)

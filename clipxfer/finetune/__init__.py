@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data import LabelledImages, check_classes, load_dataset
+from ..data import LabelledImages, check_classes
 from ..encoders.base import Encoder
 from ..errors import ClipxferError
 from ..features import encode_dataset
-from ..transfer import accuracy, manifest_path_for, prepare_task, resolve_head_path
+from ..transfer import accuracy, load_inputs, manifest_path_for, prepare_task, resolve_head_path
 from .adapter import base_of, load_adapted, read_adapter
 from .train import METHODS, FinetuneSettings, make_settings
 
@@ -50,13 +50,9 @@ def run_finetune(
     """
     from ..heads.finetune import FinetuneHead
 
-    dataset = data if isinstance(data, LabelledImages) else load_dataset(data, classes)
+    make_settings(**settings)  # bad settings fail before any loading or encoding
+    dataset, encoder = load_inputs(data, encoder, model, device, precision, classes)
     check_classes(dataset.classnames, dataset.name)
-    make_settings(**settings)  # bad settings fail before any encoding
-    if encoder is None:
-        from ..encoders import load_encoder
-
-        encoder = load_encoder(model, device=device, precision=precision)
     if base_of(encoder.id) is not None:
         raise ClipxferError(f"model '{encoder.id}' is already fine-tuned; fine-tune its base model instead")
     path = resolve_head_path(out, "finetune", dataset, shots, seed)

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from ..encoders.base import Encoder
 from ..errors import ClipxferError
+from ..extras import import_extra
 from ..heads.base import FewShotData
 from ..heads.linear import PARTS, cross_entropy, zeroshot_parts
 from ..images import ImageLike, load_model_input
@@ -232,11 +233,9 @@ def lora_targets(root: torch.nn.Module, attribute: str, settings: FinetuneSettin
 
 def _inject_lora(root: torch.nn.Module, targets: list[str], settings: FinetuneSettings) -> dict[str, torch.nn.Module]:
     """Add LoRA layers with peft; returns ``{target name: peft LoRA layer}``."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        raise ClipxferError("--method lora needs peft: pip install 'clipxfer[finetune]'") from None
+    import_extra("peft", "finetune", "--method lora")
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=targets, lora_dropout=0.0)
     inject_adapter_in_model(config, root)
     layers = {name: module for name, module in root.named_modules() if isinstance(module, LoraLayer)}

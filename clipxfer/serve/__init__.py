@@ -10,19 +10,13 @@ import ipaddress
 import socket
 
 from ..errors import ClipxferError
-
-EXTRA_HINT = "clipxfer serve needs the serve extra: pip install 'clipxfer[serve]'"
+from ..extras import import_extra
 
 
 def require_serve_extra() -> None:
     """Import check for fastapi, uvicorn, python-multipart and prometheus-client: one clear line."""
-    try:
-        import fastapi  # noqa: F401
-        import python_multipart  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise ClipxferError(f"{EXTRA_HINT} ({exc.name} is missing)") from None
+    for module in ("fastapi", "python_multipart", "prometheus_client", "uvicorn"):
+        import_extra(module, "serve", "clipxfer serve")
 
 
 def is_loopback(host: str) -> bool:
