@@ -105,3 +105,22 @@ def test_episodes_benchmark_tiny(tmp_path, tiny):
     again, _ = run_episodes(data, "yellow,purple,red", encoder=tiny, meta=path, ways=3, shots=(1, 2), queries=3,
                             episodes=20)  # fmt: skip
     np.testing.assert_array_equal(summary["accuracy"].to_numpy(), again["accuracy"].to_numpy())
+
+
+def test_episodes_without_a_model_use_the_meta_heads_encoder_and_precision(tmp_path, tiny, monkeypatch):
+    """``bench-episodes --meta M`` loads the model M was made with, in the precision its id names."""
+    import clipxfer.bench.episodes as episodes
+
+    meta, _ = meta_train(colour_images(), encoder=tiny, classes="red,green,blue", seed=1, **SMALL)
+    path = meta.save(tmp_path / "m.safetensors")
+    asked = []
+
+    def load_encoder(spec, device=None, precision=None):
+        asked.append((spec, device, precision))
+        return tiny
+
+    monkeypatch.setattr("clipxfer.encoders.load_encoder", load_encoder)
+    data = colour_images(per_class=10, seed=2, split="test")
+    episodes.run_episodes(data, "yellow,purple,red", meta=path, ways=3, shots=(1,), queries=3, episodes=2,
+                          device="cpu", precision="torch:auto")  # fmt: skip
+    assert asked == [("tiny", "cpu", "torch:float")]

@@ -30,6 +30,7 @@ from ..meta import check_episode_pool, load_meta, prototype_logits, resolve_clas
 from ..paths import atomic_write_bytes
 from ..prompts import load_templates
 from ..sampling import partition_train_test
+from ..transfer import encoder_for_head
 
 METHODS = ("zeroshot", "prototypes", "meta", "transductive")
 EPISODE_COLUMNS = ["method", "ways", "shots", "episode", "accuracy"]
@@ -66,16 +67,23 @@ def run_episodes(
     seed: int = 0,
     out: str | os.PathLike | None = None,
     progress: bool = False,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score ``methods`` (default: all that apply) on ``episodes`` N-way K-shot episodes per
     shot count, drawn from the test images of the ``novel`` classes of ``data``.
+
+    Without ``encoder``, the model is ``model`` (default: the one the ``meta`` head was made with,
+    in the precision its id names) on ``device`` in ``precision``.
 
     Returns ``(summary, per_episode)``; the summary has ``method, ways, shots, episodes,
     accuracy, ci95, diff, diff_ci95``. With ``out`` writes episodes.csv and episodes.md there.
     """
     dataset = data if isinstance(data, LabelledImages) else load_dataset(data)
     classes = resolve_classes(dataset, novel)
-    encoder = encoder or load_encoder(model)
+    if encoder is None:
+        encoder = (encoder_for_head(meta, model, device, precision) if meta is not None
+                   else load_encoder(model, device=device, precision=precision))
     methods = list(methods) if methods else [m for m in METHODS if m != "meta" or meta is not None]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from . import main
-from .common import emit_json
+from .common import emit_json, model_options
 
 
 @main.command("bench-episodes")
@@ -22,11 +22,11 @@ from .common import emit_json
 @click.option("--episodes", type=int, default=300, show_default=True, help="Episodes per shot count.")
 @click.option("--max-per-class", type=int, default=100, show_default=True, help="Test images per novel class to encode.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--model", default=None, metavar="SPEC", help="Encoder (see 'clipxfer models').")
+@model_options
 @click.option("--out", "out_dir", default="bench-episodes-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON.")
-def bench_episodes(data, novel, meta, methods, ways, shots, queries, episodes, max_per_class, seed, model, out_dir,
-                   as_json):
+def bench_episodes(data, novel, meta, methods, ways, shots, queries, episodes, max_per_class, seed, model, device,
+                   precision, out_dir, as_json):
     """N-way K-shot episodes on DATA's novel classes (test split); writes episodes.csv and episodes.md.
 
     Example: clipxfer bench-episodes fashion-mnist --novel 5,6,7,8,9 --meta meta.safetensors --out episodes/
@@ -38,7 +38,7 @@ def bench_episodes(data, novel, meta, methods, ways, shots, queries, episodes, m
         data, novel, model=model, meta=meta,
         methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None, ways=ways,
         shots=parse_int_list(shots, "--shots"), queries=queries, episodes=episodes, max_per_class=max_per_class,
-        seed=seed, out=out_dir, progress=not as_json,
+        seed=seed, out=out_dir, progress=not as_json, device=device, precision=precision,
     )  # fmt: skip
     if as_json:
         emit_json(summary.to_dict(orient="records"))
