@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from clipxfer.anomaly import build_detector, build_texture_set, fit_detector, load_detector, score_folder
+from clipxfer.anomaly import build_detector, build_texture_set, fit_detector, load_detector
 from clipxfer.anomaly.coreset import greedy_coreset
 from clipxfer.anomaly.evaluate import aupro, detection_metrics
 from clipxfer.anomaly.patches import encode_dense
