@@ -25,6 +25,18 @@ from clipxfer.sampling import partition_train_test
 from clipxfer.transfer import prepare_task
 
 
+#: Seed of the development-set draw: the same images for every recipe compared on one K-shot draw.
+DEV_SEED = 1234
+
+
+def draw_dev_set(task, pool: np.ndarray, size: int) -> np.ndarray:
+    """``size`` rows of the training ``pool`` outside ``task``'s draw (training and validation
+    images), sorted: the development set recipes are chosen on, never the test split."""
+    used = set(task.split.train) | set(task.split.val)
+    rest = np.array([i for i in pool if i not in used])
+    return np.sort(np.random.default_rng(DEV_SEED).choice(rest, size=size, replace=False))
+
+
 def parse(text: str) -> dict:
     out = {}
     for part in filter(None, text.split(",")):
@@ -49,9 +61,7 @@ def main() -> None:
     scores: dict[str, list[float]] = {"probe": []}
     for seed in (int(s) for s in args.seeds.split(",")):
         task = prepare_task(encoder, dataset, args.shots, seed, max_test=10)
-        used = set(task.split.train) | set(task.split.val)
-        rest = np.array([i for i in pool if i not in used])
-        dev = np.sort(np.random.default_rng(1234).choice(rest, size=args.dev, replace=False))
+        dev = draw_dev_set(task, pool, args.dev)
         dev_set = dataset.subset(dev)
         probe = ProbeHead.fit(task.data)
         base_dev = encode_dataset(encoder, dev_set)

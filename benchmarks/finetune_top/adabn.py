@@ -6,6 +6,8 @@ Run: OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/finetune_top/adabn.py SHOT
 import json
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,10 +16,12 @@ from clipxfer.data import load_dataset
 from clipxfer.encoders import load_encoder
 from clipxfer.encoders.base import ImageEncoding, l2_normalize
 from clipxfer.finetune.train import augment_batch, decode_pixels, working_copy
-from clipxfer.heads.base import FewShotData
 from clipxfer.heads.probe import ProbeHead
 from clipxfer.sampling import partition_train_test
 from clipxfer.transfer import prepare_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared dev-set draw
+from finetune_recipe import draw_dev_set  # noqa: E402
 
 torch.set_num_threads(1)
 shots = int(sys.argv[1])
@@ -63,9 +67,7 @@ def adabn(root, px, copies, crop, gen, bs=64, mix=1.0):
 
 for seed in seeds:
     task = prepare_task(encoder, dataset, shots, seed, max_test=10)
-    used = set(task.split.train) | set(task.split.val)
-    rest = np.array([i for i in pool if i not in used])
-    dev = np.sort(np.random.default_rng(1234).choice(rest, size=ndev, replace=False))
+    dev = draw_dev_set(task, pool, ndev)
     src = dataset.sources
     t0 = time.time()
     tr_px = decode_pixels([src[i] for i in task.split.train], 224)
@@ -94,18 +96,7 @@ for seed in seeds:
         t0 = time.time()
         tr, va, dv = feats(work, tr_px), feats(work, va_px), feats(work, dv_px)
         tf = time.time() - t0
-        data = FewShotData(
-            encoder=work,
-            classnames=task.data.classnames,
-            train=tr,
-            train_labels=task.data.train_labels,
-            val=va,
-            val_labels=task.data.val_labels,
-            zeroshot=task.data.zeroshot,
-            shots=shots,
-            seed=seed,
-        )
-        probe = ProbeHead.fit(data)
+        probe = ProbeHead.fit(replace(task.data, encoder=work, train=tr, val=va))
         acc = float((probe.predict(dv) == dlab).mean())
         vacc = probe.config["val_accuracy"]
         print(

@@ -4,6 +4,8 @@ benchmarks/finetune_top/layer_probes.py SEED SHOTS   (see benchmarks/RESULTS.md)
 
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,10 +14,12 @@ from clipxfer.data import load_dataset
 from clipxfer.encoders import load_encoder
 from clipxfer.encoders.base import ImageEncoding, l2_normalize
 from clipxfer.finetune.train import decode_pixels, working_copy
-from clipxfer.heads.base import FewShotData
 from clipxfer.heads.probe import ProbeHead
 from clipxfer.sampling import partition_train_test
 from clipxfer.transfer import prepare_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared dev-set draw
+from finetune_recipe import draw_dev_set  # noqa: E402
 
 torch.set_num_threads(1)
 dataset = load_dataset("fashion-mnist")
@@ -24,9 +28,7 @@ pool, _ = partition_train_test(dataset)
 seed = int(sys.argv[1])
 shots = int(sys.argv[2])
 task = prepare_task(encoder, dataset, shots, seed, max_test=10)
-used = set(task.split.train) | set(task.split.val)
-rest = np.array([i for i in pool if i not in used])
-dev = np.sort(np.random.default_rng(1234).choice(rest, size=500, replace=False))
+dev = draw_dev_set(task, pool, 500)
 src = dataset.sources
 work, _, m = working_copy(encoder)
 
@@ -56,25 +58,11 @@ print(f"feats {time.time() - t0:.0f}s", flush=True)
 
 
 def probe(keys):
-    f = lambda d: np.concatenate([l2_normalize(d[k]) for k in keys], 1)
-    enc = lambda d: ImageEncoding(
-        task.data.train.embeddings[:0].reshape(0, 384)
-        if False
-        else np.zeros((len(d[keys[0]]), 384), np.float32),
-        f(d),
-    )
-    data = FewShotData(
-        encoder=work,
-        classnames=task.data.classnames,
-        train=enc(tr),
-        train_labels=task.data.train_labels,
-        val=enc(va),
-        val_labels=task.data.val_labels,
-        zeroshot=task.data.zeroshot,
-        shots=shots,
-        seed=seed,
-    )
-    p = ProbeHead.fit(data, prior="none")
+    def enc(d):  # the probe reads only the features (prior "none"); the embeddings are placeholders
+        features = np.concatenate([l2_normalize(d[k]) for k in keys], 1)
+        return ImageEncoding(np.zeros((len(features), 384), np.float32), features)
+
+    p = ProbeHead.fit(replace(task.data, encoder=work, train=enc(tr), val=enc(va)), prior="none")
     return float((p.predict(enc(dv)) == dataset.labels[dev]).mean())
 
 

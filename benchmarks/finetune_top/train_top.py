@@ -8,6 +8,8 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,11 +24,13 @@ from clipxfer.finetune.train import (
     head_logits,
     working_copy,
 )
-from clipxfer.heads.base import FewShotData
 from clipxfer.heads.linear import PARTS
 from clipxfer.heads.probe import ProbeHead
 from clipxfer.sampling import partition_train_test
 from clipxfer.transfer import prepare_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared dev-set draw
+from finetune_recipe import draw_dev_set  # noqa: E402
 
 torch.set_num_threads(1)
 shots = int(sys.argv[1])
@@ -53,9 +57,7 @@ def build(task, dev, src, work, m, prefix, seed):
 
 def run_seed(seed):
     task = prepare_task(encoder, dataset, shots, seed, max_test=10)
-    used = set(task.split.train) | set(task.split.val)
-    rest = np.array([i for i in pool if i not in used])
-    dev = np.sort(np.random.default_rng(1234).choice(rest, size=500, replace=False))
+    dev = draw_dev_set(task, pool, 500)
     src = dataset.sources
     work, _, m = working_copy(encoder)
 
@@ -100,18 +102,7 @@ def run_seed(seed):
         return ImageEncoding(l2_normalize(torch.cat(e).numpy()), torch.cat(f).numpy())
 
     def probe_of(tr, va, prior="auto"):
-        data = FewShotData(
-            encoder=work,
-            classnames=task.data.classnames,
-            train=tr,
-            train_labels=task.data.train_labels,
-            val=va,
-            val_labels=task.data.val_labels,
-            zeroshot=task.data.zeroshot,
-            shots=shots,
-            seed=seed,
-        )
-        return ProbeHead.fit(data, prior=prior)
+        return ProbeHead.fit(replace(task.data, encoder=work, train=tr, val=va), prior=prior)
 
     global TL, VL
     TL, VL = task.data.train_labels, task.data.val_labels
