@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipxfer.anomaly.bench import find_categories
 from clipxfer.anomaly.detector import split_good
 from clipxfer.anomaly.evaluate import detection_metrics, load_labelled_folder, read_mask
 from clipxfer.anomaly.patches import whole_image
+from clipxfer.bench.anomaly import find_categories
 from clipxfer.encoders.lite import _import_weight_packages, load_efficientnet_lite0
 from clipxfer.images import find_images
 

@@ -1,13 +1,17 @@
 """Diagnostic behind the count_include_pad change (RESULTS.md, anomaly section): image AUROC of raw,
 smoothed and interior-only patch maxima on 12 good + 20 local brick test parts, fp32 lite, 16 shots.
 It looks at test images, so it guides follow-ups only. Run: PYTHONPATH=. python benchmarks/anomaly_border_diagnostic.py"""
-import numpy as np, torch, torch.nn.functional as F
-from clipxfer.encoders import load_encoder
-from clipxfer.anomaly.patches import whole_image
-from clipxfer.anomaly.detector import split_good, nearest_distances, upsample_and_smooth
-from clipxfer.anomaly.coreset import greedy_coreset
-from clipxfer.images import find_images
+import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+
+from clipxfer.anomaly.coreset import greedy_coreset
+from clipxfer.anomaly.detector import nearest_distances, split_good, upsample_and_smooth
+from clipxfer.anomaly.patches import whole_image
+from clipxfer.encoders import load_encoder
+from clipxfer.images import find_images
+
 root='/tmp/tex/brick'
 train=list(find_images(root+'/train/good'))
 fit,_=split_good(len(train),16,1)

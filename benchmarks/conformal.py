@@ -22,9 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clipxfer.calibrate.sets import calibrate_on, conformal_sets  # noqa: E402
-from clipxfer.data import load_dataset  # noqa: E402
+from clipxfer.datasets.labelled import load_dataset
 from clipxfer.encoders import load_encoder  # noqa: E402
-from clipxfer.transfer import fit_head, prepare_task  # noqa: E402
+from clipxfer.fewshot.task import prepare_task
+from clipxfer.heads.fitting import fit_head
 
 
 def main() -> None:

@@ -15,15 +15,14 @@ import time
 
 import numpy as np
 
-from clipxfer.data import load_dataset
+from clipxfer.datasets.features import encode_dataset
+from clipxfer.datasets.labelled import load_dataset
+from clipxfer.datasets.splits import partition_train_test
 from clipxfer.encoders import load_encoder
-from clipxfer.features import encode_dataset
+from clipxfer.fewshot.task import prepare_task
 from clipxfer.finetune.train import FinetuneSettings, finetune_encoder
 from clipxfer.heads.linear import linear_logits
 from clipxfer.heads.probe import ProbeHead
-from clipxfer.sampling import partition_train_test
-from clipxfer.transfer import prepare_task
-
 
 #: Seed of the development-set draw: the same images for every recipe compared on one K-shot draw.
 DEV_SEED = 1234

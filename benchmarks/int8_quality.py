@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clipxfer.bench.config import BenchConfig, DatasetSpec  # noqa: E402
-from clipxfer.bench.runner import prepare_dataset, run_bench  # noqa: E402
+from clipxfer.bench.run import prepare_dataset, run_bench
 from clipxfer.encoders import load_encoder  # noqa: E402
 
 

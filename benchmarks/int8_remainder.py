@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clipxfer.data import load_dataset  # noqa: E402
+from clipxfer.datasets.labelled import load_dataset
 from clipxfer.device import cpu_flags  # noqa: E402
 from clipxfer.encoders import load_encoder  # noqa: E402
 from clipxfer.encoders.openvino_runtime import OpenVinoImageTower  # noqa: E402

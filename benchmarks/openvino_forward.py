@@ -7,7 +7,15 @@ int8: nncf post-training quantization, ModelType.TRANSFORMER + smooth quant alph
 
     python benchmarks/openvino_forward.py [MODEL]
 """
-import time, sys, numpy as np, torch, openvino as ov, nncf, open_clip
+import sys
+import time
+
+import nncf
+import numpy as np
+import open_clip
+import openvino as ov
+import torch
+
 torch.set_num_threads(2)
 name = sys.argv[1] if len(sys.argv) > 1 else "ViT-B-32"
 torch.manual_seed(0)
@@ -47,6 +55,7 @@ for label, m, prec in [("ov_fp32", ovm, "f32"), ("ov_bf16", ovm, "bf16"), ("ov_i
     variants[label + "_tput"] = run_async
 bf = vis.to(torch.bfloat16)
 import copy
+
 vis32 = copy.deepcopy(vis).float()
 def torch_fp32():
     with torch.inference_mode(): vis32(x)

@@ -40,11 +40,12 @@ def build_index(folder: Path, size: int, seed: int = 0) -> Path:
     """A ``size``-vector HNSW index with lite's model id (reused when already built)."""
     import time as _time
 
+    from search import synthetic
+
     from clipxfer.encoders import load_encoder
-    from clipxfer.encoders.registry import spec_for_id
+    from clipxfer.encoders.ids import spec_for_id
     from clipxfer.index import store, vectors
     from clipxfer.index.index import DB_FILE
-    from search import synthetic
 
     if (folder / DB_FILE).is_file() and list(folder.glob("vectors-*.faiss")):
         return folder
@@ -123,7 +124,7 @@ async def run_phase(url: str, clients: int, total: int, make_request, time_limit
 def sample_jpegs() -> list[bytes]:
     from PIL import Image
 
-    from clipxfer.samples import SAMPLE_PHOTOS, sample_photo
+    from clipxfer.sample_photos import SAMPLE_PHOTOS, sample_photo
 
     out = []
     for name in list(SAMPLE_PHOTOS)[:6]:

@@ -32,7 +32,7 @@ def main() -> None:
 
     from clipxfer.encoders import cached_encoder
     from clipxfer.index import Index
-    from clipxfer.samples import sample_photo
+    from clipxfer.sample_photos import sample_photo
 
     default_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     idx = Index.open(args.index)

@@ -37,9 +37,9 @@ def main() -> None:
     import open_clip
     from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
+    from clipxfer.datasets.prompts import load_templates
     from clipxfer.encoders import load_encoder
     from clipxfer.heads.zeroshot import fit_zeroshot
-    from clipxfer.prompts import load_templates
 
     encoder = load_encoder(args.model, device=args.device)
     classes = list(IMAGENET_CLASSNAMES[: args.classes])

@@ -45,7 +45,7 @@ def fashion_mnist_or_skip():
     """Fashion-MNIST (Debian's dataset-fashion-mnist), or skip the test with the install command as
     the reason when its files are truly absent. CI sets CLIPXFER_REQUIRE_DATASETS=1 so a missing
     dataset fails there instead of silently skipping."""
-    from clipxfer.data import FASHION_MNIST_DIR, fashion_mnist
+    from clipxfer.datasets.labelled import FASHION_MNIST_DIR, fashion_mnist
 
     if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() and not os.environ.get(
         "CLIPXFER_REQUIRE_DATASETS"
@@ -63,7 +63,7 @@ def fashion_test_1000():
 @pytest.fixture(scope="session")
 def sample_photos_dir(tmp_path_factory):
     """scikit-image's sample photos exported as files."""
-    from clipxfer.samples import export_sample_photos
+    from clipxfer.sample_photos import export_sample_photos
 
     folder = tmp_path_factory.mktemp("photos")
     export_sample_photos(folder)

@@ -13,10 +13,10 @@ from PIL import Image
 
 from clipxfer.classify import classify_folder, folder_label
 from clipxfer.cli import main
+from clipxfer.datasets.prompts import load_templates
 from clipxfer.errors import ClipxferError
 from clipxfer.heads import load_head
 from clipxfer.heads.zeroshot import fit_zeroshot
-from clipxfer.prompts import load_templates
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 

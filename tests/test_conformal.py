@@ -89,9 +89,9 @@ def test_false_alarm_rate_holds_over_random_splits():
 def test_coverage_holds_on_fashion_mnist_with_lite(lite, fashion_test_1000):
     """Real data and a real (weak) classifier: lite's zero-shot head on 1,000 Fashion-MNIST images,
     400 random calibration/test splits, APS and RAPS at two levels."""
-    from clipxfer.features import encode_dataset
+    from clipxfer.datasets.features import encode_dataset
+    from clipxfer.datasets.prompts import load_templates
     from clipxfer.heads.zeroshot import fit_zeroshot
-    from clipxfer.prompts import load_templates
 
     encoding = encode_dataset(lite, fashion_test_1000)
     head = fit_zeroshot(lite, fashion_test_1000.classnames, load_templates("simple"))

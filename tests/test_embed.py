@@ -38,7 +38,7 @@ def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 @pytest.fixture(scope="module")
 def images() -> list[bytes]:
     """240 real images: 160 scikit-learn digits and 80 Fashion-MNIST test images, as PNG bytes."""
-    from clipxfer.data import fashion_mnist, sklearn_digits
+    from clipxfer.datasets.labelled import fashion_mnist, sklearn_digits
 
     sources = list(sklearn_digits().subset(range(160)).sources)
     try:
@@ -111,7 +111,6 @@ def test_folder_tar_and_parquet_give_the_same_items(tmp_path, tiny, data, images
 
 def test_hf_dataset_saved_to_disk(tmp_path, tiny, data, images):
     from datasets import Dataset, Image
-
     from PIL import Image as PILImage
 
     pictures = [PILImage.open(io.BytesIO(blob)) for blob in images[:50]]

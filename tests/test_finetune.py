@@ -15,11 +15,19 @@ from PIL import Image
 
 from clipxfer.cli import main
 from clipxfer.encoders import load_encoder
+from clipxfer.encoders.adapter import apply_tensors, load_adapted, trainable_root
+from clipxfer.encoders.ids import ENCODER_PREFIX, base_of
 from clipxfer.errors import ClipxferError
-from clipxfer.finetune import FinetuneSettings, load_adapted, run_finetune
-from clipxfer.finetune.adapter import ENCODER_PREFIX, apply_tensors, base_of, trainable_root
-from clipxfer.finetune.train import _inject_lora, finetune_encoder, lora_factors, lora_targets, working_copy
-from clipxfer.transfer import prepare_task
+from clipxfer.fewshot.task import prepare_task
+from clipxfer.finetune.run import run_finetune
+from clipxfer.finetune.train import (
+    FinetuneSettings,
+    _inject_lora,
+    finetune_encoder,
+    lora_factors,
+    lora_targets,
+    working_copy,
+)
 
 from .conftest import random_images, write_tinted_folder
 
@@ -35,7 +43,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task(folder, tiny):
-    from clipxfer.data import load_dataset
+    from clipxfer.datasets.labelled import load_dataset
 
     dataset = load_dataset(folder)
     return dataset, prepare_task(tiny, dataset, 3, 1)
@@ -122,7 +130,7 @@ def test_same_seed_same_adapter_other_seed_differs(task, folder, tiny):
     a, b = _finetune(task, wise=1.0, keep="last"), _finetune(task, wise=1.0, keep="last")
     assert a.encoder.id == b.encoder.id
     assert all(np.array_equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
-    from clipxfer.data import load_dataset
+    from clipxfer.datasets.labelled import load_dataset
 
     dataset = load_dataset(folder)
     other = prepare_task(tiny, dataset, 3, 2)
@@ -141,7 +149,7 @@ def test_adapter_defines_an_encoder_used_everywhere(tmp_path, folder, tiny):
     adapted = load_encoder(spec, "cpu", "fp32")
     assert adapted.id == report["model"]
     # the adapted encoder gives the same accuracy through the registry as in the run
-    from clipxfer.transfer import run_transfer
+    from clipxfer.fewshot.run import run_transfer
 
     probe = run_transfer("probe", folder, 3, 1, model=spec, device="cpu", precision="fp32", out=tmp_path / "p.safetensors")
     assert probe["model"] == adapted.id
@@ -227,7 +235,7 @@ def test_bench_runs_finetune_cells_on_the_adapted_encoder(tmp_path, folder, tiny
 
 @pytest.mark.slow
 def test_lite_partial_finetune_and_adapter_round_trip(tmp_path, lite):
-    from clipxfer.data import fashion_mnist
+    from clipxfer.datasets.labelled import fashion_mnist
 
     dataset = fashion_mnist().split("train").subset(range(300))
     out = tmp_path / "lite.safetensors"
@@ -306,7 +314,7 @@ def test_top_adapter_reproduces_the_adapted_encoder_through_the_registry(tmp_pat
 
 
 def _top_inputs(folder, tiny):
-    from clipxfer.data import load_dataset
+    from clipxfer.datasets.labelled import load_dataset
 
     dataset = load_dataset(folder)
     prepared = prepare_task(tiny, dataset, 3, 1)
@@ -333,7 +341,7 @@ def test_the_adapted_copy_never_runs_the_bases_compiled_runtime(task, tiny):
 
 @pytest.mark.slow
 def test_lite_top_finetune_adapter_reproduces_the_adapted_encoder(tmp_path, lite):
-    from clipxfer.data import fashion_mnist
+    from clipxfer.datasets.labelled import fashion_mnist
     from clipxfer.encoders import cached_encoder
     from clipxfer.heads import load_head
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clipxfer.encoders.adapter import read_adapter
 from clipxfer.encoders.registry import load_encoder
-from clipxfer.finetune import run_finetune
-from clipxfer.finetune.adapter import read_adapter
+from clipxfer.finetune.run import run_finetune
 
 from .conftest import write_tinted_folder
 
@@ -40,9 +40,9 @@ def test_an_openvino_base_is_fine_tuned_in_torch_and_the_adapter_loads_on_any_ru
 
 
 def test_the_adapted_copy_of_an_openvino_encoder_runs_its_new_weights(tmp_path):
-    from clipxfer.data import load_dataset
+    from clipxfer.datasets.labelled import load_dataset
+    from clipxfer.fewshot.task import prepare_task
     from clipxfer.finetune.train import FinetuneSettings, finetune_encoder
-    from clipxfer.transfer import prepare_task
 
     dataset = load_dataset(write_tinted_folder(tmp_path / "labelled", ["red", "green", "blue"]))
     base = load_encoder("tiny", "cpu", "openvino:fp32")
@@ -52,7 +52,7 @@ def test_the_adapted_copy_of_an_openvino_encoder_runs_its_new_weights(tmp_path):
     assert base.image_runtime is not None, "the base encoder keeps its runtime"
     assert result.encoder.image_runtime is None and result.encoder.runtime == "torch"
     reference = load_encoder("tiny", "cpu", "torch:fp32")
-    from clipxfer.finetune.adapter import apply_tensors
+    from clipxfer.encoders.adapter import apply_tensors
 
     apply_tensors(reference, result.tensors)
     pixels = np.random.default_rng(1).integers(0, 256, (4, base.input_size, base.input_size, 3), np.uint8)

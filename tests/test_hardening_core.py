@@ -16,10 +16,10 @@ from safetensors.numpy import load_file, save_file
 
 from clipxfer.bench import BenchConfig, DatasetSpec, load_config, run_bench
 from clipxfer.cli import main
-from clipxfer.data import from_csv
+from clipxfer.datasets.labelled import from_csv
+from clipxfer.encoders.artifacts import METADATA_KEY
 from clipxfer.errors import ClipxferError
 from clipxfer.heads import load_head
-from clipxfer.heads.base import METADATA_KEY
 from clipxfer.heads.zeroshot import fit_zeroshot
 
 from .conftest import random_images
@@ -78,7 +78,7 @@ def test_emit_json_writes_null_for_nan(capsys):
 
 
 def test_single_image_classes_are_one_clear_error(tmp_path, tiny):
-    from clipxfer.transfer import run_transfer
+    from clipxfer.fewshot.run import run_transfer
 
     root = tmp_path / "singles"
     for c, name in enumerate(["a", "b"]):
@@ -171,7 +171,7 @@ def test_tampered_head_in_predict_is_one_line(saved_head, folder):
 
 
 def test_every_fitted_head_passes_its_own_validation(folder, tmp_path, tiny):
-    from clipxfer.transfer import run_transfer
+    from clipxfer.fewshot.run import run_transfer
 
     for method, options in [("probe", {}), ("tip", {}), ("mix", {}), ("coop", {"max_steps": 2, "n_ctx": 2})]:
         result = run_transfer(method, folder, 2, encoder=tiny, out=tmp_path / f"{method}.safetensors", **options)
@@ -291,7 +291,7 @@ def test_manifest_image_in_train_and_test_is_refused(tmp_path):
 
 
 def test_val_split_of_a_manifest_is_used_for_validation(tmp_path):
-    from clipxfer.sampling import draw_few_shot
+    from clipxfer.datasets.splits import draw_few_shot
 
     rows = [(f"{i}.png", "ab"[i % 2], "train") for i in range(4)]
     path = _manifest(tmp_path, rows)
@@ -341,9 +341,9 @@ def write_narrow_folder(root, per_class=40, seed=0, split=""):
 
 
 def test_leakage_guard_is_quiet_on_a_narrow_domain(tmp_path, tiny, capsys):
+    from clipxfer.datasets.features import encode_dataset
+    from clipxfer.datasets.labelled import load_dataset
     from clipxfer.encoders import l2_normalize
-    from clipxfer.features import encode_dataset
-    from clipxfer.data import load_dataset
 
     data = write_narrow_folder(tmp_path / "fabric", per_class=40)
     encoding = encode_dataset(tiny, load_dataset(data))
@@ -384,11 +384,11 @@ def test_leakage_guard_flags_real_duplicates_with_count_and_top_pairs(tmp_path, 
 
 
 def test_missing_fashion_mnist_skips_with_the_install_command(tmp_path, monkeypatch):
-    import clipxfer.data
+    import clipxfer.datasets.labelled
 
     from .conftest import fashion_mnist_or_skip
 
-    monkeypatch.setattr(clipxfer.data, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(clipxfer.datasets.labelled, "FASHION_MNIST_DIR", tmp_path)
     monkeypatch.delenv("CLIPXFER_REQUIRE_DATASETS", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist_or_skip()

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from clipxfer.bench import BenchConfig, DatasetSpec, run_bench
-from clipxfer.bench.runner import plan_cells
+from clipxfer.bench.run import plan_cells
 from clipxfer.cli import main
 from clipxfer.encoders.base import ImageEncoding, l2_normalize
 from clipxfer.heads import load_head
@@ -20,7 +20,13 @@ from clipxfer.heads.base import FewShotData
 from clipxfer.heads.clap import CLAPHead, clap_loss_and_gradient, class_penalties, fit_clap
 from clipxfer.heads.lpp import LPPHead, fit_lpp, init_alpha, lr_alpha, lr_visual
 from clipxfer.heads.transclip import (
-    TransCLIPHead, gaussian_loglik, knn_affinity, transclip, update_mu, update_var, update_z,
+    TransCLIPHead,
+    gaussian_loglik,
+    knn_affinity,
+    transclip,
+    update_mu,
+    update_var,
+    update_z,
 )  # fmt: skip
 from clipxfer.heads.transductive import agreement, fit_transductive
 from clipxfer.heads.zeroshot import ZeroShotHead

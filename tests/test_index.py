@@ -250,7 +250,7 @@ def test_kill_9_during_indexing_then_resume(tmp_path, tiny, workers):
 
 
 def test_worker_processes_give_the_same_vectors(tmp_path, tiny):
-    from clipxfer.pipeline import EncodedBatch, encode_files
+    from clipxfer.encoders.pipeline import EncodedBatch, encode_files
 
     paths = write_images(tmp_path, 40)
     (tmp_path / "bad.png").write_bytes(b"nope")

@@ -394,9 +394,9 @@ def test_index_being_built_is_not_called_stopped_early(tmp_path):
 
 
 def test_permission_denied_is_not_called_corrupt(tmp_path, monkeypatch):
-    from clipxfer import pipeline
-    from clipxfer.images import load_model_input
+    from clipxfer.encoders import pipeline
     from clipxfer.errors import ImageDecodeError
+    from clipxfer.images import load_model_input
 
     path = tmp_path / "locked.png"
     Image.fromarray(random_images(1)[0]).save(path)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from clipxfer.data import LabelledImages
+from clipxfer.datasets.labelled import LabelledImages
 from clipxfer.errors import ClipxferError
 from clipxfer.heads import load_head
-from clipxfer.heads.meta import AdaptedHead, MetaHead
-from clipxfer.meta import check_episode_pool, fit_with_init, meta_train, sample_episode
+from clipxfer.heads.metalearned import MetaFeaturesHead, MetaHead, fit_with_init
+from clipxfer.metalearn.episodes import check_episode_pool, sample_episode
+from clipxfer.metalearn.train import meta_train
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (200, 40, 210)]
 NAMES = ["red", "green", "blue", "yellow", "purple"]
@@ -52,7 +53,7 @@ def test_meta_train_tiny_runs_round_trips_and_reproduces(tmp_path, tiny, algo):
     assert summary["base_classes"] == ["red", "green", "blue", "yellow"] and summary["context"]
     loaded = load_head(summary["head"], model_id=tiny.id)
     assert isinstance(loaded, MetaHead) and loaded.config["algo"] == algo
-    from clipxfer.features import encode_dataset
+    from clipxfer.datasets.features import encode_dataset
 
     encoding = encode_dataset(tiny, data)
     np.testing.assert_allclose(loaded.logits(encoding), head.logits(encoding), rtol=1e-6)
@@ -64,7 +65,7 @@ def test_meta_train_tiny_runs_round_trips_and_reproduces(tmp_path, tiny, algo):
 def test_too_few_base_classes_is_one_clear_line(tmp_path, tiny, monkeypatch):
     from clipxfer.cli import main
 
-    monkeypatch.setattr("clipxfer.data.BUILTIN_DATASETS", {"colours": colour_images})
+    monkeypatch.setattr("clipxfer.datasets.labelled.BUILTIN_DATASETS", {"colours": colour_images})
     outcome = CliRunner().invoke(main, ["meta-train", "colours", "--model", "tiny", "--classes", "red,green",
                                         "--ways", "3", "--out", str(tmp_path / "m.safetensors")])  # fmt: skip
     assert outcome.exit_code == 2
@@ -73,13 +74,14 @@ def test_too_few_base_classes_is_one_clear_line(tmp_path, tiny, monkeypatch):
 
 
 def test_meta_head_initialises_probe_and_coop(tmp_path, tiny):
-    from clipxfer.transfer import fit_head, prepare_task
+    from clipxfer.fewshot.task import prepare_task
+    from clipxfer.heads.fitting import fit_head
 
     meta, _ = meta_train(colour_images(), encoder=tiny, classes="red,green,blue", seed=1, **SMALL)
     novel = colour_images(per_class=10, seed=5)
     task = prepare_task(tiny, novel, 2, 0)
     probe = fit_head("probe", task.data, init=meta)
-    assert isinstance(probe, AdaptedHead) and probe.config["inner_method"] == "probe"
+    assert isinstance(probe, MetaFeaturesHead) and probe.config["inner_method"] == "probe"
     loaded = load_head(probe.save(tmp_path / "p.safetensors"), model_id=tiny.id)
     np.testing.assert_allclose(loaded.logits(task.test), probe.logits(task.test), rtol=1e-5, atol=1e-6)
     coop = fit_head("coop", task.data, init=meta, max_steps=3, eval_every=1)

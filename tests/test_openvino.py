@@ -12,7 +12,8 @@ pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 from clipxfer.encoders import openvino_runtime  # noqa: E402
-from clipxfer.encoders.registry import load_encoder, precision_for_id, spec_for_id  # noqa: E402
+from clipxfer.encoders.ids import spec_for_id
+from clipxfer.encoders.registry import load_encoder, precision_for_id
 
 THIS_MACHINE_LIKE = frozenset({"avx512f", "avx512_bf16", "avx512_vnni"})
 
@@ -20,7 +21,7 @@ THIS_MACHINE_LIKE = frozenset({"avx512f", "avx512_bf16", "avx512_vnni"})
 def _pixels(encoder, count=12):
     """Real photos (scikit-image's samples) at the encoder's input size."""
     from clipxfer.images import load_model_input
-    from clipxfer.samples import SAMPLE_PHOTOS, sample_photo
+    from clipxfer.sample_photos import SAMPLE_PHOTOS, sample_photo
 
     return np.stack([load_model_input(sample_photo(name), encoder.input_size) for name in list(SAMPLE_PHOTOS)[:count]])
 

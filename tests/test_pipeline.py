@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipxfer.encoders.pipeline import Failure, encode_decoded
 from clipxfer.images import resize_center_crop
-from clipxfer.pipeline import Failure, encode_decoded
 
 
 @pytest.mark.parametrize("size_wh", [(500, 375), (375, 500), (640, 480), (45, 70), (28, 28), (1000, 250), (224, 300)])
@@ -81,7 +81,7 @@ def test_an_encoder_error_reaches_the_caller():
 
 
 def test_the_first_batch_is_small_so_encoding_starts_early():
-    from clipxfer.pipeline import FIRST_BATCH
+    from clipxfer.encoders.pipeline import FIRST_BATCH
 
     encoder = _RecordingEncoder()
     count = FIRST_BATCH + 40

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from clipxfer.errors import ClipxferError
-from clipxfer.prompts import (
+from clipxfer.datasets.prompts import (
     PROMPTS_DIR,
     classes_from_folder,
     list_template_sets,
@@ -16,6 +15,7 @@ from clipxfer.prompts import (
     load_templates,
     read_template_file,
 )
+from clipxfer.errors import ClipxferError
 
 DOMAIN_PACKS = ["industrial", "medical", "satellite", "textures", "documents", "products"]
 

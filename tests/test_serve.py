@@ -12,9 +12,9 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from clipxfer.errors import ClipxferError  # noqa: E402
 from clipxfer.serve import check_host, create_app, is_loopback  # noqa: E402
 from clipxfer.serve.app import ServeConfig  # noqa: E402
-from clipxfer.errors import ClipxferError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the lite model over the sample photos
 
@@ -46,7 +46,7 @@ def labelled_head(sample_photo_index, lite, tmp_path_factory):
     names = [p.stem for p in paths]
     chosen = {"chelsea": 0, "coffee": 1, "rocket": 1, "astronaut": 1}
     rows = [names.index(n) for n in chosen]
-    from clipxfer.features import take
+    from clipxfer.datasets.features import take
 
     head = fit_labelled_head("probe", lite, ["cat", "other"], take(encoding, np.array(rows)), np.array(list(chosen.values())))
     return head.save(tmp_path_factory.mktemp("heads") / "catdog.safetensors")
@@ -212,7 +212,7 @@ def test_labelling_loop_end_to_end(client, tmp_path):
     # Exports: a manifest clipxfer reads, and a head predict loads.
     manifest = tmp_path / "labels.csv"
     manifest.write_text(client.get("/api/labels/manifest.csv").text)
-    from clipxfer.data import load_dataset
+    from clipxfer.datasets.labelled import load_dataset
     from clipxfer.heads import load_head
 
     data = load_dataset(str(manifest))

@@ -94,8 +94,8 @@ def _colour_dataset(tmp_path):
 
 
 def test_adapt_end_to_end_tiny_and_bad_folder(tmp_path, tiny):
-    from clipxfer.adapt import run_adapt
     from clipxfer.cli import main
+    from clipxfer.fewshot.unlabelled import run_adapt
 
     data = _colour_dataset(tmp_path)
     result = run_adapt(str(data), unlabelled=str(data), shots=0, encoder=tiny, out=tmp_path / "h.safetensors")
@@ -125,9 +125,9 @@ def test_bench_runs_transductive_at_zero_one_two_shots(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_lite_fashion_mnist_no_labels_beats_issue_prototype(lite, fashion_test_1000):
-    from clipxfer.features import encode_dataset
+    from clipxfer.datasets.features import encode_dataset
+    from clipxfer.datasets.prompts import load_templates
     from clipxfer.heads.zeroshot import fit_zeroshot
-    from clipxfer.prompts import load_templates
 
     encoding = encode_dataset(lite, fashion_test_1000)
     zeroshot = fit_zeroshot(lite, fashion_test_1000.classnames, load_templates("simple"))

@@ -11,8 +11,8 @@ from PIL import Image
 
 from clipxfer.cli import main
 from clipxfer.errors import ClipxferError
+from clipxfer.fewshot.run import run_transfer
 from clipxfer.heads import load_head
-from clipxfer.transfer import run_transfer
 
 from .conftest import random_images, write_tinted_folder
 
@@ -108,8 +108,9 @@ def test_head_used_with_another_model(tmp_path, folder, tiny):
 @pytest.fixture(scope="module")
 def fashion_16(lite):
     """Fashion-MNIST, 16 shots per class, seed 0, 1,000 test images, encoded once (cached)."""
+    from clipxfer.fewshot.task import prepare_task
+
     from .conftest import fashion_mnist_or_skip
-    from clipxfer.transfer import prepare_task
 
     return prepare_task(lite, fashion_mnist_or_skip(), 16, 0, max_test=1000)
 
@@ -120,7 +121,7 @@ def _acc(head, task):
 
 @pytest.mark.slow
 def test_lite_fashion_mnist_16_shots(fashion_16):
-    from clipxfer.transfer import fit_head
+    from clipxfer.heads.fitting import fit_head
 
     zeroshot = _acc(fashion_16.data.zeroshot, fashion_16)
     assert _acc(fit_head("probe", fashion_16.data), fashion_16) >= 0.75
@@ -129,7 +130,7 @@ def test_lite_fashion_mnist_16_shots(fashion_16):
 
 @pytest.mark.slow
 def test_lite_fashion_mnist_coop_beats_zeroshot(fashion_16):
-    from clipxfer.transfer import fit_head
+    from clipxfer.heads.fitting import fit_head
 
     zeroshot = _acc(fashion_16.data.zeroshot, fashion_16)
     head = fit_head("coop", fashion_16.data, max_steps=40, lr=5e-3, eval_every=10)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clipxfer.datasets.prompts import load_templates
 from clipxfer.encoders.base import ImageEncoding, l2_normalize
 from clipxfer.heads import load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.zeroshot import ZeroShotHead, class_text_weights, fit_zeroshot
-from clipxfer.prompts import load_templates
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 
@@ -96,7 +96,7 @@ def test_fit_follows_the_head_contract(tiny):
 
 @pytest.mark.slow
 def test_lite_fashion_mnist_simple_accuracy(lite, fashion_test_1000):
-    from clipxfer.features import encode_dataset
+    from clipxfer.datasets.features import encode_dataset
     from clipxfer.metrics import accuracy
 
     encoding = encode_dataset(lite, fashion_test_1000)

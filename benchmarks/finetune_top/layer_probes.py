@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipxfer.data import load_dataset
+from clipxfer.datasets.labelled import load_dataset
+from clipxfer.datasets.splits import partition_train_test
 from clipxfer.encoders import load_encoder
 from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.fewshot.task import prepare_task
 from clipxfer.finetune.train import decode_pixels, working_copy
 from clipxfer.heads.probe import ProbeHead
-from clipxfer.sampling import partition_train_test
-from clipxfer.transfer import prepare_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared dev-set draw
 from finetune_recipe import draw_dev_set  # noqa: E402

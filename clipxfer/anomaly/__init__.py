@@ -2,15 +2,14 @@
 their combination, split-conformal false-alarm thresholds, anomaly maps and detection metrics.
 
 Entry points: :func:`fit_detector`, :func:`load_detector`, :func:`score_folder`,
-:func:`build_texture_set` (the offline defect set) and :func:`run_anomaly_bench`.
+:func:`build_texture_set` (the offline defect set) (the benchmark is :func:`clipxfer.bench.anomaly.run_anomaly_bench`).
 """
 
-from .bench import run_anomaly_bench
 from .detector import AnomalyDetector, build_detector, fit_detector, load_detector
 from .score import FolderScores, score_folder
 from .textures import build_texture_set
 
 __all__ = [
     "AnomalyDetector", "FolderScores", "build_detector", "build_texture_set", "fit_detector", "load_detector",
-    "run_anomaly_bench", "score_folder",
+    "score_folder",
 ]  # fmt: skip

@@ -9,7 +9,6 @@ map's maximum. The image is a defect when its score is above the threshold.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -20,18 +19,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from ..calibrate import check_alpha, false_alarm_threshold, min_calibration_size
 from ..encoders import Encoder
+from ..encoders.artifacts import check_model_id, read_artifact_metadata, read_artifact_tensors, write_artifact
 from ..errors import ClipxferError
 from .coreset import coreset_size, greedy_coreset
 from .patches import DensePatches
 from .zeroshot import anomalous_probability, state_text_vectors
 
 FORMAT = "clipxfer-anomaly/1"
-METADATA_KEY = "clipxfer"
 METHODS = ("patchcore", "zeroshot", "combined")
 #: Share of the shot patches the coreset keeps (PatchCore's default), and the floor below which
 #: a bank is not thinned at all (a 4-shot lite bank, 3,136 patches, stays whole).
@@ -107,13 +104,7 @@ class AnomalyDetector:
 
     def check_model(self, model_id: str) -> None:
         """Refuse images encoded by another encoder than the one this detector was fitted with."""
-        if model_id != self.model_id:
-            from ..encoders.registry import spec_for_id
-
-            raise ClipxferError(
-                f"this detector was fitted with model '{self.model_id}', not '{model_id}': "
-                f"use --model {spec_for_id(self.model_id)}"
-            )
+        check_model_id(self.model_id, model_id, "this detector was fitted")
 
     def _patchcore_grid(self, patches: DensePatches) -> np.ndarray:
         n, h, w, c = patches.local.shape
@@ -172,31 +163,15 @@ class AnomalyDetector:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the detector to ``path`` (``.safetensors`` added if missing), atomically."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        save_file(self.arrays, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata())})
-        os.replace(tmp, path)
-        return path
+        return write_artifact(path, self.arrays, self.metadata(), "detector")
 
 
 def load_detector(path: str | os.PathLike, model_id: str | None = None) -> AnomalyDetector:
     """Load a saved detector; with ``model_id`` given, refuse one fitted with another encoder."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClipxferError(f"{path}: detector file not found (make one with 'clipxfer anomaly fit')")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
-            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise ClipxferError(f"{path}: not a clipxfer detector file ({exc})") from None
-    meta = json.loads(raw) if raw else {}
+    meta = read_artifact_metadata(path, "detector", "make one with 'clipxfer anomaly fit'")
     if meta.get("format") != FORMAT:
         raise ClipxferError(f"{path}: not a clipxfer anomaly detector (format {meta.get('format')!r}, expected {FORMAT!r})")
-    detector = AnomalyDetector(meta["model_id"], arrays, meta["config"])
+    detector = AnomalyDetector(meta["model_id"], read_artifact_tensors(path, "detector"), meta["config"])
     if model_id is not None:
         detector.check_model(model_id)
     return detector

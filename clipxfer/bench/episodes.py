@@ -19,18 +19,19 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..data import LabelledImages, load_dataset
+from ..datasets.features import encode_dataset, take
+from ..datasets.labelled import LabelledImages, load_dataset
+from ..datasets.prompts import load_templates
+from ..datasets.splits import partition_train_test
 from ..encoders import Encoder, ImageEncoding, l2_normalize, load_encoder
 from ..errors import ClipxferError
-from ..features import encode_dataset, take
-from ..heads.meta import apply_adapter
+from ..fewshot.predict import encoder_for_head
+from ..heads.metalearned import apply_adapter, load_meta
 from ..heads.transductive import fit_transductive
 from ..heads.zeroshot import ZeroShotHead, fit_zeroshot
-from ..meta import check_episode_pool, load_meta, prototype_logits, resolve_classes, sample_episode
+from ..metalearn.episodes import check_episode_pool, prototype_logits, sample_episode
+from ..metalearn.train import resolve_classes
 from ..paths import atomic_write_bytes
-from ..prompts import load_templates
-from ..sampling import partition_train_test
-from ..transfer import encoder_for_head
 
 METHODS = ("zeroshot", "prototypes", "meta", "transductive")
 EPISODE_COLUMNS = ["method", "ways", "shots", "episode", "accuracy"]

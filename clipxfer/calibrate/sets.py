@@ -29,8 +29,8 @@ def calibrate_on(head, encoding: ImageEncoding, labels: np.ndarray, source: str)
 
 def calibrate_on_dataset(encoder, head, spec) -> ClassifierCalibration:
     """Calibration on a labelled folder or CSV manifest whose classes are the head's."""
-    from ..data import load_dataset
-    from ..features import encode_dataset
+    from ..datasets.features import encode_dataset
+    from ..datasets.labelled import load_dataset
 
     dataset = load_dataset(spec, head.classnames)
     encoding = encode_dataset(encoder, dataset)

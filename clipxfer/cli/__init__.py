@@ -1,43 +1,14 @@
 """The ``clipxfer`` command line: a thin layer over the Python API.
 
-Each module below registers its commands on :data:`main`; the modules hold option parsing and
-output formatting only.
+:mod:`.group` defines the command group; each module below registers its commands on it and holds
+option parsing and output formatting only.
 """
 
 from __future__ import annotations
 
 import importlib
 
-import rich_click as click
-
-from .. import __version__
-from .common import ErrorReportingGroup
-
-
-#: The help screen groups commands by job; every command belongs to exactly one panel (tested).
-PANELS = {
-    "Index & search": ["index", "search", "info", "dups", "embed", "export-embeddings", "sample-photos"],
-    "Classify": ["classify", "predict", "prompts", "models"],
-    "Adapt": ["probe", "tip", "coop", "mix", "lpp", "clap", "finetune", "adapt", "meta-train"],
-    "Inspect": ["anomaly"],
-    "Benchmark": ["bench", "bench-episodes"],
-    "Serve": ["serve", "suggest"],
-}
-
-
-def _with_panels(group):
-    for name, commands in reversed(PANELS.items()):
-        group = click.command_panel(name, commands=commands)(group)
-    return group
-
-
-@click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="clipxfer")
-@_with_panels
-def main():
-    """CLIP transfer toolkit: index and search images, zero-shot and few-shot classification,
-    fine-tuning, defect detection and benchmarks. Every command's help ends with an example."""
-
+from .group import PANELS, main
 
 # One module per group of commands; adding commands is adding a module here.
 COMMAND_MODULES = [
@@ -46,9 +17,9 @@ COMMAND_MODULES = [
     "embed",
     "classify",
     "bench",
-    "transfer",
+    "fewshot",
     "adapt",
-    "meta",
+    "metalearn",
     "episodes",
     "serve",
     "finetune",
@@ -57,3 +28,5 @@ COMMAND_MODULES = [
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["PANELS", "main"]

@@ -1,13 +1,13 @@
 """``clipxfer adapt``: transductive adaptation to unlabelled target images (optionally with a few
 labelled shots). Prints zero-shot and adapted accuracy on DATA's test split; ``--json`` prints
-the object of :func:`clipxfer.adapt.run_adapt` (``method, shots, seed, accuracy,
+the object of :func:`clipxfer.fewshot.unlabelled.run_adapt` (``method, shots, seed, accuracy,
 zeroshot_accuracy, fit_seconds, num_unlabelled, iterations, converged, prior_weight, kappa, ...``)."""
 
 from __future__ import annotations
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json, model_options
 
 
@@ -36,7 +36,7 @@ def adapt(data, unlabelled, index_path, shots, seed, out, templates, prior_weigh
 
     Example: clipxfer adapt fashion-mnist --unlabelled target_photos/ --model lite --out adapted.safetensors
     """
-    from ..adapt import run_adapt
+    from ..fewshot.unlabelled import run_adapt
 
     options = {k: v for k, v in (("prior_weight", prior_weight), ("kappa", kappa)) if v is not None}
     result = run_adapt(

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json, load_model, model_options
 
 
@@ -97,7 +97,8 @@ def score(folder, detector_path, heatmaps, roc, as_json, as_csv, model, device, 
     Example: clipxfer anomaly score test/ --detector det.safetensors --heatmaps maps/
     """
     from ..anomaly import load_detector, score_folder
-    from ..encoders.registry import precision_for_id, spec_for_id
+    from ..encoders.ids import spec_for_id
+    from ..encoders.registry import precision_for_id
     from ..errors import ClipxferError
 
     if as_json and as_csv:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json
 
 
@@ -43,11 +43,16 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
     """
     if task == "anomaly":
         return _anomaly_bench(data, shots, seeds, model, out_dir, as_json)
-    from ..bench.config import (
-        DEFAULT_MAX_TEST, BenchConfig, DatasetSpec, load_config, parse_int_list, with_overrides,
-    )  # fmt: skip
+    from ..bench.config import (  # fmt: skip
+        DEFAULT_MAX_TEST,
+        BenchConfig,
+        DatasetSpec,
+        load_config,
+        parse_int_list,
+        with_overrides,
+    )
     from ..bench.report import summarize
-    from ..bench.runner import run_bench
+    from ..bench.run import run_bench
 
     config = load_config(config_file) if config_file else BenchConfig(datasets=())
     datasets = tuple(
@@ -81,7 +86,7 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
 
 def _anomaly_bench(data, shots, seeds, model, out_dir, as_json):
     from ..anomaly import run_anomaly_bench
-    from ..anomaly.bench import DEFAULT_SEEDS, DEFAULT_SHOTS, summarize
+    from ..bench.anomaly import DEFAULT_SEEDS, DEFAULT_SHOTS, summarize
     from ..bench.config import parse_int_list
     from ..errors import ClipxferError
 

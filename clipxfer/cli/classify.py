@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from .group import main
 from .common import conformal_options, emit_json, load_model, model_options
 
 
@@ -58,8 +58,8 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     Example: clipxfer classify parts/ --classes "ok,scratch,dent" --templates industrial --out preds.csv
     """
     from ..classify import classify_folder, classify_index, conformalize
+    from ..datasets.prompts import load_classnames, load_templates
     from ..errors import ClipxferError
-    from ..prompts import load_classnames, load_templates
 
     if (folder is None) == (index_path is None):
         raise ClipxferError("give a FOLDER of images or --index PATH (one of the two)")
@@ -156,7 +156,7 @@ def prompts(name, as_json):
 
     Example: clipxfer prompts industrial
     """
-    from ..prompts import list_template_sets, load_templates
+    from ..datasets.prompts import list_template_sets, load_templates
 
     if name:
         templates = load_templates(name)

@@ -145,15 +145,3 @@ class ErrorReportingGroup(RichGroup):
             sys.exit(130)
 
 
-def reports_errors(func):
-    """Decorator form of :class:`ErrorReportingGroup` for code called outside click."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ClipxferError as exc:
-            click.echo(f"error: {printable(exc)}", err=True)
-            sys.exit(2)
-
-    return wrapper

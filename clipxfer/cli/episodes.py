@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json, model_options
 
 

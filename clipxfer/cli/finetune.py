@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json, model_options, unit_or_auto
 
 
@@ -48,8 +48,8 @@ def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wi
 
     Example: clipxfer finetune fashion-mnist --model lite --shots 16 --out adapted.safetensors
     """
-    from ..finetune import run_finetune
-    from ..prompts import load_classnames
+    from ..datasets.prompts import load_classnames
+    from ..finetune.run import run_finetune
 
     result = run_finetune(
         data, shots, seed, model=model, out=out, templates=templates, max_test=max_test, device=device,

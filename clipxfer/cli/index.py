@@ -10,7 +10,7 @@ import click
 
 from ..errors import ClipxferError
 from ..paths import path_text
-from . import main
+from .group import main
 from .common import emit_json, model_options, printable
 
 INDEX_OPTION = click.option(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json
 
 
@@ -42,7 +42,7 @@ def sample_photos(target: str):
 
     Example: clipxfer sample-photos demo/photos
     """
-    from ..samples import export_sample_photos
+    from ..sample_photos import export_sample_photos
 
     paths = export_sample_photos(target)
     click.echo(f"{len(paths)} photos in {target}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json
 from .index import INDEX_OPTION
 

@@ -1,5 +1,5 @@
 """The single-machine scheduler: units one after another, decoding in worker processes
-(:func:`clipxfer.pipeline.decoded_items`, as ``clipxfer index`` does) while batches encode here."""
+(:func:`clipxfer.encoders.pipeline.decoded_items`, as ``clipxfer index`` does) while batches encode here."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..pipeline import Failure, ItemInfo, decoded_items, encode_decoded
+from ..encoders.pipeline import Failure, ItemInfo, decoded_items, encode_decoded
 from .shards import ShardData
 from .sources import Unit, decode_item, read_unit
 

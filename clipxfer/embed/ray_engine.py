@@ -21,9 +21,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..encoders.pipeline import Failure, ItemInfo
 from ..errors import ClipxferError
 from ..extras import import_extra
-from ..pipeline import Failure, ItemInfo
 from .local import ShardBuilder
 from .shards import ShardData
 from .sources import Unit, decode_item, read_unit

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..encoders.pipeline import DEFAULT_BATCH_SIZE, Failure
 from ..errors import ClipxferError
-from ..pipeline import DEFAULT_BATCH_SIZE, Failure
 from . import shards
 from .shards import EncoderInfo, ShardData
 from .sources import DEFAULT_SHARD_SIZE, open_source

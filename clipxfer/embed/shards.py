@@ -27,10 +27,10 @@ from typing import Iterator
 
 import numpy as np
 
+from ..encoders.pipeline import Failure
 from ..errors import ClipxferError
 from ..extras import import_extra
 from ..paths import atomic_write_bytes
-from ..pipeline import Failure
 
 FORMAT = "clipxfer-embeddings"
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ class EncoderInfo:
 
     @classmethod
     def of(cls, encoder) -> "EncoderInfo":
-        from ..encoders.registry import spec_for_id
+        from ..encoders.ids import spec_for_id
 
         return cls(encoder.id, spec_for_id(encoder.id), encoder.dim, encoder.feature_dim)
 

@@ -8,7 +8,7 @@ tars, the ``key`` column or ``file/row`` for parquet, the row number for HF data
 payload is the image's bytes, a local file path, or None when the item has no image.
 
 Reading uses the ``webdataset``, ``pyarrow`` and ``datasets`` libraries; decoding is
-:func:`clipxfer.pipeline.decode_bytes`, shared with the folder indexer.
+:func:`clipxfer.encoders.pipeline.decode_bytes`, shared with the folder indexer.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..encoders.pipeline import Failure, decode_bytes
 from ..errors import ClipxferError
 from ..images import IMAGE_EXTENSIONS, find_images
-from ..pipeline import Failure, decode_bytes
 from .shards import need
 
 DEFAULT_SHARD_SIZE = 10_000  # items per unit for folders and HF datasets (clip-retrieval's default)

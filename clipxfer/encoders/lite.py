@@ -22,8 +22,8 @@ from ..errors import ClipxferError
 from ..extras import import_extra
 from ..paths import cache_dir
 from .base import Encoder, l2_normalize
+from .ids import LITE_ID
 
-LITE_ID = "lite:efficientnet-lite0+all-MiniLM-L6-v2:conse-top10"
 CONSE_TOP_K = 10
 IMAGENET_PROMPT = "a photo of a {}."
 TEXT_MAX_TOKENS = 256

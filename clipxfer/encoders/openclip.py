@@ -19,11 +19,9 @@ import torch
 from ..device import choose_device, choose_precision
 from ..errors import ClipxferError
 from .base import Encoder, l2_normalize
+from .ids import OPEN_CLIP_PREFIX, RANDOM_SEED, RANDOM_TAG
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-TINY_MODEL = "clipxfer-tiny"
-RANDOM_TAG = "random"
-RANDOM_SEED = 0
 
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -177,7 +175,7 @@ class OpenClipEncoder(Encoder):
 
     def _create_model(self, model_name: str, pretrained: str | None) -> torch.nn.Module:
         if model_name.startswith("hf-hub:"):
-            self.id = f"open_clip:{model_name}"
+            self.id = f"{OPEN_CLIP_PREFIX}{model_name}"
             repo_id = model_name[len("hf-hub:"):]
             cached = hf_hub_model_cached(repo_id)
             if not cached and not hub_reachable():
@@ -185,16 +183,16 @@ class OpenClipEncoder(Encoder):
             with _hub_offline() if cached else contextlib.nullcontext():
                 return open_clip.create_model(model_name)
         if pretrained in (None, RANDOM_TAG):
-            self.id = f"open_clip:{model_name}:{RANDOM_TAG}-seed{RANDOM_SEED}"
+            self.id = f"{OPEN_CLIP_PREFIX}{model_name}:{RANDOM_TAG}-seed{RANDOM_SEED}"
             # Random init from a fixed seed, without disturbing the caller's random state.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
                 return open_clip.create_model(model_name, pretrained=None)
         if Path(pretrained).expanduser().is_file():
             path = Path(pretrained).expanduser()
-            self.id = f"open_clip:{model_name}:{_file_id(path)}"
+            self.id = f"{OPEN_CLIP_PREFIX}{model_name}:{_file_id(path)}"
             return _load_checkpoint(model_name, path)
-        self.id = f"open_clip:{model_name}:{pretrained}"
+        self.id = f"{OPEN_CLIP_PREFIX}{model_name}:{pretrained}"
         weights = cached_weights(model_name, pretrained)
         if weights is None:
             if not hub_reachable():

@@ -39,6 +39,7 @@ from ..device import cpu_has_fast_bf16
 from ..errors import ClipxferError
 from ..extras import import_extra
 from ..paths import cache_dir
+from .ids import INT8_SUFFIX, weights_id
 
 if TYPE_CHECKING:
     from .base import Encoder
@@ -116,7 +117,7 @@ def _is_transformer(module: torch.nn.Module) -> bool:
 def shipped_calibration_images(size: int) -> list[np.ndarray]:
     """scikit-image's sample photos, each whole, mirrored and as two zoomed crops (76 images)."""
     from ..images import load_model_input
-    from ..samples import SAMPLE_PHOTOS, sample_photo
+    from ..sample_photos import SAMPLE_PHOTOS, sample_photo
 
     images = []
     for name in SAMPLE_PHOTOS:
@@ -274,15 +275,6 @@ def read_cached(folder: Path, key: dict):
         return ov.Core().read_model(str(folder / "model.xml")), meta
     except Exception:  # unreadable JSON, missing files, a graph OpenVINO rejects: rebuild
         return None
-
-
-INT8_SUFFIX = "@int8"
-
-
-def weights_id(model_id: str) -> str:
-    """The id of the float weights a model runs: without the ``@int8`` of a quantized runtime
-    (compiled graphs are cached by it; fine-tuned adapters name their base by it)."""
-    return model_id.removesuffix(INT8_SUFFIX)
 
 
 # --------------------------------------------------------------------------- running

@@ -11,21 +11,22 @@ import open_clip
 
 from ..errors import ClipxferError
 from .base import Encoder
-
-DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
-LITE = "lite"
-TINY = "tiny"
+from .ids import (
+    DEFAULT_MODEL,
+    LITE,
+    TINY,
+    TINY_MODEL,
+    adapter_spec,
+    is_int8,
+    remember_adapted_spec,
+    split_adapter_spec,
+)  # fmt: skip
 
 SPEC_HELP = (
     "use 'lite' (offline), 'tiny' (tests), a MODEL:PRETRAINED pair from 'clipxfer models', "
     "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME; "
     "add +ADAPTER.safetensors for a model fine-tuned by 'clipxfer finetune' (lite+adapted.safetensors)"
 )
-#: Joins a base spec and an adapter file made by ``clipxfer finetune``: ``lite+adapted.safetensors``.
-ADAPTER_JOIN = "+"
-ADAPTER_SUFFIX = ".safetensors"
-#: adapted encoder id -> the spec that loaded it in this process (an id holds no file path).
-_ADAPTED_SPECS: dict[str, str] = {}
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -77,7 +78,7 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
 
 def _load_torch_encoder(spec: str | None, device: str | None, precision: str) -> Encoder:
     from .lite import LiteEncoder
-    from .openclip import TINY_MODEL, MissingWeightsError, OpenClipEncoder
+    from .openclip import MissingWeightsError, OpenClipEncoder
 
     if spec in (None, "", "default"):
         try:
@@ -89,12 +90,12 @@ def _load_torch_encoder(spec: str | None, device: str | None, precision: str) ->
                 file=sys.stderr,
             )
             return LiteEncoder(device, precision)
-    base_spec, join, adapter = spec.partition(ADAPTER_JOIN)
-    if join and adapter.endswith(ADAPTER_SUFFIX):
-        from ..finetune.adapter import load_adapted
+    base_spec, adapter = split_adapter_spec(spec)
+    if adapter is not None:
+        from .adapter import load_adapted
 
         encoder = load_adapted(load_encoder(base_spec, device, precision), adapter)
-        _ADAPTED_SPECS[encoder.id] = f"{base_spec}{ADAPTER_JOIN}{Path(adapter).resolve()}"
+        remember_adapted_spec(encoder.id, adapter_spec(base_spec, str(Path(adapter).resolve())))
         return encoder
     if spec == LITE:
         return LiteEncoder(device, precision)
@@ -112,12 +113,10 @@ def precision_for_id(model_id: str, requested: str | None = None) -> str | None:
     index built with one precision is reopened with a matching one on any machine.
     """
     from ..device import join_compute, split_compute
-    from .openvino_runtime import INT8_SUFFIX
-
     runtime, precision = split_compute(requested)
     if precision != "auto":
         return requested
-    return join_compute(runtime, "int8" if model_id.endswith(INT8_SUFFIX) else "float")
+    return join_compute(runtime, "int8" if is_int8(model_id) else "float")
 
 
 def load_encoder_for_results(spec: str | None, model_ids) -> Encoder:
@@ -163,24 +162,3 @@ def available_models() -> dict:
     pairs = list_pretrained_pairs()
     default_cached = any(p["spec"] == DEFAULT_MODEL and p["cached"] for p in pairs)
     return {"backends": BACKENDS, "open_clip": pairs, "default": DEFAULT_MODEL, "default_cached": default_cached}
-
-
-def spec_for_id(model_id: str) -> str:
-    """The ``--model`` value that rebuilds the encoder with this id (best effort for files)."""
-    from ..finetune.adapter import base_of
-    from .lite import LITE_ID
-    from .openclip import RANDOM_SEED, RANDOM_TAG, TINY_MODEL
-    from .openvino_runtime import weights_id
-
-    model_id = weights_id(model_id)  # the precision is not part of the spec
-    base_id = base_of(model_id)
-    if base_id is not None:  # the id holds no path: the spec this process loaded, else a placeholder
-        if model_id in _ADAPTED_SPECS:
-            return _ADAPTED_SPECS[model_id]
-        return f"{spec_for_id(base_id)}{ADAPTER_JOIN}ADAPTER{ADAPTER_SUFFIX}"
-    if model_id == LITE_ID:
-        return LITE
-    name = model_id.removeprefix("open_clip:")
-    if name == f"{TINY_MODEL}:{RANDOM_TAG}-seed{RANDOM_SEED}":
-        return TINY
-    return name.removesuffix(f"-seed{RANDOM_SEED}")

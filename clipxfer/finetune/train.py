@@ -56,13 +56,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..encoders.adapter import apply_tensors, run_in_torch, trainable_root
 from ..encoders.base import Encoder
+from ..encoders.ids import ENCODER_PREFIX, LORA_PREFIX
 from ..errors import ClipxferError
 from ..extras import import_extra
 from ..heads.base import FewShotData
 from ..heads.linear import PARTS, cross_entropy, zeroshot_parts
 from ..images import ImageLike, load_model_input
-from .adapter import ENCODER_PREFIX, LORA_PREFIX, apply_tensors, run_in_torch, trainable_root
 
 METHODS = ("top", "lp-ft", "partial", "full", "lora")
 #: The settings a method takes when not given (``None``): :data:`GENERIC`, updated by the method's
@@ -485,7 +486,7 @@ def finetune_encoder(
         refit_head(work, head, train_px, train_labels.numpy(), len(data.classnames), settings.refit_l2)
         val_acc, val_loss = evaluate(work, head, val_px, val_labels)
     tensors = _adapter_tensors(root, attribute, head, head0, start, layers, alpha)
-    from .adapter import adapted_id
+    from ..encoders.ids import adapted_id
 
     model_id = adapted_id(encoder.id, tensors)
     return FinetuneResult(

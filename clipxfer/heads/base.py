@@ -9,7 +9,6 @@ is a single portable file and never a pickle.
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,16 +16,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save
 
+from ..encoders.artifacts import (
+    HEAD_FORMAT,
+    check_model_id,
+    read_artifact_metadata,
+    read_artifact_tensors,
+    write_artifact,
+)  # fmt: skip
 from ..encoders.base import Encoder, ImageEncoding
-from ..encoders.registry import spec_for_id
 from ..errors import ClipxferError
-from ..paths import atomic_write_bytes
 
-FORMAT = "clipxfer-head/1"
-METADATA_KEY = "clipxfer"
+FORMAT = HEAD_FORMAT
 
 #: method name -> Head subclass; filled by :func:`register_head`.
 HEAD_TYPES: dict[str, type["Head"]] = {}
@@ -131,11 +132,7 @@ class Head(ABC):
 
     def check_model(self, model_id: str) -> None:
         """Refuse features made by another encoder than the one this head was fitted on."""
-        if model_id != self.model_id:
-            raise ClipxferError(
-                f"this {self.method} head was made with model '{self.model_id}' but the images were encoded "
-                f"with '{model_id}': use --model {spec_for_id(self.model_id)}"
-            )
+        check_model_id(self.model_id, model_id, f"this {self.method} head was made")
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the arrays, as stored in the file header."""
@@ -150,15 +147,7 @@ class Head(ABC):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the head to ``path`` (``.safetensors`` added if missing), atomically, with the
         same permissions as every other file clipxfer writes (the umask's)."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
-        try:
-            atomic_write_bytes(path, save(self.weights, metadata={METADATA_KEY: json.dumps(self.metadata())}))
-        except OSError as exc:
-            raise ClipxferError(f"{path}: cannot write the head ({exc.strerror or exc}); "
-                                "choose --out in a writable folder") from None
-        return path
+        return write_artifact(path, self.weights, self.metadata(), "head")
 
 
 def check_tensors(
@@ -192,23 +181,7 @@ def check_tensors(
 
 def read_head_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a saved head, without loading its arrays."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClipxferError(f"{path}: head file not found")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise ClipxferError(f"{path}: not a clipxfer head file ({exc})") from None
-    if raw is None:
-        raise ClipxferError(f"{path}: a safetensors file but not a clipxfer head (no '{METADATA_KEY}' metadata)")
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise ClipxferError(f"{path}: head metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ClipxferError(f"{path}: head metadata must be a JSON object, not {type(meta).__name__}")
-    return meta
+    return read_artifact_metadata(path, "head")
 
 
 def check_metadata(meta: dict[str, Any], known: dict[str, type[Head]], where: str) -> None:
@@ -234,15 +207,11 @@ def check_metadata(meta: dict[str, Any], known: dict[str, type[Head]], where: st
 def load_head(path: str | os.PathLike, model_id: str | None = None) -> Head:
     """Load any saved head, validated in full (metadata, the tensors its method declares, finite
     values); with ``model_id`` given, refuse a head made for another model."""
-    from . import HEAD_TYPES as known  # importing the package registers every method
+    known = HEAD_TYPES  # filled: importing this module imports the package, which imports every method
 
     meta = read_head_metadata(path)
     check_metadata(meta, known, str(path))
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            weights = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:  # a header that lies about its tensors
-        raise ClipxferError(f"{path}: damaged head file ({exc})") from None
+    weights = read_artifact_tensors(path, "head")
     head = known[meta["method"]](meta["model_id"], meta["classes"], weights, meta["config"])
     head.validate(str(path))
     if model_id is not None:

@@ -27,8 +27,8 @@ from torch import nn
 from ..encoders.base import Encoder
 from ..errors import ClipxferError
 from .base import FewShotData, fit_provenance, register_head
-from .zeroshot import ZeroShotHead
 from .linear import val_score
+from .zeroshot import ZeroShotHead
 
 POSITIONS = ("end", "middle", "front")
 PLACEHOLDER = "X"
@@ -165,7 +165,7 @@ class PromptLearner(nn.Module):
             raise ClipxferError(f"coop: class token position must be one of {', '.join(POSITIONS)}, not {position!r}")
         names = [name.replace("_", " ") for name in classnames]
         if isinstance(ctx_init, (np.ndarray, torch.Tensor)):
-            # Learned context vectors (e.g. meta-trained, clipxfer.meta): their count sets n_ctx.
+            # Learned context vectors (e.g. meta-trained, clipxfer.metalearn): their count sets n_ctx.
             vectors = torch.as_tensor(np.asarray(ctx_init), dtype=torch.float32).clone()
             n_ctx = vectors.shape[-2]
             if class_specific and vectors.dim() == 2:

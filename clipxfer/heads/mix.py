@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ClipxferError
-from .base import FewShotData, fit_provenance, register_head
+from .base import HEAD_TYPES, FewShotData, fit_provenance, register_head
 from .linear import PARTS, LinearHead, linear_logits, val_score, zeroshot_parts
 
 MIX_GRID = tuple(float(v) for v in np.round(np.linspace(0.0, 1.0, 21), 2))
@@ -49,8 +49,6 @@ class MixHead(LinearHead):
     def fit(cls, data: FewShotData, base: str = "probe", mix: float | str = "auto", **base_options) -> "MixHead":
         """Fit the ``base`` head on ``data`` (``base_options`` go to its ``fit``), then mix it
         with ``data.zeroshot`` at ``mix`` or at the validation-best value of :data:`MIX_GRID`."""
-        from . import HEAD_TYPES
-
         if base not in BASES:
             raise ClipxferError(f"mix: --base must be one of {', '.join(BASES)}, not {base!r}")
         if base == "probe":

@@ -38,7 +38,8 @@ import scipy.sparse as sp
 
 from ..encoders.base import ImageEncoding, l2_normalize
 from ..errors import ClipxferError
-from .base import FewShotData, Head, fit_provenance, register_head
+from .base import HEAD_TYPES, FewShotData, Head, fit_provenance, register_head
+from .fitting import fit_head
 
 TEMPERATURE = 50.0
 ITERATIONS = 10
@@ -196,8 +197,6 @@ class TransCLIPHead(Head):
 
     def __init__(self, model_id: str, classnames: list[str], weights: dict[str, np.ndarray], config: dict[str, Any]):
         super().__init__(model_id, classnames, weights, config)
-        from . import HEAD_TYPES
-
         base_method = self.config.get("base_method")
         if base_method not in HEAD_TYPES or base_method == self.method:
             raise ClipxferError(f"transclip head: unknown base method {base_method!r}")
@@ -236,8 +235,6 @@ class TransCLIPHead(Head):
     def fit(cls, data: FewShotData, base: str = "zeroshot", neighbours: int = NEIGHBOURS,
             **base_options: Any) -> "TransCLIPHead":
         """Fit the ``base`` method on ``data`` (``base_options`` go to it), then wrap it."""
-        from ..transfer import fit_head
-
         base_head = fit_head(base, data, **base_options)
         return cls.wrap(base_head, data, neighbours)
 

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 from safetensors.numpy import load, save
 
+from ..datasets.prompts import description_texts, load_templates, prompt_name
 from ..encoders.base import Encoder, ImageEncoding, l2_normalize
 from ..paths import atomic_write_bytes, cache_dir
-from ..prompts import description_texts, load_templates, prompt_name
 from .base import FewShotData, Head, register_head
 
 #: Prompts encoded per call; bounds memory and paces the progress bar.

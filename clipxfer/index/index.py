@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..encoders.pipeline import DEFAULT_BATCH_SIZE, EncodedBatch, Failure, encode_files, file_sha256
 from ..errors import ClipxferError
 from ..images import find_images
 from ..paths import default_index_path
-from ..pipeline import DEFAULT_BATCH_SIZE, EncodedBatch, Failure, encode_files, file_sha256
 from . import store, vectors
 
 if TYPE_CHECKING:
@@ -338,7 +338,7 @@ class Index:
     @property
     def model_spec(self) -> str:
         """The ``--model`` value that rebuilds :attr:`model_id`'s encoder."""
-        from ..encoders.registry import spec_for_id
+        from ..encoders.ids import spec_for_id
 
         return self._meta.get("model_spec") or spec_for_id(self.model_id)
 
@@ -651,7 +651,8 @@ class _Writer:
 
     def open(self, model) -> None:
         """Create the meta rows or check them against this run; load the vectors."""
-        from ..encoders.registry import load_encoder, precision_for_id, spec_for_id
+        from ..encoders.ids import spec_for_id
+        from ..encoders.registry import load_encoder, precision_for_id
 
         meta = store.get_meta(self.conn)
         if "model_id" in meta and "generation" not in meta:

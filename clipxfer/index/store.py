@@ -19,9 +19,9 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote
 from pathlib import Path
 from typing import Iterable, Iterator
+from urllib.parse import quote
 
 import numpy as np
 

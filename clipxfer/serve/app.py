@@ -108,11 +108,11 @@ class ServeState:
     """Everything one app serves: the index (per thread), its snapshot, heads, detector, labels."""
 
     def __init__(self, config: ServeConfig):
-        from ..heads import load_head
-        from ..index import Index, resolve_index_path
-
         import faiss
         import torch
+
+        from ..heads import load_head
+        from ..index import Index, resolve_index_path
 
         # Requests run in parallel threads, each with one query or image: intra-op threads add
         # little but their wake-ups, which on a busy 2-core machine cost 20-30 ms per FAISS search
@@ -231,8 +231,7 @@ def _metrics(registry):
 
 def create_app(config: ServeConfig) -> FastAPI:
     """The app for ``config`` (the index, heads and detector are loaded now; errors are ClipxferError)."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client import CONTENT_TYPE_LATEST
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     state = ServeState(config)
     registry = CollectorRegistry()

@@ -162,11 +162,11 @@ def fit_labelled_head(method: str, encoder, classnames: list[str], encoding, lab
     """Fit a ``probe`` or ``tip`` head on labelled index rows. Its settings (L2 strength, or alpha
     and beta) are chosen on a stratified quarter of the labels held out from the fit; with a single
     image in every class there is nothing to hold out and the training rows stand in."""
-    from ..features import take
+    from ..datasets.features import take
+    from ..datasets.prompts import load_templates
     from ..heads.base import FewShotData
+    from ..heads.fitting import fit_head
     from ..heads.zeroshot import fit_zeroshot
-    from ..prompts import load_templates
-    from ..transfer import fit_head
 
     if method not in LABEL_METHODS:
         raise ClipxferError(f"unknown method '{method}': use one of {', '.join(LABEL_METHODS)}")
@@ -198,7 +198,7 @@ def cross_validate(method: str, encoder, classnames: list[str], encoding, labels
     Returns ``accuracy`` None when some class has fewer than 2 labels (nothing to hold out)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from ..features import take
+    from ..datasets.features import take
 
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = len(classnames)

@@ -116,7 +116,7 @@ class LabellingSession:
             if item_id in self.catalog.row_of and label in index:
                 rows.append(self.catalog.row_of[item_id])
                 targets.append(index[label])
-        from ..features import take
+        from ..datasets.features import take
 
         return classes, take(self.catalog.encoding, np.asarray(rows, dtype=np.int64)), np.asarray(targets, np.int64)
 
@@ -185,8 +185,8 @@ class LabellingSession:
         classes, _ = self.store.snapshot()
         if len(classes) < 2:
             return None
+        from ..datasets.prompts import load_templates
         from ..heads.zeroshot import fit_zeroshot
-        from ..prompts import load_templates
 
         return fit_zeroshot(self.encoder, classes, load_templates("simple"))
 

@@ -14,17 +14,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .calibrate.conformal import ClassifierCalibration, check_alpha
-from .calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, split_for_calibration
-from .data import from_image_folder
-from .encoders.base import Encoder, ImageEncoding
-from .errors import ClipxferError
-from .paths import path_text
-from .features import encode_dataset, encode_folder
-from .heads.zeroshot import ZeroShotHead, fit_zeroshot
-from .images import find_images, is_image_path
-from .metrics import classification_report
-from .prompts import check_classes, check_template, classes_from_folder, load_descriptions, load_templates
+from ..calibrate.conformal import ClassifierCalibration, check_alpha
+from ..calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, split_for_calibration
+from ..datasets.features import encode_dataset, encode_folder
+from ..datasets.labelled import from_image_folder
+from ..datasets.prompts import check_classes, check_template, classes_from_folder, load_descriptions, load_templates
+from ..encoders.base import Encoder, ImageEncoding
+from ..errors import ClipxferError
+from ..heads.zeroshot import ZeroShotHead, fit_zeroshot
+from ..images import find_images, is_image_path
+from ..metrics import classification_report
+from ..paths import path_text
 
 SPLIT_FOLDERS = ("train", "test")
 
@@ -132,7 +132,7 @@ class Classification:
 
     def plot_confusion(self, path: str | os.PathLike) -> Path:
         """Write the confusion-matrix figure; only labelled sources have one."""
-        from .plots import plot_confusion_matrix
+        from ..plots import plot_confusion_matrix
 
         if self.report is None:
             raise ClipxferError(
@@ -164,7 +164,7 @@ def build_head(
 def _finish(source, paths, encoding: ImageEncoding, head: ZeroShotHead, labels, templates,
             transductive: bool = False) -> Classification:
     if transductive:  # TransCLIP over this batch, starting from the zero-shot probabilities
-        from .heads.transclip import TransCLIPHead
+        from ..heads.transclip import TransCLIPHead
 
         probs = TransCLIPHead.wrap(head).predict_proba(encoding)
     else:
@@ -265,7 +265,7 @@ def classify_index(
     is omitted and those folder names are taken as the classes), the result is labelled and has
     metrics.
     """
-    from .index import Index
+    from ..index import Index
 
     with Index.open(index_path) as index:
         encoder = index.encoder(model, device, precision)
@@ -306,8 +306,8 @@ def conformalize(
     evaluate_rows = None
     if calibrate is not None:
         if encoder is None:
-            from .encoders import cached_encoder
-            from .encoders.registry import spec_for_id
+            from ..encoders import cached_encoder
+            from ..encoders.ids import spec_for_id
 
             encoder = cached_encoder(spec_for_id(result.head.model_id))
         calibration = calibrate_on_dataset(encoder, result.head, calibrate)

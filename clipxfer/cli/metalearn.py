@@ -1,14 +1,14 @@
 """``clipxfer meta-train``: episodic meta-learning (Reptile / first-order MAML) of a residual
 feature adapter and CoOp context vectors on base classes; the head it writes initialises
 ``probe``/``tip``/``coop --init`` and ``bench --meta``. ``--json`` prints the summary of
-:func:`clipxfer.meta.meta_train` (``method, algo, model, base_classes, ways, shots, episodes,
+:func:`clipxfer.metalearn.meta_train` (``method, algo, model, base_classes, ways, shots, episodes,
 identity_val_accuracy, val_accuracy, best_episode, context, head``)."""
 
 from __future__ import annotations
 
 import click
 
-from . import main
+from .group import main
 from .common import emit_json, model_options
 
 
@@ -36,7 +36,7 @@ def meta_train_command(base_data, out, algo, ways, shots, queries, episodes, inn
 
     Example: clipxfer meta-train fashion-mnist --model lite --algo reptile --out meta.safetensors
     """
-    from ..meta import meta_train
+    from ..metalearn.train import meta_train
 
     _, summary = meta_train(
         base_data, model=model, classes=classes, algo=algo, ways=ways, shots=shots, queries=queries,

@@ -1,5 +1,5 @@
 """Meta-learned heads: the artifact of ``clipxfer meta-train`` (:class:`MetaHead`) and any head
-fitted on top of its feature adapter (:class:`AdaptedHead`).
+fitted on top of its feature adapter (:class:`MetaFeaturesHead`).
 
 The adapter is residual on L2-normalised probe features, initialised at identity::
 
@@ -7,18 +7,19 @@ The adapter is residual on L2-normalised probe features, initialised at identity
 
 A :class:`MetaHead` classifies its base classes by nearest prototype (cosine, times ``scale``) in
 adapted space, so it is a real, portable head; it also carries the meta-learned CoOp context
-vectors (``ctx``) when they were trained. Training lives in :mod:`clipxfer.meta`.
+vectors (``ctx``) when they were trained. Training lives in :mod:`clipxfer.metalearn`; :func:`fit_with_init` fits any method from a meta head.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
 from ..encoders.base import ImageEncoding, l2_normalize
 from ..errors import ClipxferError
-from .base import HEAD_TYPES, Head, register_head
+from .base import HEAD_TYPES, FewShotData, Head, load_head, register_head
 
 ADAPTER_KEYS = ("adapter.w1", "adapter.b1", "adapter.w2")
 
@@ -60,7 +61,7 @@ class MetaHead(Head):
 
 
 @register_head
-class AdaptedHead(Head):
+class MetaFeaturesHead(Head):
     """Any head fitted on meta-adapted features: ``inner.logits(adapt_encoding(encoding))``.
 
     Weights: the adapter (``adapter.*``) and the inner head's arrays under ``head.``; config:
@@ -88,7 +89,7 @@ class AdaptedHead(Head):
         return self.inner.logits(adapt_encoding(self.weights, encoding))
 
     @classmethod
-    def wrap(cls, adapter: dict[str, np.ndarray], inner: Head, init: dict[str, Any]) -> "AdaptedHead":
+    def wrap(cls, adapter: dict[str, np.ndarray], inner: Head, init: dict[str, Any]) -> "MetaFeaturesHead":
         """``inner`` (fitted on adapted features) behind ``adapter``, as one head."""
         weights = {**{key: adapter[key] for key in ADAPTER_KEYS}, **{f"head.{k}": v for k, v in inner.weights.items()}}
         config = {
@@ -99,3 +100,37 @@ class AdaptedHead(Head):
             **{k: inner.config[k] for k in ("shots", "seed", "manifest_hash", "val_accuracy") if k in inner.config},
         }
         return cls(inner.model_id, inner.classnames, weights, config)
+
+
+
+def load_meta(init: str | os.PathLike | MetaHead, model_id: str) -> MetaHead:
+    """A meta head from a file (checked against ``model_id``) or as given."""
+    head = init if isinstance(init, Head) else load_head(init, model_id=model_id)
+    if not isinstance(head, MetaHead):
+        raise ClipxferError(f"{init}: a {head.method} head, not a meta-trained one (make it with 'clipxfer meta-train')")
+    head.check_model(model_id)
+    return head
+
+
+def fit_with_init(method: str, data: FewShotData, init: str | os.PathLike | MetaHead, **options: Any) -> Head:
+    """Fit ``method`` starting from a meta-trained head: ``coop`` starts from its context vectors;
+    other methods fit on meta-adapted features and are saved behind the adapter
+    (:class:`~clipxfer.heads.metalearned.MetaFeaturesHead`), so new images are adapted the same way."""
+    meta = load_meta(init, data.encoder.id)
+    source = {"path": str(init) if not isinstance(init, Head) else "", "algo": meta.config.get("algo"),
+              "base_classes": meta.classnames}  # fmt: skip
+    if method == "coop":
+        if "ctx" not in meta.weights:
+            raise ClipxferError(f"{init}: this meta head has no context vectors (meta-train with a text tower)")
+        head = HEAD_TYPES["coop"].fit(data, ctx_init=meta.weights["ctx"], **options)
+        head.config.update({"ctx_init": "meta", "init": source, "variant": "meta-coop"})
+        return head
+    adapter = meta.adapter
+    adapted = FewShotData(
+        encoder=data.encoder, classnames=data.classnames, train=adapt_encoding(adapter, data.train),
+        train_labels=data.train_labels, val=adapt_encoding(adapter, data.val), val_labels=data.val_labels,
+        zeroshot=data.zeroshot, shots=data.shots, seed=data.seed, manifest_hash=data.manifest_hash,
+    )  # fmt: skip
+    options = {k: adapt_encoding(adapter, v) if isinstance(v, ImageEncoding) else v for k, v in options.items()}
+    inner = HEAD_TYPES[method].fit(adapted, **options)
+    return MetaFeaturesHead.wrap(adapter, inner, source)

@@ -11,16 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from .data import LabelledImages
-from .encoders.base import Encoder, ImageEncoding
-from .errors import ClipxferError
-from .features import encode_folder
-from .heads.base import FewShotData
-from .heads.transductive import TransductiveHead
-from .sampling import PARTITION_SEED, FewShotSplit, partition_train_test
-from .transfer import (
-    FewShotTask, _index_rows, encode_items, load_inputs, prepare_task, resolve_head_path, score_and_save,
-)  # fmt: skip
+from ..datasets.features import encode_folder
+from ..datasets.labelled import LabelledImages
+from ..datasets.splits import PARTITION_SEED, FewShotSplit, partition_train_test
+from ..encoders.base import Encoder, ImageEncoding
+from ..errors import ClipxferError
+from ..heads.base import FewShotData
+from ..heads.transductive import TransductiveHead
+from .run import resolve_head_path, score_and_save
+from .task import FewShotTask, encode_items, index_rows, load_inputs, prepare_task
 
 
 def encode_unlabelled(
@@ -34,7 +33,7 @@ def encode_unlabelled(
     if (folder is None) == (index_path is None):
         raise ClipxferError("adapt: give the unlabelled target images as --unlabelled DIR or --index PATH (one of them)")
     if index_path is not None:
-        _, encoding = _index_rows(index_path, encoder)
+        _, encoding = index_rows(index_path, encoder)
         if encoding.features.shape[1] != encoder.feature_dim:
             raise ClipxferError(
                 f"{index_path} stores no probe features for {encoder.id}; pass the folder with --unlabelled instead"
@@ -54,9 +53,9 @@ def label_free_task(
     progress: bool = False,
 ) -> FewShotTask:
     """The 0-shot task: no training or validation images, the dataset's test split (capped at
-    ``max_test`` like :func:`~clipxfer.sampling.draw_few_shot` does) and the zero-shot head."""
-    from .heads.zeroshot import fit_zeroshot
-    from .prompts import load_templates
+    ``max_test`` like :func:`~clipxfer.datasets.splits.draw_few_shot` does) and the zero-shot head."""
+    from ..datasets.prompts import load_templates
+    from ..heads.zeroshot import fit_zeroshot
 
     _, test = partition_train_test(dataset)
     if max_test is not None and len(test) > max_test:
@@ -98,7 +97,7 @@ def run_adapt(
     zero-shot and the adapted head on ``data``'s test split. Saves the head (and the drawn
     manifest next to it) unless ``save=False``. ``options`` go to :func:`fit_transductive`.
 
-    Returns the keys of :func:`clipxfer.transfer.run_transfer` plus ``num_unlabelled``,
+    Returns the keys of :func:`clipxfer.fewshot.run_transfer` plus ``num_unlabelled``,
     ``iterations``, ``converged``, ``prior_weight``, ``kappa``.
     """
     if shots < 0:

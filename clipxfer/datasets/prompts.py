@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ClipxferError
+from ..errors import ClipxferError
 
 PROMPTS_DIR = Path(__file__).parent / "prompt_sets"
 
@@ -98,7 +98,7 @@ def list_template_sets() -> list[dict]:
 
 def check_classes(classnames: list[str], where: str) -> list[str]:
     """At least two distinct, non-empty names, or one clear error naming ``where``."""
-    from .data import check_classes as check  # one rule for datasets and class lists
+    from .labelled import check_classes as check
 
     if any(not name for name in classnames):
         raise ClipxferError(f"{where}: an empty class name; write each class once, separated by commas or one per line")

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .data import LabelledImages
-from .encoders.base import Encoder, ImageEncoding
-from .errors import ClipxferError
-from .images import find_images
-from .paths import cache_dir
+from ..encoders.base import Encoder, ImageEncoding
+from ..errors import ClipxferError
+from ..images import find_images
+from ..paths import cache_dir
+from .labelled import LabelledImages
 
 
 def dataset_fingerprint(encoder_id: str, dataset: LabelledImages) -> str:

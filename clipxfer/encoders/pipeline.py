@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ClipxferError, ImageDecodeError
-from .images import bytes_model_input, load_model_input
+from ..errors import ClipxferError, ImageDecodeError
+from ..images import bytes_model_input, load_model_input
 
 if TYPE_CHECKING:  # torch stays out of the worker processes
-    from .encoders.base import Encoder, ImageEncoding
+    from .base import Encoder, ImageEncoding
 
 DEFAULT_BATCH_SIZE = 64
 # Paths per worker task: large enough that inter-process overhead is small, small enough that
@@ -112,11 +112,6 @@ def decode_file(path: Path, size: int) -> tuple[np.ndarray, FileInfo] | Failure:
         return Failure(path, "permission denied (the file cannot be read)")
     except Exception as exc:  # anything else a hostile file triggers in a decoder
         return Failure(path, f"cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
-
-
-def decode_chunk(paths: Sequence[Path], size: int) -> list[tuple[np.ndarray, FileInfo] | Failure]:
-    """Worker task: decode a few files."""
-    return [decode_file(Path(p), size) for p in paths]
 
 
 @dataclass(frozen=True)
@@ -316,7 +311,7 @@ def encode_files_on_device(
     """
     import torch
 
-    from .gpu_decode import decode_on_device, default_reader_threads, read_file
+    from ..gpu_decode import decode_on_device, default_reader_threads, read_file
 
     batches = _chunks([Path(p) for p in paths], batch_size)
     with ThreadPoolExecutor(max_workers=threads or default_reader_threads()) as pool:

@@ -1,29 +1,40 @@
-"""The adapter file: what fine-tuning changed in an encoder, and the encoder id it defines.
+"""The adapter file as an encoder reads it: what fine-tuning changed in an encoder, applied in place.
 
 An adapter is a head file (``clipxfer-head/1``, method ``finetune``, see
 :mod:`clipxfer.heads.finetune`) whose tensors are the head's linear parts plus, under
 ``encoder/<module>.<parameter>``, the full values of the parameters that moved (``lp-ft``,
 ``partial``, ``full``), or, under ``lora/<module>.A`` / ``.B``, LoRA factors merged into the
 frozen weights at load time (``W + scaling * B @ A``). Its config names the base encoder id; its
-model id is ``<base id>+ft-<hash of those tensors>``, so indexes and heads made with the adapted
-encoder refuse the plain one and the other way round.
+model id is ``<base id>+ft-<hash of those tensors>`` (:func:`clipxfer.encoders.ids.adapted_id`), so
+indexes and heads made with the adapted encoder refuse the plain one and the other way round.
+This module reads the file itself (:mod:`.artifacts`); the head side of it is loaded by ``heads/``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..encoders.base import Encoder
 from ..errors import ClipxferError
+from .artifacts import HEAD_FORMAT, read_artifact_metadata, read_artifact_tensors
+from .base import Encoder
+from .ids import ENCODER_PREFIX, LORA_PREFIX, spec_for_id
 
-ENCODER_PREFIX = "encoder/"
-LORA_PREFIX = "lora/"
-ID_MARK = "+ft-"
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter file: the adapted encoder's id, its config (``base_model_id`` and the recipe) and
+    every tensor it holds (the head's too)."""
+
+    path: Path
+    model_id: str
+    config: dict[str, Any]
+    tensors: dict[str, np.ndarray]
 
 
 def trainable_root(encoder: Encoder) -> tuple[str, torch.nn.Module]:
@@ -34,28 +45,6 @@ def trainable_root(encoder: Encoder) -> tuple[str, torch.nn.Module]:
         if isinstance(module, torch.nn.Module):
             return attribute, module
     raise ClipxferError(f"model '{encoder.id}' has no image tower clipxfer can fine-tune")
-
-
-def adapted_id(base_id: str, tensors: dict[str, np.ndarray]) -> str:
-    """``<base weights id>+ft-<16 hex>``: the hash covers every encoder tensor's name, shape and bytes.
-    Fine-tuning changes the float weights (a runtime quantizes the result when it is loaded), so the
-    base is named without ``@int8``."""
-    from ..encoders.openvino_runtime import weights_id
-
-    base_id = weights_id(base_id)
-    digest = hashlib.sha256(base_id.encode())
-    for name in sorted(tensors):
-        if name.startswith((ENCODER_PREFIX, LORA_PREFIX)):
-            value = np.ascontiguousarray(tensors[name], dtype=np.float32)
-            digest.update(f"{name}:{value.shape}".encode())
-            digest.update(value.tobytes())
-    return f"{base_id}{ID_MARK}{digest.hexdigest()[:16]}"
-
-
-def base_of(model_id: str) -> str | None:
-    """The base encoder id of an adapted id, or None for a plain one."""
-    base, mark, _ = model_id.rpartition(ID_MARK)
-    return base if mark else None
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, shape: torch.Size) -> torch.Tensor:
@@ -110,31 +99,34 @@ def apply_tensors(encoder: Encoder, tensors: dict[str, np.ndarray]) -> None:
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
 
-def read_adapter(path: str | os.PathLike):
-    """The adapter at ``path`` as a loaded :class:`~clipxfer.heads.finetune.FinetuneHead`."""
-    from ..heads.base import load_head, read_head_metadata
-
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """The adapter at ``path``, checked: a clipxfer head file of method ``finetune`` that names its base
+    model, with finite tensors; anything else is one line naming the file."""
     path = Path(path)
-    meta = read_head_metadata(path)
-    if meta.get("method") != "finetune" or "base_model_id" not in meta.get("config", {}):
+    meta = read_artifact_metadata(path, "adapter", "make one with 'clipxfer finetune'")
+    config = meta.get("config")
+    if meta.get("format") != HEAD_FORMAT or meta.get("method") != "finetune" or not isinstance(config, dict) \
+            or not isinstance(config.get("base_model_id"), str) or not isinstance(meta.get("model_id"), str):
         raise ClipxferError(f"{path}: a clipxfer {meta.get('method')} head, not an adapter made by 'clipxfer finetune'")
-    return load_head(path)
+    tensors = read_artifact_tensors(path, "adapter")
+    for name, value in tensors.items():
+        if not np.isfinite(value).all():
+            raise ClipxferError(f"{path}: tensor '{name}' holds values that are not finite (NaN or infinity)")
+    return Adapter(path, meta["model_id"], config, tensors)
 
 
 def load_adapted(base: Encoder, path: str | os.PathLike) -> Encoder:
     """``base`` with the adapter at ``path`` applied (in place) and its id set to the adapted id.
 
     An adapter made for another base model is refused with one line naming both."""
-    head = read_adapter(path)
-    expected = head.config["base_model_id"]
+    adapter = read_adapter(path)
+    expected = adapter.config["base_model_id"]
     if expected != base.id:
-        from ..encoders.registry import spec_for_id
-
         raise ClipxferError(
             f"{path}: this adapter was made for model '{expected}', not '{base.id}': "
             f"use --model {spec_for_id(expected)}+{path}"
         )
-    apply_tensors(base, head.weights)
-    base.id = head.model_id
+    apply_tensors(base, adapter.tensors)
+    base.id = adapter.model_id
     base.adapter_path = str(path)
     return base

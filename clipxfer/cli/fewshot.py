@@ -1,7 +1,7 @@
 """``clipxfer probe|tip|coop|mix|lpp|clap`` (few-shot transfer) and ``clipxfer predict`` (apply a head).
 
 Each training command prints zero-shot and adapted accuracy on the same test set; ``--json``
-prints the result object of :func:`clipxfer.transfer.run_transfer` (at least ``method, shots,
+prints the result object of :func:`clipxfer.fewshot.run_transfer` (at least ``method, shots,
 seed, accuracy, zeroshot_accuracy, fit_seconds``).
 """
 
@@ -11,7 +11,7 @@ import io
 
 import click
 
-from . import main
+from .group import main
 from .common import conformal_options, emit_json, model_options, unit_or_auto
 
 
@@ -47,8 +47,8 @@ def few_shot_options(func):
 
 def _run(method: str, data, shots, seed, out, templates, index_path, max_test, classes, transductive, no_save, as_json,
          model, device, precision, **options):
-    from ..prompts import load_classnames
-    from ..transfer import run_transfer
+    from ..datasets.prompts import load_classnames
+    from ..fewshot.run import run_transfer
 
     result = run_transfer(
         method, data, shots, seed, model=model, out=out, templates=templates, index_path=index_path,
@@ -186,9 +186,9 @@ def predict(head, folder, index_path, out, transductive, as_json, conformal, cal
     Example: clipxfer predict probe.safetensors new_parts/ --conformal 0.1 --reject --out preds.csv
     """
     from ..errors import ClipxferError
+    from ..fewshot.predict import encoder_for_head, predict_sets
+    from ..fewshot.predict import predict as run_predict
     from ..paths import atomic_write_bytes
-    from ..transfer import encoder_for_head, predict_sets
-    from ..transfer import predict as run_predict
 
     if conformal is None and (calibrate or reject):
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")

@@ -18,13 +18,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..anomaly.detector import DEFAULT_FALSE_ALARM_RATE, build_detector, split_good
+from ..anomaly.evaluate import detection_metrics, load_labelled_folder, read_mask
+from ..anomaly.patches import encode_dense, take_patches
 from ..encoders import Encoder
 from ..errors import ClipxferError
 from ..images import find_images
 from ..paths import atomic_write_bytes
-from .detector import DEFAULT_FALSE_ALARM_RATE, build_detector, split_good
-from .evaluate import detection_metrics, load_labelled_folder, read_mask
-from .patches import encode_dense, take_patches
 
 DEFAULT_SHOTS = (1, 4, 16)
 DEFAULT_SEEDS = (1, 2, 3)

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import ClipxferError
-from .images import ImageLike, find_images
+from ..errors import ClipxferError
+from ..images import ImageLike, find_images
 
 FASHION_MNIST_DIR = Path(os.environ.get("CLIPXFER_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = [

@@ -15,19 +15,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import LabelledImages, check_classes, load_dataset
+from ..datasets.features import encode_dataset, take
+from ..datasets.labelled import LabelledImages, check_classes, load_dataset
+from ..datasets.prompts import load_templates
+from ..datasets.splits import FewShotSplit, draw_few_shot, held_out_test
 from ..encoders import Encoder, ImageEncoding, l2_normalize
 from ..encoders.registry import load_encoder_for_results
 from ..errors import ClipxferError
-from ..features import encode_dataset, take
+from ..finetune import fit_finetune_head
 from ..heads import HEAD_TYPES, Head
 from ..heads.base import FewShotData
+from ..heads.fitting import fit_head
 from ..heads.zeroshot import fit_zeroshot
 from ..metrics import classification_report
 from ..paths import atomic_write_bytes, safe_filename
-from ..prompts import load_templates
-from ..sampling import FewShotSplit, draw_few_shot, held_out_test
-from ..transfer import fit_head
 from .config import METHODS, BenchConfig, DatasetSpec
 
 CSV_COLUMNS = [
@@ -175,9 +176,6 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
     if getattr(HEAD_TYPES[head_method], "transductive", False):
         fit_options["unlabelled"] = test
     trains_encoder = getattr(HEAD_TYPES[head_method], "trains_encoder", False)
-    if trains_encoder:  # fine-tuning: the method needs the images themselves
-        sources = prepared.dataset.sources
-        fit_options["images"] = ([sources[i] for i in split.train], [sources[i] for i in split.val])
     data = FewShotData(
         encoder=encoder,
         classnames=prepared.dataset.classnames,
@@ -191,7 +189,12 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
         manifest_hash=split.manifest_hash(prepared.dataset),
     )
     started = time.perf_counter()
-    head = fit_head(head_method, data, **fit_options)
+    if trains_encoder:  # fine-tuning: the method needs the images themselves
+        sources = prepared.dataset.sources
+        images = ([sources[i] for i in split.train], [sources[i] for i in split.val])
+        head = fit_finetune_head(data, images, **fit_options)
+    else:
+        head = fit_head(head_method, data, **fit_options)
     fit_seconds = time.perf_counter() - started
     val_accuracy = (
         float((head.predict(data.val) == data.val_labels).mean()) if len(split.val) and not trains_encoder else float("nan")

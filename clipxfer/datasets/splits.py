@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LabelledImages
-from .errors import ClipxferError
-from .paths import atomic_write_bytes
+from ..errors import ClipxferError
+from ..paths import atomic_write_bytes
+from .labelled import LabelledImages
 
 #: Seed of the train/test partition of datasets without a fixed split: the same for every
 #: few-shot seed, so all seeds and methods are scored on one test set.

@@ -1,104 +1,25 @@
-"""Meta-learning across few-shot tasks: episodic training on a base labelled set with Reptile
-(Nichol et al., 2018) or first-order MAML (Finn et al., 2017) of
-
-(a) a residual feature adapter on frozen probe features (identity at the start, see
-    :mod:`clipxfer.heads.meta`), adapted to each task by nearest prototype (ProtoNet loss:
-    cosine to the class means of the support images, times ``scale``), and
-(b) CoOp context vectors through the frozen text tower (:mod:`clipxfer.heads.coop`).
-
-An episode is an N-way K-shot task: N base classes, K support and ``queries`` query images each.
-Reptile: a few inner steps on the whole episode, then move the meta-parameters a fraction
-``meta_lr`` toward the adapted ones. FOMAML: inner steps on the support set only, then the query
-loss gradient at the adapted parameters updates the meta-parameters (Adam); with
-``inner_steps=0`` this is a prototypical network.
-
-To guard against meta-overfitting, a fifth of each base class is held out and scored with
-validation episodes every ``eval_every`` episodes; the adapter state that scores best (the
-identity included) is kept. The result is a :class:`~clipxfer.heads.meta.MetaHead`; new classes
-are then handled by nearest prototype in adapted space, or by any method started from it
-(:func:`fit_with_init`: ``probe``/``tip``/``mix`` on adapted features, ``coop`` from the context).
-"""
+"""Meta-training (``clipxfer meta-train`` is a thin layer over :func:`meta_train`): a residual feature
+adapter trained by Reptile or first-order MAML over episodes of base classes, and optionally CoOp
+context vectors, saved as one :class:`~clipxfer.heads.metalearned.MetaHead`."""
 
 from __future__ import annotations
 
 import copy
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import LabelledImages, load_dataset
-from .encoders.base import Encoder, ImageEncoding, l2_normalize
-from .errors import ClipxferError
-from .features import encode_dataset
-from .heads.base import FewShotData, Head, load_head
-from .heads.meta import AdaptedHead, MetaHead, adapt_encoding
-from .sampling import partition_train_test
-
-ALGOS = ("reptile", "fomaml")
-
-
-# --------------------------------------------------------------------------- episodes
-
-
-@dataclass(frozen=True)
-class Episode:
-    """Rows of one N-way K-shot task; labels are 0..N-1 in the order of ``classes``."""
-
-    classes: np.ndarray
-    support: np.ndarray
-    support_labels: np.ndarray
-    query: np.ndarray
-    query_labels: np.ndarray
-
-
-def check_episode_pool(labels: np.ndarray, ways: int, shots: int, queries: int, where: str) -> np.ndarray:
-    """The classes of ``labels`` with at least ``shots + queries`` rows, or one clear error."""
-    if ways < 2 or shots < 1 or queries < 1:
-        raise ClipxferError(f"{where}: need --ways >= 2, --shots >= 1 and at least 1 query (got {ways}, {shots}, {queries})")
-    present, counts = np.unique(labels, return_counts=True)
-    usable = present[counts >= shots + queries]
-    if len(present) < ways:
-        raise ClipxferError(f"{where}: {len(present)} classes but --ways {ways}: give at least {ways} classes or lower --ways")
-    if len(usable) < ways:
-        raise ClipxferError(
-            f"{where}: only {len(usable)} classes have the {shots + queries} images an episode needs "
-            f"({shots} shots + {queries} queries) but --ways is {ways}; add images or lower --shots/--ways"
-        )
-    return usable
-
-
-def sample_episode(
-    labels: np.ndarray, classes: np.ndarray, ways: int, shots: int, queries: int, rng: np.random.Generator
-) -> Episode:
-    """Draw ``ways`` of ``classes``, then ``shots`` support and ``queries`` query rows of each."""
-    chosen = rng.choice(classes, size=ways, replace=False)
-    support, query = [], []
-    for members in (np.flatnonzero(labels == c) for c in chosen):
-        picked = rng.choice(members, size=shots + queries, replace=False)
-        support.append(picked[:shots])
-        query.append(picked[shots:])
-    return Episode(
-        classes=chosen,
-        support=np.concatenate(support),
-        support_labels=np.repeat(np.arange(ways), shots),
-        query=np.concatenate(query),
-        query_labels=np.repeat(np.arange(ways), queries),
-    )
-
-
-def prototype_logits(support: np.ndarray, support_labels: np.ndarray, query: np.ndarray, ways: int) -> np.ndarray:
-    """Cosine of each (normalised) query row to each class mean of the (normalised) support rows."""
-    s, q = l2_normalize(support), l2_normalize(query)
-    means = np.stack([s[support_labels == c].mean(axis=0) for c in range(ways)])
-    return q @ l2_normalize(means).T
-
-
-# --------------------------------------------------------------------------- the adapter
+from ..datasets.features import encode_dataset
+from ..datasets.labelled import LabelledImages, load_dataset
+from ..datasets.splits import partition_train_test
+from ..encoders.base import Encoder, l2_normalize
+from ..errors import ClipxferError
+from ..heads.metalearned import MetaHead, adapt_encoding
+from .episodes import ALGOS, Episode, check_episode_pool, episodes_accuracy, sample_episode
 
 
 class ResidualAdapter(nn.Module):
@@ -138,17 +59,6 @@ def _local(x_all: torch.Tensor, episode: Episode) -> tuple[torch.Tensor, Episode
     ns = len(episode.support)
     local = Episode(episode.classes, np.arange(ns), episode.support_labels, np.arange(ns, len(rows)), episode.query_labels)
     return x_all[torch.as_tensor(rows)], local
-
-
-def episodes_accuracy(
-    transform, x: np.ndarray, labels: np.ndarray, episodes: Sequence[Episode], ways: int
-) -> np.ndarray:
-    """Per-episode nearest-prototype accuracy of ``transform(features)`` (identity: raw prototypes)."""
-    z = transform(x)
-    return np.array([
-        float((prototype_logits(z[e.support], e.support_labels, z[e.query], ways).argmax(1) == e.query_labels).mean())
-        for e in episodes
-    ])  # fmt: skip
 
 
 def train_adapter(
@@ -235,9 +145,6 @@ def train_adapter(
     return model, record
 
 
-# --------------------------------------------------------------------------- CoOp context
-
-
 def train_context(
     encoder: Encoder,
     classnames: Sequence[str],
@@ -258,7 +165,7 @@ def train_context(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Meta-train CoOp context vectors (unified, class token at the end) over episodes of base
     classes: the episode's logits are ``logit_scale * image @ text[episode classes].T``."""
-    from .heads.coop import PromptLearner, text_tower
+    from ..heads.coop import PromptLearner, text_tower
 
     tower = text_tower(encoder)
     generator = torch.Generator().manual_seed(seed)
@@ -317,9 +224,6 @@ def train_context(
     record = {"ctx_query_loss_first": float(np.mean(losses[:head])), "ctx_query_loss_last": float(np.mean(losses[-head:])),
               "n_ctx": learner.n_ctx, "ctx_init": ctx_init or ""}  # fmt: skip
     return learner.ctx.detach().cpu().float().numpy(), record
-
-
-# --------------------------------------------------------------------------- the API
 
 
 def resolve_classes(dataset: LabelledImages, classes: Sequence[str] | str | None) -> list[int]:
@@ -397,7 +301,7 @@ def meta_train(
     if len(chosen) < ways:
         raise ClipxferError(f"meta-train: {len(chosen)} base classes but --ways {ways}: give at least {ways} classes or lower --ways")
     if encoder is None:
-        from .encoders import load_encoder
+        from ..encoders import load_encoder
 
         encoder = load_encoder(model, device=device, precision=precision)
     meta_lr = (0.1 if algo == "reptile" else 1e-3) if meta_lr is None else meta_lr
@@ -427,7 +331,7 @@ def meta_train(
     }  # fmt: skip
     if context:
         try:
-            from .heads.coop import text_tower
+            from ..heads.coop import text_tower
 
             text_tower(encoder)
             has_tower = True
@@ -454,39 +358,3 @@ def meta_train(
     if out is not None:
         summary["head"] = str(head.save(out))
     return head, summary
-
-
-def load_meta(init: str | os.PathLike | MetaHead, model_id: str) -> MetaHead:
-    """A meta head from a file (checked against ``model_id``) or as given."""
-    head = init if isinstance(init, Head) else load_head(init, model_id=model_id)
-    if not isinstance(head, MetaHead):
-        raise ClipxferError(f"{init}: a {head.method} head, not a meta-trained one (make it with 'clipxfer meta-train')")
-    head.check_model(model_id)
-    return head
-
-
-def fit_with_init(method: str, data: FewShotData, init: str | os.PathLike | MetaHead, **options: Any) -> Head:
-    """Fit ``method`` starting from a meta-trained head: ``coop`` starts from its context vectors;
-    other methods fit on meta-adapted features and are saved behind the adapter
-    (:class:`~clipxfer.heads.meta.AdaptedHead`), so new images are adapted the same way."""
-    from .heads.base import HEAD_TYPES
-
-    meta = load_meta(init, data.encoder.id)
-    source = {"path": str(init) if not isinstance(init, Head) else "", "algo": meta.config.get("algo"),
-              "base_classes": meta.classnames}  # fmt: skip
-    if method == "coop":
-        if "ctx" not in meta.weights:
-            raise ClipxferError(f"{init}: this meta head has no context vectors (meta-train with a text tower)")
-        head = HEAD_TYPES["coop"].fit(data, ctx_init=meta.weights["ctx"], **options)
-        head.config.update({"ctx_init": "meta", "init": source, "variant": "meta-coop"})
-        return head
-    adapter = meta.adapter
-    adapted = FewShotData(
-        encoder=data.encoder, classnames=data.classnames, train=adapt_encoding(adapter, data.train),
-        train_labels=data.train_labels, val=adapt_encoding(adapter, data.val), val_labels=data.val_labels,
-        zeroshot=data.zeroshot, shots=data.shots, seed=data.seed, manifest_hash=data.manifest_hash,
-    )  # fmt: skip
-    options = {k: adapt_encoding(adapter, v) if isinstance(v, ImageEncoding) else v for k, v in options.items()}
-    inner = HEAD_TYPES[method].fit(adapted, **options)
-    return AdaptedHead.wrap(adapter, inner, source)
-

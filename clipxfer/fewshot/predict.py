@@ -1,0 +1,99 @@
+"""Applying a saved head: ``clipxfer predict`` is a thin layer over :func:`predict` and
+:func:`predict_sets` (conformal prediction sets)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from ..calibrate.conformal import check_alpha
+from ..calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, head_calibration
+from ..datasets.features import encode_folder
+from ..encoders.base import Encoder
+from ..errors import ClipxferError
+from ..heads.base import Head, load_head
+from .task import index_rows
+
+
+def encoder_for_head(
+    head_path: str | os.PathLike, model: str | None = None, device: str | None = None, precision: str | None = None
+) -> Encoder:
+    """The encoder ``model`` names, by default the one the head at ``head_path`` was made with."""
+    from ..encoders import load_encoder
+    from ..encoders.ids import spec_for_id
+    from ..encoders.registry import precision_for_id
+    from ..heads.base import read_head_metadata
+
+    meta = read_head_metadata(head_path)
+    spec = model or spec_for_id(meta["model_id"])
+    if model is None and "base_model_id" in (meta.get("config") or {}):  # a fine-tuning adapter is its own head
+        spec = f"{spec_for_id(meta['config']['base_model_id'])}+{head_path}"
+    precision = precision_for_id(meta["model_id"], precision)  # an int8 head reloads its int8 encoder
+    return load_encoder(spec, device=device, precision=precision)
+
+
+def predict(
+    head_path: str | os.PathLike,
+    folder: str | os.PathLike | None = None,
+    index_path: str | os.PathLike | None = None,
+    model: str | None = None,
+    encoder: Encoder | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    progress: bool = False,
+    transductive: bool = False,
+) -> tuple[Head, pd.DataFrame, np.ndarray]:
+    """Classify the images of ``folder`` (or every image of the index) with a saved head; with
+    ``transductive``, TransCLIP refines its predictions over all those images together (a head
+    saved with ``--transductive`` always does).
+
+    Returns the head, a table ``path, label, probability`` (best class per image) and the full
+    ``(n, num_classes)`` probability matrix. The model defaults to the one the head was made with.
+    """
+    if (folder is None) == (index_path is None):
+        raise ClipxferError("give either a folder of images or --index PATH, not both or neither")
+    if encoder is None:
+        encoder = encoder_for_head(head_path, model, device, precision)
+    head = load_head(head_path, model_id=encoder.id)
+    if transductive and head.method != "transclip":
+        from ..heads.transclip import TransCLIPHead
+
+        head = TransCLIPHead.wrap(head)
+    if index_path is not None:
+        rows, encoding = index_rows(index_path, encoder)
+        paths = sorted(rows, key=rows.get)  # type: ignore[arg-type]
+        if encoding.features.shape[1] != encoder.feature_dim:
+            raise ClipxferError(
+                f"{index_path} stores no probe features for {encoder.id}; classify the folder instead of the index"
+            )
+    else:
+        paths, encoding = encode_folder(encoder, folder, progress)  # type: ignore[arg-type]
+    probs = head.predict_proba(encoding)
+    best = probs.argmax(axis=1)
+    table = pd.DataFrame(
+        {"path": paths, "label": [head.classnames[i] for i in best], "probability": probs[np.arange(len(best)), best]}
+    )
+    return head, table, probs
+
+
+def predict_sets(
+    head: Head,
+    probs: np.ndarray,
+    alpha: float,
+    head_path: str | os.PathLike,
+    encoder: Encoder | None = None,
+    calibrate: str | os.PathLike | None = None,
+    score: str = "aps",
+    reject: bool = False,
+) -> ConformalSets:
+    """Conformal prediction sets for probabilities from :func:`predict`, calibrated on the head's
+    own validation images or, with ``calibrate``, on a labelled folder or manifest (which needs the
+    ``encoder``)."""
+    check_alpha(alpha, "--conformal")  # a bad value is named before any calibration work
+    if calibrate is not None:
+        calibration = calibrate_on_dataset(encoder or encoder_for_head(head_path), head, calibrate)
+    else:
+        calibration = head_calibration(head, str(head_path))
+    return conformal_sets(probs, calibration, alpha, score, reject)
