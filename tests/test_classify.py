@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from clipxfer.classify import classify_folder, folder_label
+from clipxfer.classify.run import classify_folder, folder_label
 from clipxfer.cli import main
 from clipxfer.datasets.prompts import load_templates
 from clipxfer.errors import ClipxferError

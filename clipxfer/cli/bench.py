@@ -85,7 +85,7 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
 
 
 def _anomaly_bench(data, shots, seeds, model, out_dir, as_json):
-    from ..anomaly import run_anomaly_bench
+    from ..bench.anomaly import run_anomaly_bench
     from ..bench.anomaly import DEFAULT_SEEDS, DEFAULT_SHOTS, summarize
     from ..bench.config import parse_int_list
     from ..errors import ClipxferError

@@ -57,7 +57,7 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
 
     Example: clipxfer classify parts/ --classes "ok,scratch,dent" --templates industrial --out preds.csv
     """
-    from ..classify import classify_folder, classify_index, conformalize
+    from ..classify.run import classify_folder, classify_index, conformalize
     from ..datasets.prompts import load_classnames, load_templates
     from ..errors import ClipxferError
 
