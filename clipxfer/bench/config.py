@@ -161,12 +161,24 @@ def _type_matches(value, hint) -> bool:
 _NOT_OPTIONS = {"cls", "data", "unlabelled"}
 
 
+
+def fit_function(head_method: str):
+    """The function that fits ``head_method``, whose parameters are the method's options: the head's
+    ``fit``, or for the fine-tuning head (which trains the encoder) :func:`clipxfer.finetune.fit_finetune_head`."""
+    from ..heads import HEAD_TYPES
+
+    if getattr(HEAD_TYPES[head_method], "trains_encoder", False):
+        from ..finetune import fit_finetune_head
+
+        return fit_finetune_head
+    return HEAD_TYPES[head_method].fit
+
+
 def check_method_options(method_options) -> None:
     """``{bench method: {option: value}}`` with known methods and, for methods whose ``fit``
     names its options, known option names of the right types."""
     import inspect
 
-    from ..heads import HEAD_TYPES
 
     if not isinstance(method_options, dict):
         raise ClipxferError(f"method_options must be a table of tables, got {method_options!r}")
@@ -175,7 +187,7 @@ def check_method_options(method_options) -> None:
             raise ClipxferError(f"method_options.{method}: unknown method; choose from {', '.join(METHODS)}")
         if not isinstance(options, dict):
             raise ClipxferError(f"method_options.{method} must be a table of options, got {options!r}")
-        fit = HEAD_TYPES[METHODS[method][0]].fit
+        fit = fit_function(METHODS[method][0])
         parameters = {name: p for name, p in inspect.signature(fit).parameters.items() if name not in _NOT_OPTIONS}
         try:
             hints = typing.get_type_hints(fit)
