@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from clipxfer.encoders.pipeline import EncodedBatch, Failure, encode_files
-from clipxfer.gpu_decode import is_plain_jpeg
+from clipxfer.encoders.gpu_decode import is_plain_jpeg
 
 
 def _photo(width, height, seed):

@@ -303,7 +303,7 @@ def encode_files_on_device(
     encoder: "Encoder", paths: Iterable[str | os.PathLike], batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None
 ) -> Iterator[EncodedBatch | Failure]:
     """:func:`encode_files` for GPUs: threads read and hash the next batches' files while the
-    device decodes (nvjpeg), resizes and encodes the current one (see :mod:`clipxfer.gpu_decode`).
+    device decodes (nvjpeg), resizes and encodes the current one (see :mod:`clipxfer.encoders.gpu_decode`).
 
     Files the device decoder does not take (PNGs, CMYK or rotated JPEGs, broken files) are
     decoded with PIL in this process, so results match :func:`encode_files` file for file; within
@@ -311,7 +311,7 @@ def encode_files_on_device(
     """
     import torch
 
-    from ..gpu_decode import decode_on_device, default_reader_threads, read_file
+    from .gpu_decode import decode_on_device, default_reader_threads, read_file
 
     batches = _chunks([Path(p) for p in paths], batch_size)
     with ThreadPoolExecutor(max_workers=threads or default_reader_threads()) as pool:
