@@ -18,8 +18,8 @@ from ..errors import ClipxferError
 from ..heads.base import Head
 from ..heads.fitting import FEW_SHOT_METHODS, fit_head
 from ..metrics import classification_report
-from ..paths import safe_filename
-from .task import FewShotTask, load_inputs, prepare_task
+from .inputs import TrainingInputs, manifest_path_for
+from .task import FewShotTask
 
 
 def accuracy(head: Head, encoding: ImageEncoding, labels: np.ndarray) -> float:
@@ -34,24 +34,6 @@ def score(head: Head, encoding: ImageEncoding, labels: np.ndarray) -> dict[str, 
     if isinstance(report, dict):
         result["report"] = report
     return result
-
-
-def default_head_path(method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
-    """``<method>-<dataset>-<K>shot-seed<S>.safetensors`` in the current folder."""
-    return Path(f"{safe_filename(method)}-{safe_filename(dataset.name)}-{shots}shot-seed{seed}.safetensors")
-
-
-def resolve_head_path(out, method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
-    """``out`` (``.safetensors`` added when missing), or the default name for this run."""
-    head_path = Path(out) if out is not None else default_head_path(method, dataset, shots, seed)
-    if head_path.suffix != ".safetensors":
-        head_path = head_path.with_name(head_path.name + ".safetensors")
-    return head_path
-
-
-def manifest_path_for(head_path: Path) -> Path:
-    """The drawn manifest lives next to the head: ``head.safetensors`` -> ``head.manifest.csv``."""
-    return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".manifest.csv")
 
 
 def run_transfer(
@@ -77,16 +59,22 @@ def run_transfer(
     the same test set; save the head (and the drawn manifest next to it) unless ``save=False``.
     With ``transductive``, the head is wrapped in TransCLIP (:mod:`clipxfer.heads.transclip`):
     it is scored on the test set as one batch, and the saved head refines every batch it predicts.
+    ``options`` go to the method's fit (:func:`~clipxfer.heads.fitting.fit_head`).
 
-    ``classes`` fixes the class list and order of a folder or manifest (unknown labels are errors).
+    The other parameters are the fields of :class:`~clipxfer.fewshot.inputs.TrainingInputs`, documented
+    there (``classes`` fixes the class list and order of a folder or manifest).
     Returns ``method, shots, seed, accuracy, zeroshot_accuracy, val_accuracy, fit_seconds,
     num_classes, num_train, num_val, num_test, model, manifest_hash, head, manifest, options``.
     """
     if method not in FEW_SHOT_METHODS:
         raise ClipxferError(f"unknown method '{method}': use one of {', '.join(FEW_SHOT_METHODS)}")
-    dataset, encoder = load_inputs(data, encoder, model, device, precision, classes)
-    head_path = resolve_head_path(out, f"{method}-trans" if transductive else method, dataset, shots, seed)
-    task = prepare_task(encoder, dataset, shots, seed, templates, index_path, max_test, progress=progress)
+    inputs = TrainingInputs(
+        data, shots, seed, model=model, encoder=encoder, out=out, templates=templates, index_path=index_path,
+        max_test=max_test, device=device, precision=precision, save=save, progress=progress, classes=classes,
+    )
+    dataset, encoder = inputs.load()
+    head_path = inputs.head_path(f"{method}-trans" if transductive else method, dataset)
+    task = inputs.prepare_task(encoder, dataset)
 
     start = time.perf_counter()
     head = fit_head(method, task.data, **options)
@@ -96,7 +84,7 @@ def run_transfer(
         head = TransCLIPHead.wrap(head, task.data)
     fit_seconds = time.perf_counter() - start
 
-    return score_and_save(method, head, task, encoder, fit_seconds, head_path if save else None, options)
+    return score_and_save(method, head, task, encoder, fit_seconds, head_path, options)
 
 
 def score_and_save(

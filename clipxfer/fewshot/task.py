@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets.features import encode_dataset, take
-from ..datasets.labelled import LabelledImages, load_dataset
+from ..datasets.labelled import LabelledImages
 from ..datasets.splits import FewShotSplit, draw_few_shot
 from ..encoders.base import Encoder, ImageEncoding
 from ..errors import ClipxferError
@@ -136,16 +136,3 @@ def prepare_task(
     )
     return FewShotTask(dataset, split, data, test, dataset.labels[split.test])
 
-
-def load_inputs(data: str | os.PathLike | LabelledImages, encoder: Encoder | None, model: str | None = None,
-                device: str | None = None, precision: str | None = None,
-                classes: list[str] | None = None) -> tuple[LabelledImages, Encoder]:
-    """The labelled images and the encoder of a training command, each used as given or loaded:
-    ``data`` a built-in name, folder or manifest (``classes`` fixing its class list), the encoder
-    from ``model``, ``device`` and ``precision``."""
-    dataset = data if isinstance(data, LabelledImages) else load_dataset(data, classes)
-    if encoder is None:
-        from ..encoders import load_encoder
-
-        encoder = load_encoder(model, device=device, precision=precision)
-    return dataset, encoder

@@ -18,8 +18,9 @@ from ..encoders.base import Encoder, ImageEncoding
 from ..errors import ClipxferError
 from ..heads.base import FewShotData
 from ..heads.transductive import TransductiveHead
-from .run import resolve_head_path, score_and_save
-from .task import FewShotTask, encode_items, index_rows, load_inputs, prepare_task
+from .inputs import TrainingInputs
+from .run import score_and_save
+from .task import FewShotTask, encode_items, index_rows
 
 
 def encode_unlabelled(
@@ -96,23 +97,29 @@ def run_adapt(
     folder or ``index_path``), with ``shots`` labelled images per class (0: none), and score
     zero-shot and the adapted head on ``data``'s test split. Saves the head (and the drawn
     manifest next to it) unless ``save=False``. ``options`` go to :func:`fit_transductive`.
+    The other parameters are the fields of :class:`~clipxfer.fewshot.inputs.TrainingInputs`, documented
+    there, except ``index_path``: here it holds the unlabelled images, not features of ``data``.
 
     Returns the keys of :func:`clipxfer.fewshot.run_transfer` plus ``num_unlabelled``,
     ``iterations``, ``converged``, ``prior_weight``, ``kappa``.
     """
     if shots < 0:
         raise ClipxferError(f"--shots {shots}: give 0 (no labels) or more labelled images per class")
-    dataset, encoder = load_inputs(data, encoder, model, device, precision)
+    inputs = TrainingInputs(
+        data, shots, seed, model=model, encoder=encoder, out=out, templates=templates, max_test=max_test,
+        device=device, precision=precision, save=save, progress=progress,
+    )
+    dataset, encoder = inputs.load()
     target = encode_unlabelled(encoder, unlabelled, index_path, progress)
     if shots == 0:
         task = label_free_task(encoder, dataset, seed, templates, max_test, progress)
     else:
-        task = prepare_task(encoder, dataset, shots, seed, templates, None, max_test, progress=progress)
+        task = inputs.prepare_task(encoder, dataset)
 
     start = time.perf_counter()
     head = TransductiveHead.fit(task.data, unlabelled=target, **options)
     fit_seconds = time.perf_counter() - start
-    head_path = resolve_head_path(out, "transductive", dataset, shots, seed) if save else None
+    head_path = inputs.head_path("transductive", dataset)
     result = score_and_save("transductive", head, task, encoder, fit_seconds, head_path, options)
     result.update(
         num_unlabelled=int(len(target.embeddings)),

@@ -12,8 +12,10 @@ from ..datasets.labelled import LabelledImages, check_classes
 from ..encoders.base import Encoder
 from ..encoders.ids import base_of
 from ..errors import ClipxferError
-from ..fewshot.run import accuracy, manifest_path_for, resolve_head_path
-from ..fewshot.task import load_inputs, prepare_task
+from ..fewshot.inputs import TrainingInputs, manifest_path_for
+from ..fewshot.run import accuracy
+from ..fewshot.task import FewShotTask
+from ..heads.finetune import FinetuneHead
 from .head import fit_finetune_head
 from .train import make_settings
 
@@ -36,7 +38,8 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Fine-tune the encoder on ``shots`` images per class of ``data`` and score it against the
     zero-shot head of the plain encoder on the same test set; write the adapter (and the drawn
-    manifest beside it) unless ``save=False``. ``settings``: :class:`FinetuneSettings` fields.
+    manifest beside it) unless ``save=False``. ``settings``: :class:`FinetuneSettings` fields. The
+    other parameters are the fields of :class:`~clipxfer.fewshot.inputs.TrainingInputs`, documented there.
 
     Ctrl-C during training saves the best epoch so far, then re-raises ``KeyboardInterrupt``.
     Returns ``method, variant, shots, seed, accuracy, zeroshot_accuracy, val_accuracy, wise_alpha,
@@ -44,32 +47,49 @@ def run_finetune(
     base_model, manifest_hash, adapter, manifest``.
     """
     make_settings(**settings)  # bad settings fail before any loading or encoding
-    dataset, encoder = load_inputs(data, encoder, model, device, precision, classes)
+    inputs = TrainingInputs(
+        data, shots, seed, model=model, encoder=encoder, out=out, templates=templates, max_test=max_test,
+        device=device, precision=precision, save=save, progress=progress, classes=classes,
+    )
+    dataset, encoder = inputs.load()
     check_classes(dataset.classnames, dataset.name)
     if base_of(encoder.id) is not None:
         raise ClipxferError(f"model '{encoder.id}' is already fine-tuned; fine-tune its base model instead")
-    path = resolve_head_path(out, "finetune", dataset, shots, seed)
-    task = prepare_task(encoder, dataset, shots, seed, templates, max_test=max_test, progress=progress)
+    path = inputs.head_path("finetune", dataset)
+    task = inputs.prepare_task(encoder, dataset)
     sources = dataset.sources
     images = ([sources[i] for i in task.split.train], [sources[i] for i in task.split.val])
 
     started = time.perf_counter()
     head = fit_finetune_head(task.data, images, progress=progress, **settings)
     fit_seconds = time.perf_counter() - started
-    manifest_path = manifest_path_for(path)
-    if save:
-        task.split.write_manifest(dataset, manifest_path)  # the manifest first, as for heads
+    if path is not None:
+        task.split.write_manifest(dataset, manifest_path_for(path))  # the manifest first, as for heads
     if head.config["interrupted"]:
-        if save:
+        if path is not None:
             head.save(path)
         raise KeyboardInterrupt
 
+    result = score_finetune(head, task, encoder, fit_seconds, progress)
+    if path is not None:
+        head.config.update({"dataset": dataset.name, "test_accuracy": result["accuracy"],
+                            "zeroshot_test_accuracy": result["zeroshot_accuracy"]})
+        result["adapter"] = str(head.save(path))
+        result["manifest"] = str(manifest_path_for(path))
+    return result
+
+
+def score_finetune(head: FinetuneHead, task: FewShotTask, encoder: Encoder, fit_seconds: float,
+                   progress: bool = False) -> dict[str, Any]:
+    """Score the fine-tuned ``head`` (the test images encoded by its adapted encoder) and the plain
+    encoder's zero-shot head on the task's test set: :func:`run_finetune`'s result, nothing saved yet."""
+    dataset = task.dataset
     test = encode_dataset(head.encoder, dataset.subset(task.split.test), progress=progress)
-    result = {
+    return {
         "method": "finetune",
         "variant": head.config["variant"],
-        "shots": shots,
-        "seed": seed,
+        "shots": task.data.shots,
+        "seed": task.data.seed,
         "accuracy": accuracy(head, test, task.test_labels),
         "zeroshot_accuracy": accuracy(task.data.zeroshot, task.test, task.test_labels),
         "val_accuracy": head.config["val_accuracy"],
@@ -88,9 +108,3 @@ def run_finetune(
         "adapter": None,
         "manifest": None,
     }
-    if save:
-        head.config.update({"dataset": dataset.name, "test_accuracy": result["accuracy"],
-                            "zeroshot_test_accuracy": result["zeroshot_accuracy"]})
-        result["adapter"] = str(head.save(path))
-        result["manifest"] = str(manifest_path)
-    return result

@@ -19,6 +19,7 @@ are then handled by nearest prototype in adapted space, or by any method started
 (:func:`fit_with_init`: ``probe``/``tip``/``mix`` on adapted features, ``coop`` from the context).
 """
 
+from .settings import MetaSettings
 from .train import meta_train
 
-__all__ = ["meta_train"]
+__all__ = ["meta_train", "MetaSettings"]

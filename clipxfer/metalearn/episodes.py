@@ -10,8 +10,6 @@ import numpy as np
 from ..encoders.base import l2_normalize
 from ..errors import ClipxferError
 
-ALGOS = ("reptile", "fomaml")
-
 
 @dataclass(frozen=True)
 class Episode:
@@ -24,10 +22,15 @@ class Episode:
     query_labels: np.ndarray
 
 
-def check_episode_pool(labels: np.ndarray, ways: int, shots: int, queries: int, where: str) -> np.ndarray:
-    """The classes of ``labels`` with at least ``shots + queries`` rows, or one clear error."""
+def check_episode_shape(ways: int, shots: int, queries: int, where: str) -> None:
+    """An episode has at least 2 classes, 1 support and 1 query image each, or one clear error."""
     if ways < 2 or shots < 1 or queries < 1:
         raise ClipxferError(f"{where}: need --ways >= 2, --shots >= 1 and at least 1 query (got {ways}, {shots}, {queries})")
+
+
+def check_episode_pool(labels: np.ndarray, ways: int, shots: int, queries: int, where: str) -> np.ndarray:
+    """The classes of ``labels`` with at least ``shots + queries`` rows, or one clear error."""
+    check_episode_shape(ways, shots, queries, where)
     present, counts = np.unique(labels, return_counts=True)
     usable = present[counts >= shots + queries]
     if len(present) < ways:
