@@ -17,8 +17,8 @@ from ..datasets.splits import partition_train_test
 from ..encoders.base import Encoder, ImageEncoding, l2_normalize
 from ..errors import ClipxferError
 from ..heads.metalearned import MetaHead, adapt_encoding
-from .adapter import train_adapter
 from .context import train_context
+from .feature_adapter import train_adapter
 from .settings import MetaSettings, make_settings
 
 
