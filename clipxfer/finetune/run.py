@@ -15,7 +15,7 @@ from ..errors import ClipxferError
 from ..fewshot.run import accuracy, manifest_path_for, resolve_head_path
 from ..fewshot.task import load_inputs, prepare_task
 from .head import fit_finetune_head
-from .train import make_settings
+from .settings import make_settings
 
 
 def run_finetune(
