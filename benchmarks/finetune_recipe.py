@@ -20,7 +20,8 @@ from clipxfer.datasets.labelled import load_dataset
 from clipxfer.datasets.splits import partition_train_test
 from clipxfer.encoders import load_encoder
 from clipxfer.fewshot.task import prepare_task
-from clipxfer.finetune.train import FinetuneSettings, finetune_encoder
+from clipxfer.finetune.settings import FinetuneSettings
+from clipxfer.finetune.train import finetune_encoder
 from clipxfer.heads.linear import linear_logits
 from clipxfer.heads.probe import ProbeHead
 

@@ -19,15 +19,11 @@ from clipxfer.encoders.adapter import apply_tensors, load_adapted, trainable_roo
 from clipxfer.encoders.ids import ENCODER_PREFIX, base_of
 from clipxfer.errors import ClipxferError
 from clipxfer.fewshot.task import prepare_task
+from clipxfer.finetune.lora import _inject_lora, lora_factors, lora_targets
+from clipxfer.finetune.model import working_copy
 from clipxfer.finetune.run import run_finetune
-from clipxfer.finetune.train import (
-    FinetuneSettings,
-    _inject_lora,
-    finetune_encoder,
-    lora_factors,
-    lora_targets,
-    working_copy,
-)
+from clipxfer.finetune.settings import FinetuneSettings
+from clipxfer.finetune.train import finetune_encoder
 
 from .conftest import random_images, write_tinted_folder
 
@@ -257,7 +253,7 @@ def test_lite_partial_finetune_and_adapter_round_trip(tmp_path, lite):
 
 
 def test_settings_fill_each_methods_recipe():
-    from clipxfer.finetune.train import GENERIC, RECIPES
+    from clipxfer.finetune.settings import GENERIC, RECIPES
 
     top = FinetuneSettings().check()
     assert top.strategy == "top" and all(getattr(top, k) == v for k, v in RECIPES["top"].items())
@@ -285,7 +281,7 @@ def test_top_trains_on_all_labelled_images_and_refits_the_head(task, tiny):
     # the head is the L-BFGS probe on the adapted features of the training AND validation images
     assert {n for n in result.tensors if not n.startswith(ENCODER_PREFIX)} == {"feature_weights", "bias"}
     train, val = _images(dataset, prepared)
-    from clipxfer.finetune.train import decode_pixels
+    from clipxfer.finetune.pixels import decode_pixels
 
     pixels = decode_pixels(train + val, tiny.input_size)
     features = probe_inputs(result.encoder.encode_pixels(pixels)).astype(np.float64)

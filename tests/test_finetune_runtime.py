@@ -42,7 +42,8 @@ def test_an_openvino_base_is_fine_tuned_in_torch_and_the_adapter_loads_on_any_ru
 def test_the_adapted_copy_of_an_openvino_encoder_runs_its_new_weights(tmp_path):
     from clipxfer.datasets.labelled import load_dataset
     from clipxfer.fewshot.task import prepare_task
-    from clipxfer.finetune.train import FinetuneSettings, finetune_encoder
+    from clipxfer.finetune.settings import FinetuneSettings
+    from clipxfer.finetune.train import finetune_encoder
 
     dataset = load_dataset(write_tinted_folder(tmp_path / "labelled", ["red", "green", "blue"]))
     base = load_encoder("tiny", "cpu", "openvino:fp32")

@@ -15,7 +15,8 @@ from clipxfer.datasets.splits import partition_train_test
 from clipxfer.encoders import load_encoder
 from clipxfer.encoders.base import ImageEncoding, l2_normalize
 from clipxfer.fewshot.task import prepare_task
-from clipxfer.finetune.train import decode_pixels, working_copy
+from clipxfer.finetune.model import working_copy
+from clipxfer.finetune.pixels import decode_pixels
 from clipxfer.heads.probe import ProbeHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared dev-set draw

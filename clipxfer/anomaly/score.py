@@ -15,7 +15,14 @@ from ..encoders import Encoder
 from ..errors import ClipxferError, ImageDecodeError
 from ..images import find_images
 from .detector import AnomalyDetector, progress_bar
-from .evaluate import detection_metrics, is_labelled_folder, load_labelled_folder, plot_roc, read_mask
+from .evaluate import (
+    LabelledFolder,
+    detection_metrics,
+    is_labelled_folder,
+    load_labelled_folder,
+    plot_roc,
+    read_mask,
+)
 from .heatmap import write_overlay
 from .patches import DensePatches, encode_pixels_dense, whole_image
 
@@ -84,17 +91,7 @@ def score_folder(
     kept, scores, maps, skipped, written = [], [], [], [], []
     bar = progress_bar(len(paths), progress)
     for start in range(0, len(paths), BATCH_SIZE):
-        batch, pixels, sizes = [], [], []
-        for path in paths[start : start + BATCH_SIZE]:
-            try:
-                array, original = whole_image(path, size)
-            except ImageDecodeError as exc:
-                skipped.append(str(exc))
-                print(f"warning: skipped {exc}", file=sys.stderr)
-                continue
-            batch.append(path)
-            pixels.append(array)
-            sizes.append(original)
+        batch, pixels, sizes = _read_batch(paths[start : start + BATCH_SIZE], size, skipped)
         if batch:
             local, joint = encode_pixels_dense(encoder, np.stack(pixels))
             result = detector.score(DensePatches(local, joint, sizes))
@@ -116,24 +113,48 @@ def score_folder(
     all_scores = np.concatenate(scores)
     out = FolderScores(root, kept, all_scores, detector.decide(all_scores), detector.threshold, heatmaps=written, skipped=skipped)
     if labelled is not None:
-        index = {path: i for i, path in enumerate(labelled.paths)}
-        rows = [index[path] for path in kept]
-        out.kinds = [labelled.kinds[i] for i in rows]
-        is_defect = labelled.is_defect[rows]
-        masks = np.stack([read_mask(labelled.masks[i], size) for i in rows]) if keep_maps else None
-        # Pixel metrics over good images and defects with masks; a defect without one has no pixel truth.
-        with_truth = np.array([not is_defect[j] or labelled.masks[i] is not None for j, i in enumerate(rows)])
-        all_maps = np.concatenate(maps) if keep_maps else None
-        out.metrics = detection_metrics(
-            all_scores, is_defect, detector.threshold,
-            all_maps[with_truth] if keep_maps else None, masks[with_truth] if keep_maps else None,
-        )  # fmt: skip
-        out.metrics["per_kind_image_auroc"] = per_kind_auroc(all_scores, out.kinds)
-        if roc is not None:
-            plot_roc(all_scores, is_defect, detector.threshold, roc, title=f"{root.name}: image-level ROC")
+        _evaluate_labelled(out, labelled, maps, keep_maps, size, roc)
     elif roc is not None:
         raise ClipxferError(f"--roc needs a labelled folder ('good/' plus defect folders); {root} is not one")
     return out
+
+
+def _read_batch(paths: list[Path], size: int, skipped: list[str]) -> tuple[list[Path], list[np.ndarray], list]:
+    """The readable ``paths`` with their detector-sized pixels and original sizes; an unreadable
+    file is added to ``skipped`` with a warning."""
+    batch, pixels, sizes = [], [], []
+    for path in paths:
+        try:
+            array, original = whole_image(path, size)
+        except ImageDecodeError as exc:
+            skipped.append(str(exc))
+            print(f"warning: skipped {exc}", file=sys.stderr)
+            continue
+        batch.append(path)
+        pixels.append(array)
+        sizes.append(original)
+    return batch, pixels, sizes
+
+
+def _evaluate_labelled(out: FolderScores, labelled: LabelledFolder, maps: list[np.ndarray], keep_maps: bool, size: int,
+                       roc: str | os.PathLike | None) -> None:
+    """Set ``out.kinds`` and ``out.metrics`` from the labelled folder's truth (pixel metrics when
+    ``keep_maps``: the folder has masks) and, with ``roc``, draw the image-level ROC there."""
+    index = {path: i for i, path in enumerate(labelled.paths)}
+    rows = [index[path] for path in out.paths]
+    out.kinds = [labelled.kinds[i] for i in rows]
+    is_defect = labelled.is_defect[rows]
+    masks = np.stack([read_mask(labelled.masks[i], size) for i in rows]) if keep_maps else None
+    # Pixel metrics over good images and defects with masks; a defect without one has no pixel truth.
+    with_truth = np.array([not is_defect[j] or labelled.masks[i] is not None for j, i in enumerate(rows)])
+    all_maps = np.concatenate(maps) if keep_maps else None
+    out.metrics = detection_metrics(
+        out.scores, is_defect, out.threshold,
+        all_maps[with_truth] if keep_maps else None, masks[with_truth] if keep_maps else None,
+    )  # fmt: skip
+    out.metrics["per_kind_image_auroc"] = per_kind_auroc(out.scores, out.kinds)
+    if roc is not None:
+        plot_roc(out.scores, is_defect, out.threshold, roc, title=f"{out.root.name}: image-level ROC")
 
 
 def per_kind_auroc(scores: np.ndarray, kinds: list[str]) -> dict[str, float]:

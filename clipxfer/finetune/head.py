@@ -10,7 +10,8 @@ from ..errors import ClipxferError
 from ..heads.base import FewShotData, fit_provenance
 from ..heads.finetune import FinetuneHead
 from ..images import ImageLike
-from .train import finetune_encoder, make_settings, settings_dict
+from .settings import make_settings, settings_dict
+from .train import finetune_encoder
 
 
 def fit_finetune_head(
@@ -20,7 +21,7 @@ def fit_finetune_head(
     **settings: Any,
 ) -> FinetuneHead:
     """Fine-tune ``data.encoder`` on ``images = (train, val)`` (the images behind ``data.train`` and
-    ``data.val``); ``settings`` are :class:`~clipxfer.finetune.train.FinetuneSettings` fields. The
+    ``data.val``); ``settings`` are :class:`~clipxfer.finetune.settings.FinetuneSettings` fields. The
     head carries the adapted encoder as ``head.encoder`` so the caller can encode test images."""
     if images is None:
         raise ClipxferError("finetune needs the training and validation images, not only their features")

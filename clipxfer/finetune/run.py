@@ -17,7 +17,7 @@ from ..fewshot.run import accuracy
 from ..fewshot.task import FewShotTask
 from ..heads.finetune import FinetuneHead
 from .head import fit_finetune_head
-from .train import make_settings
+from .settings import make_settings
 
 
 def run_finetune(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -214,6 +215,96 @@ class PromptLearner(nn.Module):
         return torch.cat(prompts, dim=0)
 
 
+# --------------------------------------------------------------------------- training
+
+
+class _PromptTraining:
+    """The prompt learner with what training and scoring it need: the frozen text tower, the cached
+    image embeddings on the tower's device and the logit scale."""
+
+    def __init__(self, tower, learner: PromptLearner, data: FewShotData, scale: float):
+        self.tower, self.learner, self.scale = tower, learner, scale
+        self.device = tower.device
+        self.train_x = torch.as_tensor(data.train.embeddings, device=self.device)
+        self.train_y = torch.as_tensor(data.train_labels, device=self.device)
+        self.val_x = torch.as_tensor(data.val.embeddings, device=self.device)
+        self.val_labels = data.val_labels
+
+    def class_text(self) -> torch.Tensor:
+        """The class text embeddings the current context gives."""
+        return self.tower.encode(self.learner(), self.learner.ids, self.learner.mask)
+
+    def evaluate(self) -> tuple[tuple[float, float], np.ndarray, float]:
+        """``(validation score, class text weights, training loss)`` of the current context."""
+        with torch.no_grad():
+            text = self.class_text()
+            val_logits = (self.scale * self.val_x @ text.T).float().cpu().numpy()
+            train_loss = nn.functional.cross_entropy(self.scale * self.train_x @ text.T, self.train_y).item()
+        return val_score(val_logits, self.val_labels), text.float().cpu().numpy(), train_loss
+
+
+@dataclass
+class _Kept:
+    """The step validation scored best (step 0: the starting context) and how training went."""
+
+    score: tuple[float, float]
+    text: np.ndarray
+    ctx: torch.Tensor
+    loss: float  # the training loss at the kept step
+    initial_loss: float
+    history: list[float]
+    step: int = 0
+    steps_run: int = 0
+
+
+def _train_context(prompts: _PromptTraining, generator: torch.Generator, total: int, steps_per_epoch: int, lr: float,
+                   batch_size: int, eval_every: int, patience: int, progress: bool) -> _Kept:
+    """Up to ``total`` AdamW steps on the context, a fresh order of the training images each epoch;
+    validation every ``eval_every`` steps keeps the best step and stops after ``patience`` stale scores."""
+    learner = prompts.learner
+    optimizer = torch.optim.AdamW([learner.ctx], lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="coop", unit="step", file=sys.stderr)
+    with prompts.tower.frozen():
+        score, text, initial_loss = prompts.evaluate()
+        ctx = learner.ctx.detach().cpu().clone()
+        kept = _Kept(score, text, ctx, initial_loss, initial_loss, [round(initial_loss, 5)])
+        stale = 0
+        order = torch.randperm(len(prompts.train_x), generator=generator)
+        for step in range(1, total + 1):
+            kept.steps_run = step
+            start = ((step - 1) % steps_per_epoch) * batch_size
+            if start == 0 and step > 1:
+                order = torch.randperm(len(prompts.train_x), generator=generator)
+            batch = order[start : start + batch_size].to(prompts.device)
+            logits = prompts.scale * prompts.train_x[batch] @ prompts.class_text().T
+            loss = nn.functional.cross_entropy(logits, prompts.train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if bar:
+                bar.update(1)
+            if step % eval_every == 0 or step == total:
+                score, text, train_loss = prompts.evaluate()
+                kept.history.append(round(train_loss, 5))
+                if score > kept.score:
+                    kept.score, kept.text, kept.ctx, kept.step, kept.loss = (
+                        score, text, learner.ctx.detach().cpu().clone(), step, train_loss)
+                    stale = 0
+                else:
+                    stale += 1
+                    if stale >= patience:
+                        break
+    if bar:
+        bar.close()
+    return kept
+
+
 # --------------------------------------------------------------------------- the head
 
 
@@ -250,62 +341,12 @@ class CoOpHead(ZeroShotHead):
         learner = PromptLearner(
             tower, data.classnames, n_ctx, ctx_init, class_token_position, class_specific_context, generator
         )
-        device = tower.device
         scale = float(data.zeroshot.config.get("logit_scale", encoder.logit_scale))
-        train_x = torch.as_tensor(data.train.embeddings, device=device)
-        train_y = torch.as_tensor(data.train_labels, device=device)
-        val_x = torch.as_tensor(data.val.embeddings, device=device)
-        steps_per_epoch = max(1, -(-len(train_x) // batch_size))
+        prompts = _PromptTraining(tower, learner, data, scale)
+        steps_per_epoch = max(1, -(-len(prompts.train_x) // batch_size))
         total = epochs * steps_per_epoch if epochs else max_steps
-        optimizer = torch.optim.AdamW([learner.ctx], lr=lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-
-        def class_text() -> torch.Tensor:
-            return tower.encode(learner(), learner.ids, learner.mask)
-
-        def evaluate() -> tuple[tuple[float, float], np.ndarray, float]:
-            with torch.no_grad():
-                text = class_text()
-                val_logits = (scale * val_x @ text.T).float().cpu().numpy()
-                train_loss = nn.functional.cross_entropy(scale * train_x @ text.T, train_y).item()
-            return val_score(val_logits, data.val_labels), text.float().cpu().numpy(), train_loss
-
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc="coop", unit="step", file=sys.stderr)
-        with tower.frozen():
-            best_score, best_text, initial_loss = evaluate()
-            best_ctx, best_step, best_loss, stale, step = learner.ctx.detach().cpu().clone(), 0, initial_loss, 0, 0
-            history = [round(initial_loss, 5)]
-            order = torch.randperm(len(train_x), generator=generator)
-            for step in range(1, total + 1):
-                start = ((step - 1) % steps_per_epoch) * batch_size
-                if start == 0 and step > 1:
-                    order = torch.randperm(len(train_x), generator=generator)
-                batch = order[start : start + batch_size].to(device)
-                logits = scale * train_x[batch] @ class_text().T
-                loss = nn.functional.cross_entropy(logits, train_y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if bar:
-                    bar.update(1)
-                if step % eval_every == 0 or step == total:
-                    score, text, train_loss = evaluate()
-                    history.append(round(train_loss, 5))
-                    if score > best_score:
-                        best_score, best_text, best_ctx, best_step, best_loss = (
-                            score, text, learner.ctx.detach().cpu().clone(), step, train_loss)
-                        stale = 0
-                    else:
-                        stale += 1
-                        if stale >= patience:
-                            break
-        if bar:
-            bar.close()
+        kept = _train_context(prompts, generator, total, steps_per_epoch, lr, batch_size, eval_every, patience,
+                              progress)
         config = {
             "variant": "coop",
             "n_ctx": learner.n_ctx,
@@ -316,16 +357,16 @@ class CoOpHead(ZeroShotHead):
             "lr": lr,
             "batch_size": batch_size,
             "max_steps": total,
-            "steps_run": step,
-            "best_step": best_step,
+            "steps_run": kept.steps_run,
+            "best_step": kept.step,
             "eval_every": eval_every,
             "patience": patience,
-            "train_loss_initial": initial_loss,
-            "train_loss_final": best_loss,
-            "train_loss_history": history,
+            "train_loss_initial": kept.initial_loss,
+            "train_loss_final": kept.loss,
+            "train_loss_history": kept.history,
             **fit_provenance(data),
-            "val_accuracy": best_score[0],
-            "val_loss": -best_score[1],
+            "val_accuracy": kept.score[0],
+            "val_loss": -kept.score[1],
         }
-        weights = {"class_weights": best_text, "ctx": best_ctx.float().numpy()}
+        weights = {"class_weights": kept.text, "ctx": kept.ctx.float().numpy()}
         return cls(encoder.id, data.classnames, weights, config)

@@ -35,6 +35,7 @@ weight with accuracy still 0.49 against 0.63 zero-shot.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -167,40 +168,10 @@ def fit_transductive(
         )
     if "class_weights" not in zeroshot.weights or "logit_scale" not in zeroshot.config:
         raise ClipxferError(f"transductive: the prior must be a zero-shot head, not a {zeroshot.method} head")
-    num_classes = len(zeroshot.classnames)
-    has_labels = labelled is not None and labels is not None and len(labels) > 0
-    all_features = unlabelled.features if not has_labels else np.concatenate([unlabelled.features, labelled.features])
-    centre = np.asarray(all_features, dtype=np.float64).mean(axis=0)
-    x = centred_inputs(unlabelled.features, centre)
-    zs = zeroshot.logits(unlabelled).astype(np.float64)
-    spread = float(zs.std()) or 1.0
-    lx = centred_inputs(labelled.features, centre) if has_labels else None
-    ly = np.asarray(labels, dtype=np.int64) if has_labels else None
-    if label_weight is None:
-        label_weight = max(1.0, len(x) / num_classes / max(1, np.bincount(ly).max())) if has_labels else 1.0
+    inputs = _em_inputs(zeroshot, unlabelled, labelled, labels, label_weight)
 
     def run(weight: float, conc: float) -> TransductiveHead:
-        prototypes, _, iterations, converged = em_prototypes(
-            x, weight / spread * zs, conc, lx, ly, label_weight, max_iter, tol
-        )
-        config = {
-            "logit_scale": float(zeroshot.config["logit_scale"]),
-            "templates": zeroshot.config.get("templates"),
-            "prior_weight": float(weight),
-            "zs_spread": spread,
-            "kappa": float(conc),
-            "label_weight": float(label_weight),
-            "iterations": iterations,
-            "converged": converged,
-            "num_unlabelled": int(len(x)),
-            "num_labelled": int(len(ly)) if has_labels else 0,
-        }
-        weights = {
-            "class_weights": zeroshot.weights["class_weights"],
-            "prototypes": prototypes.astype(np.float32),
-            "centre": centre.astype(np.float32),
-        }
-        return TransductiveHead(zeroshot.model_id, zeroshot.classnames, weights, config)
+        return _em_head(zeroshot, inputs, weight, conc, max_iter, tol)
 
     use_val = val is not None and val_labels is not None and len(val_labels) > 0
     if not use_val and not guard:
@@ -214,6 +185,72 @@ def fit_transductive(
         if use_val:
             head.config["val_accuracy"] = val_score(head.logits(val), val_labels)[0]
         return head
+    return _choose_on_validation(run, val, val_labels, prior_weight, kappa)
+
+
+@dataclass
+class _EMInputs:
+    """What EM runs on: the centred unlabelled features ``x``, the zero-shot logits ``zs`` of those
+    images and their ``spread``, the centred labelled shots ``lx`` with labels ``ly`` (both None
+    without shots), the ``centre`` and the shots' ``label_weight``."""
+
+    x: np.ndarray
+    zs: np.ndarray
+    spread: float
+    lx: np.ndarray | None
+    ly: np.ndarray | None
+    centre: np.ndarray
+    label_weight: float
+
+
+def _em_inputs(zeroshot: Head, unlabelled: ImageEncoding, labelled: ImageEncoding | None, labels: np.ndarray | None,
+               label_weight: float | None) -> _EMInputs:
+    """Centre the features on all images (unlabelled and labelled), score the zero-shot prior, and
+    weigh the shots (default: as many unlabelled images per class as a class's shots)."""
+    num_classes = len(zeroshot.classnames)
+    has_labels = labelled is not None and labels is not None and len(labels) > 0
+    all_features = unlabelled.features if not has_labels else np.concatenate([unlabelled.features, labelled.features])
+    centre = np.asarray(all_features, dtype=np.float64).mean(axis=0)
+    x = centred_inputs(unlabelled.features, centre)
+    zs = zeroshot.logits(unlabelled).astype(np.float64)
+    spread = float(zs.std()) or 1.0
+    lx = centred_inputs(labelled.features, centre) if has_labels else None
+    ly = np.asarray(labels, dtype=np.int64) if has_labels else None
+    if label_weight is None:
+        label_weight = max(1.0, len(x) / num_classes / max(1, np.bincount(ly).max())) if has_labels else 1.0
+    return _EMInputs(x, zs, spread, lx, ly, centre, label_weight)
+
+
+def _em_head(zeroshot: Head, inputs: _EMInputs, weight: float, conc: float, max_iter: int,
+             tol: float) -> TransductiveHead:
+    """EM with prior weight ``weight`` and concentration ``conc``, as a head."""
+    prototypes, _, iterations, converged = em_prototypes(
+        inputs.x, weight / inputs.spread * inputs.zs, conc, inputs.lx, inputs.ly, inputs.label_weight, max_iter, tol
+    )
+    config = {
+        "logit_scale": float(zeroshot.config["logit_scale"]),
+        "templates": zeroshot.config.get("templates"),
+        "prior_weight": float(weight),
+        "zs_spread": inputs.spread,
+        "kappa": float(conc),
+        "label_weight": float(inputs.label_weight),
+        "iterations": iterations,
+        "converged": converged,
+        "num_unlabelled": int(len(inputs.x)),
+        "num_labelled": int(len(inputs.ly)) if inputs.ly is not None else 0,
+    }
+    weights = {
+        "class_weights": zeroshot.weights["class_weights"],
+        "prototypes": prototypes.astype(np.float32),
+        "centre": inputs.centre.astype(np.float32),
+    }
+    return TransductiveHead(zeroshot.model_id, zeroshot.classnames, weights, config)
+
+
+def _choose_on_validation(run, val: ImageEncoding, val_labels: np.ndarray, prior_weight: float | None,
+                          kappa: float | None) -> TransductiveHead:
+    """The head of the grid (:data:`PRIOR_GRID` x :data:`KAPPA_GRID`, a given value fixing its
+    axis) that ``run`` fits and validation scores best; the first of equals wins."""
     best, best_score = None, None
     for weight in PRIOR_GRID if prior_weight is None else (prior_weight,):
         for conc in KAPPA_GRID if kappa is None else (kappa,):
