@@ -13,8 +13,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from clipxfer.errors import ClipxferError  # noqa: E402
-from clipxfer.serve import check_host, create_app, is_loopback  # noqa: E402
-from clipxfer.serve.app import ServeConfig  # noqa: E402
+from clipxfer.serve import ServeConfig, check_host, create_app, is_loopback  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the lite model over the sample photos
 

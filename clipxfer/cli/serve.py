@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .group import main
 from .common import emit_json
+from .group import main
 from .index import INDEX_OPTION
 
 
@@ -36,13 +36,11 @@ def serve(index_path, heads, detector, host, port, token, labels_path, label_met
 
     Example: clipxfer serve --index photos-index --head probe.safetensors --port 8000
     """
-    from ..serve import check_host, require_serve_extra
+    from ..serve import ServeConfig, check_host, require_serve_extra
     from ..serve import serve as run_server
 
     check_host(host, token)
     require_serve_extra()
-    from ..serve.app import ServeConfig
-
     config = ServeConfig(
         index=Path(index_path) if index_path else None, heads=[Path(h) for h in heads],
         detector=Path(detector) if detector else None, token=token,

@@ -1,0 +1,103 @@
+"""Classify and score uploads: the loaded heads, ``/api/classify`` (with conformal prediction sets
+for calibrated heads) and ``/api/anomaly`` (the loaded detector)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, File, HTTPException, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import ClipxferError
+from ..state import NotFound, ServeState
+from ..uploads import decode_upload, read_upload
+from .search import check_k
+
+
+def detector_score(detector, encoder, image) -> dict[str, Any]:
+    """``{score, decision (ok|defect), threshold}`` of one decoded image, like a row of
+    ``clipxfer anomaly score --json``."""
+    from ...anomaly.patches import encode_dense
+
+    result = detector.score(encode_dense(encoder, [image]))
+    threshold = float(detector.threshold)
+    return {
+        "score": round(float(result.scores[0]), 6),
+        "decision": "defect" if bool(detector.decide(result.scores)[0]) else "ok",
+        "threshold": threshold if np.isfinite(threshold) else None,
+    }
+
+
+def conformal_set(head, probs: np.ndarray, alpha: float, where: str) -> dict[str, Any] | None:
+    """The conformal prediction set of one image at level ``alpha`` (``{prediction_set, conformal}``)
+    when the head carries a calibration (``config["calibration"]``, stored by the training
+    commands), else None. Uses :mod:`clipxfer.calibrate.sets`, as ``predict --conformal`` does."""
+    if not head.config.get("calibration"):
+        return None
+    try:
+        from ...calibrate.sets import conformal_sets, head_calibration
+    except ImportError:  # a clipxfer without classifier calibration
+        return None
+    sets = conformal_sets(probs[None], head_calibration(head, where), alpha)
+    return {"prediction_set": sets.set_names(head.classnames)[0], "conformal": sets.summary()}
+
+
+def add_classify_routes(router: APIRouter, state: ServeState) -> None:
+    """Add ``/api/heads``, ``/api/classify``, ``/api/anomaly`` to ``router``."""
+    @router.get("/api/heads")
+    async def heads():
+        """Loaded heads (and ``labelling``, the head of the labelling loop once fitted)."""
+        loaded = dict(state.heads)
+        if state.session.head is not None:
+            loaded["labelling"] = state.session.head
+        return [{"name": n, "method": h.method, "classes": h.classnames, "model": h.model_id}
+                for n, h in loaded.items()]
+
+    @router.post("/api/classify")
+    async def classify(file: UploadFile = File(...), head: str | None = None, k: int = 5, alpha: float = 0.1):
+        """Classify an upload with a loaded head: ``predict --json`` plus ``top_k`` and, for a
+        calibrated head, the conformal ``prediction_set`` at level ``alpha`` (coverage >= 1 - alpha)."""
+        if head is None:
+            if len(state.heads) != 1:
+                raise ClipxferError(f"name a head with ?head= (loaded: {', '.join(state.heads) or 'none'})")
+            head = next(iter(state.heads))
+        if head == "labelling":
+            chosen = state.session.head_for_export()
+        elif head in state.heads:
+            chosen = state.heads[head]
+        else:
+            raise NotFound(f"no head named '{head}' (loaded: {', '.join(state.heads) or 'none'}; start with --head)")
+        check_k(k)
+        data = await read_upload(file, state.config.max_upload_bytes)
+        image = await run_in_threadpool(decode_upload, data)
+        encoding = await run_in_threadpool(state.encoder.embed_images, [image])
+        probs = chosen.predict_proba(encoding)[0]
+        order = np.argsort(-probs)[: min(k, len(probs))]
+        name = Path(file.filename or "upload").name
+        prediction = {
+            "path": name,
+            "label": chosen.classnames[order[0]],
+            "probability": float(probs[order[0]]),
+            "probabilities": {n: float(p) for n, p in zip(chosen.classnames, probs)},
+            "top_k": [{"label": chosen.classnames[i], "probability": float(probs[i])} for i in order],
+        }
+        conformal = conformal_set(chosen, probs, alpha, f"head '{head}'")
+        if conformal is not None:
+            prediction["prediction_set"] = conformal["prediction_set"]
+        result = {"head": head, "method": chosen.method, "model": chosen.model_id, "classes": chosen.classnames,
+                  "predictions": [prediction]}
+        if conformal is not None:
+            result["conformal"] = conformal["conformal"]
+        return result
+
+    @router.post("/api/anomaly")
+    async def anomaly(file: UploadFile = File(...)):
+        """Anomaly score of an upload with the loaded detector (409 when none is loaded)."""
+        if state.detector is None:
+            raise HTTPException(409, "no detector loaded: start clipxfer serve with --detector DET.safetensors")
+        data = await read_upload(file, state.config.max_upload_bytes)
+        image = await run_in_threadpool(decode_upload, data)
+        result = await run_in_threadpool(detector_score, state.detector, state.encoder, image)
+        return {"path": Path(file.filename or "upload").name, **result}

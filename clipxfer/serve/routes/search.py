@@ -1,0 +1,89 @@
+"""Search and browse the index: text and image search, similar images, item paths, thumbnails
+and large views (images by id only, never by path)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, File, Query, UploadFile
+from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ...errors import ClipxferError, ImageDecodeError
+from ..state import NotFound, ServeState
+from ..thumbnails import LARGE_SIZE, render_jpeg
+from ..uploads import decode_upload, read_upload
+
+MAX_K = 1000
+
+
+def check_k(k: int) -> int:
+    """``k`` (results wanted), refused outside 1..MAX_K."""
+    if not 1 <= k <= MAX_K:
+        raise ClipxferError(f"k must be between 1 and {MAX_K}, not {k}")
+    return k
+
+
+def hits_json(hits) -> list[dict]:
+    """``search --json`` rows plus the item ``id`` (for thumbnails and similar-image links)."""
+    return [{**hit.to_dict(), "id": hit.id, "name": hit.path.name} for hit in hits]
+
+
+def unreadable_is_404(make, item_id_or_path, *args):
+    """``make(...)``, with an indexed file that no longer decodes (moved, deleted, damaged since
+    indexing) reported as 404 rather than as a bad request."""
+    try:
+        return make(item_id_or_path, *args)
+    except ImageDecodeError as exc:
+        raise NotFound(f"indexed image can no longer be read: {exc.reason}") from None
+
+
+def add_search_routes(router: APIRouter, state: ServeState) -> None:
+    """Add ``/api/search``, ``/api/search/image``, ``/api/similar``, ``/api/items``, ``/api/thumb``, ``/api/image`` to ``router``."""
+    @router.get("/api/search")
+    async def search(q: str = Query(..., min_length=1, max_length=1000), k: int = 20, min_score: float | None = None):
+        """Images matching a text query: ``search --json`` rows plus ``id`` and ``name``."""
+        check_k(k)
+        vector = state.remembered_text_vector(q)
+        if vector is None:
+            vector = await run_in_threadpool(state.text_vector, q)
+        return hits_json(state.index().search_vectors(vector, k, min_score)[0])
+
+    @router.post("/api/search/image")
+    async def search_image(file: UploadFile = File(...), k: int = 20, min_score: float | None = None):
+        """Images similar to an uploaded image."""
+        check_k(k)
+        data = await read_upload(file, state.config.max_upload_bytes)
+        image = await run_in_threadpool(decode_upload, data)
+        encoding = await run_in_threadpool(state.encoder.embed_images, [image])
+        return hits_json(state.index().search_vectors(encoding.embeddings, k, min_score)[0])
+
+    @router.get("/api/similar/{item_id}")
+    async def similar(item_id: int, k: int = 20):
+        """Indexed images nearest to indexed image ``item_id`` (itself left out)."""
+        check_k(k)
+        state.item_path(item_id)
+        vector = state.catalog.encoding.embeddings[state.catalog.row(item_id)]
+        hits = [h for h in state.index().search_vectors(vector, k + 1)[0] if h.id != item_id][:k]
+        rows = hits_json(hits)
+        for rank, row in enumerate(rows, 1):
+            row["rank"] = rank
+        return rows
+
+    @router.get("/api/items/{item_id}")
+    async def item(item_id: int):
+        """Path and name of an indexed image."""
+        path = state.item_path(item_id)
+        return {"id": item_id, "path": str(path), "name": path.name}
+
+    @router.get("/api/thumb/{item_id}")
+    async def thumbnail(item_id: int):
+        """A cached JPEG thumbnail of indexed image ``item_id``."""
+        path = state.item_path(item_id)
+        thumb = await run_in_threadpool(unreadable_is_404, state.thumbnails.thumbnail, item_id, path)
+        return FileResponse(thumb, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
+
+    @router.get("/api/image/{item_id}")
+    async def image(item_id: int):
+        """Indexed image ``item_id`` as a JPEG at most 1024 pixels on a side."""
+        path = state.item_path(item_id)
+        data = await run_in_threadpool(unreadable_is_404, render_jpeg, path, LARGE_SIZE)
+        return Response(data, media_type="image/jpeg")
