@@ -45,7 +45,7 @@ def build_index(folder: Path, size: int, seed: int = 0) -> Path:
     from clipxfer.encoders import load_encoder
     from clipxfer.encoders.ids import spec_for_id
     from clipxfer.index import store, vectors
-    from clipxfer.index.index import DB_FILE
+    from clipxfer.index.layout import DB_FILE
 
     if (folder / DB_FILE).is_file() and list(folder.glob("vectors-*.faiss")):
         return folder

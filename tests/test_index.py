@@ -17,7 +17,8 @@ from PIL import Image
 
 from clipxfer.errors import ClipxferError
 from clipxfer.index import Index
-from clipxfer.index.index import DB_FILE, WriterLock
+from clipxfer.index.layout import DB_FILE
+from clipxfer.index.lock import WriterLock
 
 from .conftest import random_images
 

@@ -20,7 +20,8 @@ from PIL import Image
 from clipxfer.cli import main
 from clipxfer.errors import ClipxferError
 from clipxfer.index import Index, store, vectors
-from clipxfer.index.index import DB_FILE, WriterLock
+from clipxfer.index.layout import DB_FILE
+from clipxfer.index.lock import WriterLock
 
 from .conftest import random_images
 from .test_index import stored_paths, update, write_images

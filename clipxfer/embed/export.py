@@ -17,7 +17,7 @@ def export_embeddings(index_path, out: str | os.PathLike, rows_per_shard: int = 
     format :func:`clipxfer.embed.embed` writes; keys are the index's relative paths). Returns
     the manifest. ``out`` must not already hold other embeddings."""
     from ..index import Index, store
-    from ..index.index import DB_FILE
+    from ..index.layout import DB_FILE
 
     if rows_per_shard < 1:
         raise ClipxferError(f"--rows-per-shard must be at least 1, not {rows_per_shard}")

@@ -51,7 +51,8 @@ def ingest(embeddings: str | os.PathLike, index_path=None, index_type: str | Non
     index. The index must hold the same encoder and source root as the shards.
     """
     from ..index import store, vectors
-    from ..index.index import DB_FILE, WriterLock, resolve_index_path
+    from ..index.layout import DB_FILE, resolve_index_path
+    from ..index.lock import WriterLock
 
     manifest = open_embeddings(embeddings)
     if index_type is not None:

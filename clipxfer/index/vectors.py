@@ -1,7 +1,7 @@
 """The FAISS side of an index: choosing, building, saving and loading the vector index.
 
 Every index is an ``IndexIDMap2`` around an inner-product index, so FAISS ids are the SQLite
-row ids. The index is a cache of the vectors SQLite holds (see :mod:`clipxfer.index.index`):
+row ids. The index is a cache of the vectors SQLite holds (see :mod:`clipxfer.index.layout`):
 it can always be rebuilt from them, which is what makes a crash harmless.
 
 Index types follow faiss's "Guidelines to choose an index":
