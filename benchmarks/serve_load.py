@@ -52,7 +52,7 @@ def build_index(folder: Path, size: int, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder("lite", device="cpu")
     conn = store.connect(folder / DB_FILE, create=True)
-    store.set_meta(conn, schema=store.SCHEMA_VERSION, model_id=encoder.id, model_spec=spec_for_id(encoder.id),
+    store.set_metadata(conn, schema=store.SCHEMA_VERSION, model_id=encoder.id, model_spec=spec_for_id(encoder.id),
                    dim=encoder.dim, feature_dim=encoder.feature_dim, store_features=0, index_type="hnsw",
                    root=str(folder / "images"), created=_time.time())
     data = synthetic(size, encoder.dim, seed)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from clipxfer.encoders.pipeline import EncodedBatch, Failure, encode_files
 from clipxfer.encoders.gpu_decode import is_plain_jpeg
+from clipxfer.encoders.pipeline import EncodedBatch, Failure, encode_files
 
 
 def _photo(width, height, seed):

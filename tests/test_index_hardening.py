@@ -79,7 +79,7 @@ def test_altered_faiss_cache_is_caught_rebuilt_and_rewritten(tmp_path, tiny):
     write_images(root, 8)
     update(root, index_path, tiny)
     with Index.open(index_path) as idx:
-        generation = store.get_meta(idx._conn)["generation"]
+        generation = store.get_metadata(idx._conn)["generation"]
         ids, _, embeddings, _ = store.vectors(idx._conn, idx.dim)
     # A structurally valid cache, even with a matching header, whose vectors were altered.
     vectors.save(vectors.build("Flat", embeddings * 1e7, ids, tiny.dim), faiss_file(index_path), generation)
@@ -95,7 +95,7 @@ def test_altered_faiss_cache_is_caught_rebuilt_and_rewritten(tmp_path, tiny):
     file.write_bytes(bytes(blob))
     update(root, index_path, tiny)
     with Index.open(index_path) as idx:
-        meta = store.get_meta(idx._conn)
+        meta = store.get_metadata(idx._conn)
     saved = vectors.load(faiss_file(index_path), meta["generation"], 8)  # raises if still stale
     for item_id, vector in zip(ids, embeddings):
         np.testing.assert_allclose(saved.reconstruct(int(item_id)), vector, atol=1e-6)

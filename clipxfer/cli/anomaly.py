@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from .group import main
 from .common import emit_json, load_model, model_options
+from .group import main
 
 
 @main.group()

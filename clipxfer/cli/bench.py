@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .group import main
 from .common import emit_json
+from .group import main
 
 
 @main.command()
@@ -85,8 +85,7 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
 
 
 def _anomaly_bench(data, shots, seeds, model, out_dir, as_json):
-    from ..bench.anomaly import run_anomaly_bench
-    from ..bench.anomaly import DEFAULT_SEEDS, DEFAULT_SHOTS, summarize
+    from ..bench.anomaly import DEFAULT_SEEDS, DEFAULT_SHOTS, run_anomaly_bench, summarize
     from ..bench.config import parse_int_list
     from ..errors import ClipxferError
 

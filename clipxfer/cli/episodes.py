@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import click
 
-from .group import main
 from .common import emit_json, model_options
+from .group import main
 
 
 @main.command("bench-episodes")

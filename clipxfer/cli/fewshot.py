@@ -11,8 +11,8 @@ import io
 
 import click
 
-from .group import main
 from .common import conformal_options, emit_json, model_options, unit_or_auto
+from .group import main
 
 
 def few_shot_options(func):

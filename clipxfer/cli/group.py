@@ -8,7 +8,6 @@ import rich_click as click
 from .. import __version__
 from .common import ErrorReportingGroup
 
-
 #: The help screen groups commands by job; every command belongs to exactly one panel (tested).
 PANELS = {
     "Index & search": ["index", "search", "info", "dups", "embed", "export-embeddings", "sample-photos"],

@@ -10,8 +10,8 @@ import click
 
 from ..errors import ClipxferError
 from ..paths import path_text
-from .group import main
 from .common import emit_json, model_options, printable
+from .group import main
 
 INDEX_OPTION = click.option(
     "--index",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .group import main
 from .common import emit_json
+from .group import main
 
 
 @main.command()

@@ -28,7 +28,7 @@ def export_embeddings(index_path, out: str | os.PathLike, rows_per_shard: int = 
         folder, model_id, model_spec, dim, root = idx.path, idx.model_id, idx.model_spec, idx.dim, idx.root
     conn = store.connect(folder / DB_FILE)
     try:
-        meta = store.get_meta(conn)
+        meta = store.get_metadata(conn)
         info = EncoderInfo(model_id, model_spec, dim, int(meta["feature_dim"]))
         conn.execute("BEGIN")  # rows and vectors from one snapshot
         rows = list(store.rows(conn))

@@ -63,7 +63,7 @@ def ingest(embeddings: str | os.PathLike, index_path=None, index_type: str | Non
     with WriterLock(folder):
         conn = store.connect(folder / DB_FILE, create=True)
         try:
-            meta = _open_meta(conn, store, folder, manifest, root, index_type)
+            meta = _open_metadata(conn, store, folder, manifest, root, index_type)
             report = IngestReport(str(folder), str(embeddings), manifest["model_id"])
             existing = {row.path: (row.id, row.sha256) for row in store.rows(conn)}
             dim = manifest["dim"]
@@ -80,7 +80,7 @@ def ingest(embeddings: str | os.PathLike, index_path=None, index_type: str | Non
                 sample = emb[np.sort(rng.choice(len(emb), size=min(len(emb), TRAIN_POINTS_PER_LIST * 4096), replace=False))]
                 index = _empty_index(factory, dim, embeddings, manifest, progress, sample)
                 index.add_with_ids(emb, ids)
-            meta = store.get_meta(conn)
+            meta = store.get_metadata(conn)
             target = folder / f"vectors-{meta['version']}.faiss"
             vectors.save(index, target, meta["generation"])  # bound to the rows just committed
             for old in folder.glob("vectors-*.faiss"):
@@ -92,8 +92,8 @@ def ingest(embeddings: str | os.PathLike, index_path=None, index_type: str | Non
             conn.close()
 
 
-def _open_meta(conn, store, folder: Path, manifest: dict, root: str, index_type: str | None) -> dict:
-    meta = store.get_meta(conn)
+def _open_metadata(conn, store, folder: Path, manifest: dict, root: str, index_type: str | None) -> dict:
+    meta = store.get_metadata(conn)
     if "model_id" in meta:
         if meta["model_id"] != manifest["model_id"]:
             raise ClipxferError(
@@ -102,9 +102,9 @@ def _open_meta(conn, store, folder: Path, manifest: dict, root: str, index_type:
         if meta["root"] != root:
             raise ClipxferError(f"index {folder} holds {meta['root']}, the shards {root}: use another --index")
         if index_type and index_type != meta["index_type"]:
-            store.set_meta(conn, index_type=index_type)
+            store.set_metadata(conn, index_type=index_type)
     else:
-        store.set_meta(
+        store.set_metadata(
             conn,
             schema=store.SCHEMA_VERSION,
             model_id=manifest["model_id"],
@@ -118,7 +118,7 @@ def _open_meta(conn, store, folder: Path, manifest: dict, root: str, index_type:
         )
     store.bump_version(conn)
     conn.commit()
-    return store.get_meta(conn)
+    return store.get_metadata(conn)
 
 
 def _empty_index(factory: str, dim: int, embeddings, manifest: dict, progress: bool, sample: np.ndarray | None = None):

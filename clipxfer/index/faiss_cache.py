@@ -19,7 +19,7 @@ def load_or_rebuild(folder: Path, conn, dim: int, trust_file: bool = True) -> tu
     Returns the index and the generation the file on disk is current for (None when it is not)."""
     conn.execute("BEGIN")  # one snapshot for the version and the rows
     try:
-        meta = store.get_meta(conn)
+        meta = store.get_metadata(conn)
         expected = store.count(conn)
         generation = meta.get("generation")
         file = faiss_file(folder, meta.get("version", "0"))
@@ -49,7 +49,7 @@ def _try_save(index, folder: Path, conn, file: Path, generation: str | None) -> 
         return False
     saved = False
     try:
-        if store.get_meta(conn).get("generation") != generation:
+        if store.get_metadata(conn).get("generation") != generation:
             return False
         vectors.save(index, file, generation)
         saved = True

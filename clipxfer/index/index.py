@@ -71,7 +71,7 @@ class Index:
         except sqlite3.Error as exc:
             raise sqlite_error(folder, exc) from None
         try:
-            meta = store.get_meta(conn) if store.has_schema(conn) else None
+            meta = store.get_metadata(conn) if store.has_schema(conn) else None
             if meta is None or "model_id" not in meta:
                 conn.close()
                 pid = writer_pid(folder)
@@ -244,7 +244,7 @@ class Index:
     @reports_damage
     def info(self) -> dict:
         """Model id, count, dimensions, index type, bytes on disk, last update (stable keys)."""
-        self._meta = store.get_meta(self._conn)
+        self._meta = store.get_metadata(self._conn)
         index = self._vectors()
 
         def iso(stamp: str | None):

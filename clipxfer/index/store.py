@@ -118,11 +118,11 @@ def connect(path: Path, create: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def get_meta(conn: sqlite3.Connection) -> dict[str, str]:
+def get_metadata(conn: sqlite3.Connection) -> dict[str, str]:
     return dict(conn.execute("SELECT key, value FROM meta"))
 
 
-def set_meta(conn: sqlite3.Connection, **values) -> None:
+def set_metadata(conn: sqlite3.Connection, **values) -> None:
     """Set meta keys (within the caller's transaction)."""
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -132,8 +132,8 @@ def set_meta(conn: sqlite3.Connection, **values) -> None:
 
 def bump_version(conn: sqlite3.Connection) -> int:
     """Mark a change (within the caller's transaction): new version, updated time."""
-    version = int(get_meta(conn).get("version", "0")) + 1
-    set_meta(conn, version=version, generation=secrets.token_hex(16), updated=time.time())
+    version = int(get_metadata(conn).get("version", "0")) + 1
+    set_metadata(conn, version=version, generation=secrets.token_hex(16), updated=time.time())
     return version
 
 
@@ -239,7 +239,7 @@ def salvage(path: Path) -> Salvage:
         found.error = str(exc)
         return found
     try:
-        found.meta = get_meta(conn)
+        found.meta = get_metadata(conn)
         dim = int(found.meta["dim"])
         feature_dim = int(found.meta["feature_dim"]) if found.meta.get("store_features") == "1" else None
         for row in conn.execute(f"SELECT {ITEM_COLUMNS} FROM items ORDER BY id"):
@@ -258,5 +258,5 @@ def salvage(path: Path) -> Salvage:
 
 def restore(conn: sqlite3.Connection, salvaged: Salvage) -> None:
     """Write salvaged meta and rows into a fresh database (within the caller's transaction)."""
-    set_meta(conn, **{k: v for k, v in salvaged.meta.items() if k != "generation"})
+    set_metadata(conn, **{k: v for k, v in salvaged.meta.items() if k != "generation"})
     conn.executemany(f"INSERT INTO items ({ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", salvaged.rows)

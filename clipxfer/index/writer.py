@@ -98,7 +98,7 @@ class _Recovered:
     complete: bool
 
 
-REQUIRED_META = ("model_id", "dim", "feature_dim", "store_features", "index_type", "root")
+REQUIRED_METADATA = ("model_id", "dim", "feature_dim", "store_features", "index_type", "root")
 
 
 def _set_aside_for_rebuild(folder: Path, root: Path) -> _Recovered | None:
@@ -107,7 +107,7 @@ def _set_aside_for_rebuild(folder: Path, root: Path) -> _Recovered | None:
     if not db.is_file():
         return None
     found = store.salvage(db)
-    usable = all(key in found.meta for key in REQUIRED_META) and found.meta["root"] == str(root)
+    usable = all(key in found.meta for key in REQUIRED_METADATA) and found.meta["root"] == str(root)
     if not usable:
         found = store.Salvage(error=found.error or "no usable meta")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -142,7 +142,7 @@ class _Writer:
         from ..encoders.ids import spec_for_id
         from ..encoders.registry import load_encoder, precision_for_id
 
-        meta = store.get_meta(self.conn)
+        meta = store.get_metadata(self.conn)
         if "model_id" in meta and "generation" not in meta:
             store.bump_version(self.conn)  # an index from before generations: give it one
             self.conn.commit()
@@ -162,7 +162,7 @@ class _Writer:
             if self.encoder.id != meta["model_id"]:
                 raise model_mismatch(self.folder, meta["model_id"], spec, self.encoder.id)
             if self.requested_type and self.requested_type != meta["index_type"]:
-                store.set_meta(self.conn, index_type=self.requested_type)
+                store.set_metadata(self.conn, index_type=self.requested_type)
                 store.bump_version(self.conn)
                 self.conn.commit()
         else:
@@ -170,7 +170,7 @@ class _Writer:
                 model, self.device, self.precision
             )
             enc = self.encoder
-            store.set_meta(
+            store.set_metadata(
                 self.conn,
                 schema=store.SCHEMA_VERSION,
                 model_id=enc.id,
@@ -184,7 +184,7 @@ class _Writer:
             )
             store.bump_version(self.conn)
             self.conn.commit()
-        self.meta = store.get_meta(self.conn)
+        self.meta = store.get_metadata(self.conn)
         self.dim = int(self.meta["dim"])
         self.store_features = self.meta["store_features"] == "1"
         # cache_generation: the generation the FAISS file on disk is current for
@@ -351,7 +351,7 @@ class _Writer:
 
     def _save(self) -> None:
         """Bring the FAISS index in line with SQLite (rebuilding when needed) and save it."""
-        meta = store.get_meta(self.conn)
+        meta = store.get_metadata(self.conn)
         version = meta["version"]
         target = faiss_file(self.folder, version)
         count = store.count(self.conn)
