@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..datasets.labelled import LabelledImages, load_dataset
+from ..encoders.artifacts import artifact_path
 from ..encoders.base import Encoder
 from ..paths import safe_filename
 from .task import FewShotTask, prepare_task
@@ -22,10 +23,7 @@ def default_head_path(method: str, dataset: LabelledImages, shots: int, seed: in
 
 def resolve_head_path(out, method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
     """``out`` (``.safetensors`` added when missing), or the default name for this run."""
-    head_path = Path(out) if out is not None else default_head_path(method, dataset, shots, seed)
-    if head_path.suffix != ".safetensors":
-        head_path = head_path.with_name(head_path.name + ".safetensors")
-    return head_path
+    return artifact_path(out if out is not None else default_head_path(method, dataset, shots, seed))
 
 
 def manifest_path_for(head_path: Path) -> Path:

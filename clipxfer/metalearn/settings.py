@@ -1,5 +1,5 @@
 """The settings of one meta-training run: :class:`MetaSettings`, made and checked by
-:func:`make_settings` before any data is loaded or encoded (as :mod:`clipxfer.finetune.train` does
+:func:`make_settings` before any data is loaded or encoded (as :mod:`clipxfer.finetune.settings` does
 for fine-tuning)."""
 
 from __future__ import annotations
