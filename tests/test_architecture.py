@@ -146,3 +146,10 @@ def test_every_module_imports():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_model_ids_are_read_without_torch():
+    # Artifacts' ids are compared and turned into --model specs without loading a model.
+    script = "import sys, clipxfer.encoders.ids as ids; ids.spec_for_id(ids.LITE_ID); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
