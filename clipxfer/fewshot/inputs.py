@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..datasets.labelled import LabelledImages, load_dataset
-from ..encoders.artifacts import artifact_path
+from ..encoders.artifacts import SUFFIX, artifact_path
 from ..encoders.base import Encoder
 from ..paths import safe_filename
 from .task import FewShotTask, prepare_task
@@ -28,7 +28,7 @@ def resolve_head_path(out, method: str, dataset: LabelledImages, shots: int, see
 
 def manifest_path_for(head_path: Path) -> Path:
     """The drawn manifest lives next to the head: ``head.safetensors`` -> ``head.manifest.csv``."""
-    return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".manifest.csv")
+    return head_path.with_name(head_path.name.removesuffix(SUFFIX) + ".manifest.csv")
 
 
 @dataclass

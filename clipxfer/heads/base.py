@@ -23,11 +23,9 @@ from ..encoders.artifacts import (
     read_artifact_metadata,
     read_artifact_tensors,
     write_artifact,
-)  # fmt: skip
+)
 from ..encoders.base import Encoder, ImageEncoding
 from ..errors import ClipxferError
-
-FORMAT = HEAD_FORMAT
 
 #: method name -> Head subclass; filled by :func:`register_head`.
 HEAD_TYPES: dict[str, type["Head"]] = {}
@@ -137,7 +135,7 @@ class Head(ABC):
     def metadata(self) -> dict[str, Any]:
         """Everything but the arrays, as stored in the file header."""
         return {
-            "format": FORMAT,
+            "format": HEAD_FORMAT,
             "method": self.method,
             "model_id": self.model_id,
             "classes": self.classnames,
@@ -186,8 +184,8 @@ def read_head_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_metadata(meta: dict[str, Any], known: dict[str, type[Head]], where: str) -> None:
     """The header fields every head needs, of the right types, or one clear error."""
-    if meta.get("format") != FORMAT:
-        raise ClipxferError(f"{where}: head format {meta.get('format')!r} is not {FORMAT!r}")
+    if meta.get("format") != HEAD_FORMAT:
+        raise ClipxferError(f"{where}: head format {meta.get('format')!r} is not {HEAD_FORMAT!r}")
     method = meta.get("method")
     if not isinstance(method, str):
         raise ClipxferError(f"{where}: head metadata has no method name")
