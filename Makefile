@@ -27,7 +27,8 @@ demo: venv
 
 # Debian packages the tests use: Fashion-MNIST (dataset-fashion-mnist) and chromium + chromium-driver for
 # the browser test (Playwright's own browser download cannot work offline). Installed when missing, as
-# root or through sudo; where neither works, the tests that need them skip with the install command.
+# root or through sudo (waiting up to 5 minutes for another apt run's lock); where neither works, the tests
+# that need them skip with the install command.
 FASHION_MNIST_DIR ?= $(or $(CLIPXFER_FASHION_MNIST),/usr/share/datasets/fashion-mnist)
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo >/dev/null && echo sudo -n))
 MISSING = $(if $(wildcard $(FASHION_MNIST_DIR)),,dataset-fashion-mnist) $(if $(wildcard /usr/bin/chromium),,chromium chromium-driver)
@@ -35,7 +36,8 @@ MISSING = $(if $(wildcard $(FASHION_MNIST_DIR)),,dataset-fashion-mnist) $(if $(w
 system-packages:
 	@if [ -n "$(strip $(MISSING))" ]; then \
 		echo "installing Debian packages for the tests: $(strip $(MISSING))"; \
-		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(MISSING) >/dev/null) \
+		($(SUDO) apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+		 DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=300 install -y -qq $(MISSING) >/dev/null) \
 			|| echo "could not install $(strip $(MISSING)); the tests that need them will be skipped"; \
 	fi
 
