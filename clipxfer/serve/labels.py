@@ -34,6 +34,23 @@ class LabelsNotWritable(ClipxferError):
     """The label file cannot be changed (a read-only folder, or another server writes it); nothing changed."""
 
 
+# Label-file lock descriptors held by this process; a forked child closes its copies at once, so
+# it can never keep the labels locked after its server is gone (as clipxfer.index.lock does).
+_HELD_LABEL_LOCKS: set[int] = set()
+
+
+def _close_inherited_label_locks() -> None:
+    for fd in list(_HELD_LABEL_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LABEL_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_label_locks)
+
+
 class LabelFileLock:
     """Exclusive right to write one label file, held from this process's first change until
     :meth:`release`: a second ``clipxfer serve`` on the same labels gets a clear refusal instead
@@ -67,10 +84,12 @@ class LabelFileLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        _HELD_LABEL_LOCKS.add(fd)
         return True
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD_LABEL_LOCKS.discard(self.fd)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
