@@ -342,3 +342,24 @@ def test_export_then_ingest_keeps_every_row(tmp_path, tiny):
     ingest(tmp_path / "exp", tmp_path / "idx2")
     assert [r[1:] for r in index_rows(tmp_path / "idx")] == [r[1:] for r in index_rows(tmp_path / "idx2")]
     shutil.rmtree(tmp_path / "idx2")
+
+
+def test_a_port_that_is_not_a_ray_head_times_out_with_one_line(tmp_path):
+    """Ray retries such an address for many minutes; --ray-timeout gives up in seconds. A separate
+    process, as the abandoned join leaves Ray half started in it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray.data")
+    source = folder_of(tmp_path / "photos", ["a.png"])
+    with socket.socket() as listener:  # accepts connections (backlog) and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        args = ["embed", str(source), "--out", str(tmp_path / "emb"), "--model", "tiny", "--engine", "ray"]
+        done = subprocess.run(
+            [sys.executable, "-m", "clipxfer", *args, "--ray-address", address, "--ray-timeout", "3"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no Ray cluster joined within 3 s" in done.stderr and "Traceback" not in done.stderr

@@ -122,14 +122,39 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, timeout: 
     options = dict(runtime_env=worker_runtime_env(), log_to_driver=False, configure_logging=False)
     if address:
         check_ray_address(address, timeout)
-        try:
-            ray.init(address=address, **options)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClipxferError(f"--ray-address {address}: Ray could not join the cluster ({first})") from None
+        _join_within(ray, address, timeout, options)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **options)
     return True
+
+
+def _join_within(ray, address: str, timeout: float, options: dict) -> None:
+    """``ray.init(address)``, given up after ``timeout`` seconds: something that answers on the
+    port but is not a Ray head makes Ray retry for many minutes. The attempt runs in a daemon
+    thread, which does not hold the process's exit when it is abandoned."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def join():
+        try:
+            ray.init(address=address, **options)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=join, name="ray-init", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise ClipxferError(
+            f"--ray-address {address}: something answers there, but no Ray cluster joined within {timeout:g} s "
+            "(--ray-timeout); is it the head's GCS port (ray start --head --port PORT)?"
+        )
+    if outcome[0] is not None:
+        text = str(outcome[0]).strip()
+        first = text.splitlines()[0] if text else type(outcome[0]).__name__
+        raise ClipxferError(f"--ray-address {address}: Ray could not join the cluster ({first})")
 
 
 def _read_rows(row: dict, units: Sequence[Unit]) -> list[dict]:
