@@ -72,16 +72,24 @@ def test_folder_rerun_embeds_exactly_the_added_and_changed_files(tmp_path, tiny)
     assert all(len(shas) == 1 for shas in rows.values()), rows
     assert embed(source, out, tiny, shard_size=2, workers=0).embedded == 0
 
-    (source / "6.png").write_bytes(png(200))  # changed content, same name
-    assert embed(source, out, tiny, shard_size=2, workers=0).embedded == 1
+    (source / "6.png").write_bytes(png(200))  # changed content, same name: its old row leaves
+    (source / "8.png").write_bytes(png(300))  # and the shard that held only this one goes
+    report = embed(source, out, tiny, shard_size=2, workers=0)
+    assert (report.embedded, report.total_embedded) == (2, 6)
     import hashlib
 
-    assert rows_by_key(out)["6.png"][-1] == hashlib.sha256(png(200)).hexdigest()
+    rows = rows_by_key(out)
+    assert all(len(shas) == 1 for shas in rows.values()), rows
+    assert rows["6.png"] == [hashlib.sha256(png(200)).hexdigest()]
+    assert rows["8.png"] == [hashlib.sha256(png(300)).hexdigest()]
+    assert len(list(out.glob("*.parquet"))) == 4  # 0+2, 4+6 less 6, 8 removed, 3, 6+8
     ingest(out, tmp_path / "idx")
     with Index.open(tmp_path / "idx") as index:
         assert len(index) == 6
         sha = {p.name: index.sha256_of(i) for i, p in zip(*index.load_items()[:2])}
     assert sha["6.png"] == hashlib.sha256(png(200)).hexdigest()
+    for name in ("0.png", "3.png", "8.png"):
+        assert sha[name] == rows[name][0]
 
 
 # -- 2. shard keys are names, never paths to open ----------------------------------------------

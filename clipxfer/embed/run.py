@@ -119,9 +119,34 @@ def embed(
             shards.write_manifest(out, info, source_info, sorted(written, key=order.__getitem__))
             if on_shard:
                 on_shard(shard)
+    if src.kind == "folder" and report.shards_written:
+        written = _drop_superseded(out, info, done, written, {u.name for u in todo})
     manifest = shards.write_manifest(out, info, source_info, sorted(written, key=order.__getitem__))
     report.total_embedded = manifest["count"]
     return report
+
+
+def _drop_superseded(out: Path, info: EncoderInfo, done: list[str], written: list[str], new: set[str]) -> list[str]:
+    """Changed files were embedded again in this run's shards: their old rows leave the older
+    shards (each rewritten atomically after the new one exists, so every file is always in a
+    shard). Returns the shard names still present."""
+    pq = shards.need("pyarrow.parquet")
+
+    again: set[str] = set()
+    for name in new:
+        path = shards.shard_path(out, name)
+        if path.is_file():
+            again.update(shards.keys_of(pq.read_table(path, columns=_key_columns(path))))
+    for name in written:
+        if name in done and name not in new:
+            shards.drop_keys(out, info, name, again)
+    return [name for name in written if shards.shard_path(out, name).is_file()]
+
+
+def _key_columns(path: Path) -> list[str]:
+    pq = shards.need("pyarrow.parquet")
+
+    return [c for c in ("key", "key_bytes") if c in pq.read_schema(path).names]
 
 
 def _check_existing(out: Path, info: EncoderInfo, source_info: dict) -> None:

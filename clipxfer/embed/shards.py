@@ -17,8 +17,8 @@ encoder id, the unit and the items that failed ({key, reason}), so a shard descr
 the manifest can always be rebuilt from the shards.
 
 Each shard is written to a temporary name and renamed into place, so a killed job leaves no
-half-written shard visible; a re-run skips the shards already there. Several shards of a folder
-may hold one key (a file changed between runs): the row in the later shard of the manifest wins.
+half-written shard visible; a re-run skips the shards already there. A folder's file that changed
+between runs is embedded again into a new shard and its old row then dropped (:func:`drop_keys`).
 """
 
 from __future__ import annotations
@@ -184,6 +184,43 @@ def unsafe_key(key: str) -> str | None:
     if any(part in ("", ".", "..") for part in key.split("/")):
         return "has empty, '.' or '..' parts"
     return None
+
+
+def drop_keys(folder: Path, info: EncoderInfo, name: str, keys: set[str]) -> int:
+    """Rewrite shard ``name`` without the rows of ``keys`` (items embedded again in a later shard),
+    atomically; a shard that had rows and has none left is removed. Returns the rows left."""
+    pq = need("pyarrow.parquet")
+
+    path = shard_path(folder, name)
+    table = pq.read_table(path)
+    own = keys_of(table)
+    keep = [row for row, key in enumerate(own) if key not in keys]
+    if len(keep) == len(own):
+        return len(own)
+    if not keep:
+        path.unlink()
+        return 0
+    meta = shard_metadata(path)
+    table = table.take(keep)
+    names = table.schema.names
+    column = {n: table.column(n) for n in names}
+    features = None
+    if "features" in names:
+        features = column["features"].combine_chunks().flatten().to_numpy().reshape(-1, info.feature_dim).astype(np.float32)
+    shard = ShardData(
+        name,
+        keys_of(table),
+        column["sha256"].to_pylist(),
+        column["width"].to_pylist(),
+        column["height"].to_pylist(),
+        column["size"].to_pylist(),
+        column["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, info.dim),
+        features,
+        [Failure(f["key"], f["reason"]) for f in meta.get("failed", [])],
+    )
+    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "model_id", "unit", "count", "failed")}
+    write_shard(folder, info, shard, extra)
+    return len(keep)
 
 
 def shard_metadata(path: Path) -> dict:
