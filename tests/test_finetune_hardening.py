@@ -58,7 +58,8 @@ def test_a_file_that_is_not_an_adapter_says_what_it_is(folder, tiny, tmp_path):
                               {"format": "clipxfer-anomaly/1", "model_id": tiny.id, "config": {}}, "detector")
     probe = write_artifact(tmp_path / "probe.safetensors", {"bias": np.zeros(3, np.float32)},
                            {"format": HEAD_FORMAT, "method": "probe", "model_id": tiny.id, "config": {}}, "head")
-    for path, what, use in [(detector, "an anomaly detector", "anomaly score"), (probe, "a clipxfer probe head", "predict")]:
+    cases = [(detector, "an anomaly detector", "anomaly score"), (probe, "a clipxfer probe head", "predict")]
+    for path, what, use in cases:
         result = CliRunner().invoke(main, ["probe", str(folder), "--shots", "1", "--model", f"tiny+{path}"])
         assert result.exit_code == 2 and what in result.output and use in result.output, result.output
         assert "None" not in result.output and result.output.count("\n") == 1

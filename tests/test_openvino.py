@@ -278,8 +278,9 @@ def test_a_read_only_cache_builds_in_a_temporary_folder_with_one_warning(tmp_pat
 
     cache = _unwritable_folder(tmp_path)
     monkeypatch.setenv("CLIPXFER_CACHE", str(cache))
-    result = CliRunner().invoke(main, ["index", str(sample_photos_dir), "--index", str(tmp_path / "idx"), "--model", "tiny",
-                                       "--device", "cpu", "--runtime", "openvino", "--precision", "fp32"])
+    result = CliRunner().invoke(main, ["index", str(sample_photos_dir), "--index", str(tmp_path / "idx"),
+                                       "--model", "tiny", "--device", "cpu", "--runtime", "openvino",
+                                       "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "cannot write the OpenVINO model cache" in warnings[0], result.stderr

@@ -38,8 +38,16 @@ METHODS = ("patchcore", "zeroshot", "combined")
 #: What a detector of each method holds, checked when a file is loaded (:func:`check_detector`):
 #: its arrays (each 2-D, finite) and the positive config numbers its scoring divides or scales by.
 #: A new method adds its entry to both.
-METHOD_ARRAYS = {"patchcore": ("memory_bank",), "zeroshot": ("text_states",), "combined": ("memory_bank", "text_states")}
-METHOD_SCALES = {"patchcore": (), "zeroshot": ("logit_scale",), "combined": ("logit_scale", "patchcore_scale", "zeroshot_scale")}
+METHOD_ARRAYS = {
+    "patchcore": ("memory_bank",),
+    "zeroshot": ("text_states",),
+    "combined": ("memory_bank", "text_states"),
+}
+METHOD_SCALES = {
+    "patchcore": (),
+    "zeroshot": ("logit_scale",),
+    "combined": ("logit_scale", "patchcore_scale", "zeroshot_scale"),
+}
 #: Model input sizes a detector file may name (pixels per side): every encoder clipxfer runs is within;
 #: a tampered size far outside would allocate maps of size**2 floats per image.
 INPUT_SIZE_RANGE = (8, 1024)

@@ -64,7 +64,8 @@ def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wi
         )
     except KeyboardInterrupt:
         # Training state (optimiser, epoch) is not kept between runs: say so rather than the generic "resume".
-        kept = "nothing was saved (--no-save)" if no_save else "the best epoch so far is saved in the adapter (marked interrupted)"
+        kept = ("nothing was saved (--no-save)" if no_save
+                else "the best epoch so far is saved in the adapter (marked interrupted)")
         click.echo(f"\ninterrupted: {kept}; running the same command again starts training over from epoch 0", err=True)
         sys.exit(130)
     if as_json:

@@ -104,11 +104,12 @@ def apply_tensors(encoder: Encoder, tensors: dict[str, np.ndarray]) -> None:
 def _not_an_adapter(path: Path, meta: dict[str, Any]) -> ClipxferError:
     """One line saying what the file at ``path`` is instead of an adapter, and how it is used."""
     if meta.get("format") == DETECTOR_FORMAT:
-        return ClipxferError(f"{path}: an anomaly detector (made by 'clipxfer anomaly fit'), not a fine-tuning adapter: "
-                             f"use it with 'clipxfer anomaly score FOLDER --detector {path}'")
+        return ClipxferError(f"{path}: an anomaly detector (made by 'clipxfer anomaly fit'), not a fine-tuning "
+                             f"adapter: use it with 'clipxfer anomaly score FOLDER --detector {path}'")
     if meta.get("format") == HEAD_FORMAT and meta.get("method") != "finetune":
         return ClipxferError(f"{path}: a clipxfer {meta.get('method')} head, not a fine-tuning adapter: use it with "
-                             f"'clipxfer predict {path} IMAGES'; --model BASE+ADAPTER takes a file made by 'clipxfer finetune'")
+                             f"'clipxfer predict {path} IMAGES'; --model BASE+ADAPTER takes a file made by "
+                             "'clipxfer finetune'")
     return ClipxferError(f"{path}: not a fine-tuning adapter (format {meta.get('format')!r}): --model BASE+ADAPTER "
                          "takes a file made by 'clipxfer finetune'")
 

@@ -362,7 +362,8 @@ class OpenVinoImageTower:
 
         where = folder or os.environ.get("CLIPXFER_CACHE") or "the cache folder"
         print(f"warning: cannot write the OpenVINO model cache in {where} ({error.strerror or error}); building it in "
-              "a temporary folder for this run only (set CLIPXFER_CACHE to a writable folder to keep it)", file=sys.stderr)
+              "a temporary folder for this run only (set CLIPXFER_CACHE to a writable folder to keep it)",
+              file=sys.stderr)
         self._temporary = tempfile.TemporaryDirectory(prefix="clipxfer-openvino-")
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return Path(self._temporary.name) / digest

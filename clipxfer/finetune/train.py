@@ -276,8 +276,9 @@ def _train_epoch(model: _Trainee, pixels: _Pixels, settings: FinetuneSettings, o
             drift = sum((model.root.get_parameter(n) - w0).pow(2).sum() for n, w0 in model.start.items())
             loss = loss + settings.l2sp * drift
         if not torch.isfinite(loss.detach()):
-            raise ClipxferError(f"finetune: the training loss became {float(loss.detach())} in epoch {epoch}, so training "
-                                f"cannot go on; nothing was saved: lower --lr (now {settings.lr:g}) and try again")
+            raise ClipxferError(f"finetune: the training loss became {float(loss.detach())} in epoch {epoch}, so "
+                                f"training cannot go on; nothing was saved: lower --lr (now {settings.lr:g}) "
+                                "and try again")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
