@@ -70,12 +70,28 @@ class LabelledImages:
         return self.subset(np.flatnonzero(self.splits == name))
 
 
+def class_key(name: str) -> str:
+    """The spelling-free form two class names are compared by: ``_`` reads as a space (as it does
+    in prompts) and runs of spaces are one, so ``--classes "ankle boot"`` names the folder ``ankle_boot``."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def match_classes(found: Sequence[str], classnames: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+    """``({found name: index into classnames}, [found names outside classnames])``, compared by :func:`class_key`."""
+    index = {class_key(name): i for i, name in enumerate(classnames)}
+    mapping = {name: index[class_key(name)] for name in found if class_key(name) in index}
+    return mapping, [name for name in found if name not in mapping]
+
+
 def check_classes(classnames: Sequence[str], where: str) -> None:
     """At least two distinct, non-empty class names, or one clear error naming ``where``."""
     if len(classnames) < 2:
         raise ClipxferError(f"{where}: found {len(classnames)} class(es); classification needs at least two")
-    if len(set(classnames)) != len(classnames):
-        raise ClipxferError(f"{where}: class names repeat; each class must be named once")
+    keys = [class_key(name) for name in classnames]
+    if len(set(keys)) != len(keys):
+        twice = sorted({name for name, key in zip(classnames, keys) if keys.count(key) > 1})
+        raise ClipxferError(f"{where}: class names repeat ({', '.join(twice[:5])}; '_' reads as a space); "
+                            "each class must be named once")
 
 
 def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
@@ -92,7 +108,8 @@ def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None 
     if classnames is None:
         classnames = found
     else:
-        unknown = sorted(set(found) - set(classnames))
+        check_classes(list(classnames), "the given classes")
+        _, unknown = match_classes(found, classnames)
         if unknown:
             raise ClipxferError(
                 f"{root}: class folder(s) {', '.join(unknown[:5])} are not among the given classes "
@@ -100,7 +117,7 @@ def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None 
             )
         classnames = list(classnames)
     check_classes(classnames, str(root))
-    index = {name: i for i, name in enumerate(classnames)}
+    index, _ = match_classes(found, classnames)
     sources, labels, keys, splits = [], [], [], []
     for base, split in layers:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
@@ -160,11 +177,12 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
     if classnames is None:
         classnames = sorted(set(table["label"]))
     else:
-        unknown = sorted(set(table["label"]) - set(classnames))
+        check_classes(list(classnames), "the given classes")
+        _, unknown = match_classes(sorted(set(table["label"])), classnames)
         if unknown:
             raise ClipxferError(f"{manifest}: unknown class(es) {', '.join(unknown[:5])}; known: {', '.join(classnames)}")
     check_classes(list(classnames), str(manifest))
-    index = {name: i for i, name in enumerate(classnames)}
+    index, _ = match_classes(sorted(set(table["label"])), classnames)
     sources = []
     for raw in table["path"]:
         path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
