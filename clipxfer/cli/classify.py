@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from .common import conformal_options, emit_json, fail_fast_option, load_model, model_options, report_skipped
+from .common import (
+    conformal_options,
+    emit_json,
+    fail_fast_option,
+    force_option,
+    load_model,
+    model_options,
+    report_skipped,
+)
 from .group import main
 
 
@@ -20,14 +28,15 @@ from .group import main
 @click.option("--out", type=click.Path(dir_okay=False), help="Write per-image predictions here (CSV).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix figure here (labelled images).")
 @click.option("--save-head", type=click.Path(dir_okay=False), help="Also save the zero-shot head (.safetensors).")
+@force_option
 @click.option("--transductive", is_flag=True,
               help="Refine the predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
 @fail_fast_option
 @conformal_options
 @model_options
-def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, transductive, as_json,
-             fail_fast, conformal, calibrate, conformal_score, reject, model, device, precision):
+def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, force, transductive,
+             as_json, fail_fast, conformal, calibrate, conformal_score, reject, model, device, precision):
     """Zero-shot classify the images in FOLDER, or in an index with --index.
 
     Each class becomes prompts (every template, plus its descriptions if given); an image gets the
@@ -71,6 +80,10 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     load_templates(templates)  # a bad set name fails before a model loads
     if conformal is None and (calibrate or reject):
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
+    if save_head:
+        from ..encoders.artifacts import claim_output
+
+        save_head = claim_output(save_head, force)  # before any encoding
     if conformal is not None and calibrate is not None:  # a class mismatch is found before any encoding
         from ..calibrate.sets import check_calibration_data
         from ..classify.run import layout_classes

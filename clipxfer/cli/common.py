@@ -83,6 +83,12 @@ def conformal_options(func):
     return func
 
 
+def force_option(func):
+    """``--force``: overwrite an existing head, adapter or detector file (refused otherwise, before any work)."""
+    return click.option("--force", is_flag=True,
+                        help="Overwrite the output file if it exists (without it an existing file is refused).")(func)
+
+
 def fail_fast_option(func):
     """``--fail-fast``: stop at the first unreadable image instead of skipping it (as ``index`` does)."""
     return click.option("--fail-fast", "fail_fast", is_flag=True,

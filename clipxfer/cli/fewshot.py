@@ -11,7 +11,15 @@ import io
 
 import click
 
-from .common import conformal_options, emit_json, fail_fast_option, model_options, report_skipped, unit_or_auto
+from .common import (
+    conformal_options,
+    emit_json,
+    fail_fast_option,
+    force_option,
+    model_options,
+    report_skipped,
+    unit_or_auto,
+)
 from .group import main
 
 
@@ -24,7 +32,9 @@ def few_shot_options(func):
             click.option("--seed", type=int, default=0, show_default=True, help="Seed of the K-shot draw."),
             click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
                          help="Head file to write; the drawn manifest goes next to it (.manifest.csv). "
-                              "Default: METHOD-DATA-Kshot-seedS.safetensors here."),
+                              "Default: METHOD-DATA-Kshot-seedS.safetensors here (METHOD names the variant: "
+                              "tipf, mix-coop, ...)."),
+            force_option,
             click.option("--templates", default="simple", show_default=True,
                          help="Prompt template set for the zero-shot head (name or text file)."),
             click.option("--index", "index_path", type=click.Path(), default=None,
@@ -45,15 +55,15 @@ def few_shot_options(func):
     return func
 
 
-def _run(method: str, data, shots, seed, out, templates, index_path, max_test, classes, transductive, no_save, as_json,
-         model, device, precision, **options):
+def _run(method: str, data, shots, seed, out, force, templates, index_path, max_test, classes, transductive, no_save,
+         as_json, model, device, precision, **options):
     from ..datasets.prompts import load_classnames
     from ..fewshot.run import run_transfer
 
     result = run_transfer(
         method, data, shots, seed, model=model, out=out, templates=templates, index_path=index_path,
         max_test=max_test, device=device, precision=precision, save=not no_save, progress=not as_json,
-        classes=load_classnames(classes) if classes else None, transductive=transductive, **options,
+        classes=load_classnames(classes) if classes else None, transductive=transductive, force=force, **options,
     )
     if as_json:
         emit_json(result)

@@ -157,6 +157,28 @@ def manifest_splits(table: pd.DataFrame, manifest: Path, sources: list[Path]) ->
     return splits
 
 
+def manifest_source(manifest: str | os.PathLike, raw: str) -> Path:
+    """The file a manifest row names: an absolute path as is, a relative one from the manifest's folder.
+    Every reader of manifests (training data, ``suggest --exclude``) resolves them here, and the
+    manifests clipxfer writes (:meth:`~clipxfer.datasets.splits.FewShotSplit.write_manifest`) are made so."""
+    path = Path(raw)
+    return path if path.is_absolute() else Path(manifest).parent / path
+
+
+def manifest_paths(manifest: str | os.PathLike) -> list[Path]:
+    """The files a CSV manifest's ``path`` column names (:func:`manifest_source`), or one clear error."""
+    manifest = Path(manifest)
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ClipxferError(f"{manifest}: manifest not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ClipxferError(f"{manifest}: not a readable CSV ({exc}); expected a 'path' column") from None
+    if "path" not in table.columns:
+        raise ClipxferError(f"{manifest}: no 'path' column; give a CSV manifest (path,label)")
+    return [manifest_source(manifest, raw) for raw in table["path"]]
+
+
 def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
     """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder;
     ``split`` is ``train``, ``val`` or ``test`` in any case (or empty).
@@ -185,7 +207,7 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
     index, _ = match_classes(sorted(set(table["label"])), classnames)
     sources = []
     for raw in table["path"]:
-        path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
+        path = manifest_source(manifest, raw)
         if not path.is_file():
             raise ClipxferError(f"{manifest}: listed file {raw} does not exist; fix the path or remove the row")
         sources.append(path)

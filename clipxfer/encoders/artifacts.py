@@ -33,6 +33,16 @@ def artifact_path(path: str | os.PathLike) -> Path:
     return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
 
 
+def claim_output(path: str | os.PathLike, force: bool = False, what: str = "head") -> Path:
+    """``path`` (``.safetensors`` added when missing) if nothing is there yet, or with ``force``; else
+    one line saying the file exists. Every command that writes a head, adapter or detector asks here
+    before any work, so none overwrites a file silently."""
+    path = artifact_path(path)
+    if path.exists() and not force:
+        raise ClipxferError(f"{path}: a file of that name exists; pass --force to overwrite it, or choose another --out")
+    return path
+
+
 def write_artifact(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, Any], what: str) -> Path:
     """Write ``tensors`` with ``metadata`` to ``path`` (``.safetensors`` added if missing), atomically and
     with the umask's permissions; an unwritable place is one line naming the file."""
