@@ -180,14 +180,14 @@ def test_class_names_match_across_underscore_and_space(tmp_path, folder, tiny):
 
 
 def test_calibration_classes_are_checked_before_any_encoding(tmp_path, folder, monkeypatch):
-    from clipxfer.encoders.base import Encoder
+    from clipxfer.datasets import features
 
     other = write_tinted_folder(tmp_path / "other", ["sock", "hat"], per_class=2)
 
-    def no_encoding(*args, **kwargs):
+    def no_encoding(*args, **kwargs):  # cached features count too: nothing may be looked up before the check
         raise AssertionError("encoded before the class lists were checked")
 
-    monkeypatch.setattr(Encoder, "embed_images", no_encoding)
+    monkeypatch.setattr(features, "encode_dataset", no_encoding)
     result = invoke("classify", folder, "--classes", "ankle boot,shirt", "--conformal", 0.1, "--calibrate", other,
                     "--model", "tiny")
     assert result.exit_code == 2 and "sock" in result.output
