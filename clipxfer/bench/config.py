@@ -238,7 +238,8 @@ def method_option_mistakes(method_options) -> list[str]:
                 continue
             if option not in named:
                 if not takes_any:
-                    found.append(f"method_options.{method}: unknown option '{option}'; known: {', '.join(sorted(named))}")
+                    known = ", ".join(sorted(named))
+                    found.append(f"method_options.{method}: unknown option '{option}'; known: {known}")
                 continue
             if option in hints and not _type_matches(value, hints[option]):
                 wanted = getattr(hints[option], "__name__", str(hints[option]))

@@ -31,8 +31,8 @@ from .group import main
 @click.option("--no-save", is_flag=True, help="Score only; write no head or manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @model_options
-def adapt(data, unlabelled, index_path, shots, seed, out, force, templates, prior_weight, kappa, max_test, no_save, as_json,
-          model, device, precision):
+def adapt(data, unlabelled, index_path, shots, seed, out, force, templates, prior_weight, kappa, max_test, no_save,
+          as_json, model, device, precision):
     """Adapt the zero-shot head of DATA's classes to unlabelled target images (EM over prototypes).
 
     Example: clipxfer adapt fashion-mnist --unlabelled target_photos/ --model lite --out target-head.safetensors

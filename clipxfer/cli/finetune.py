@@ -43,8 +43,8 @@ from .group import main
 @click.option("--no-save", is_flag=True, help="Score only; write no adapter or manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @model_options
-def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wise, out, force, templates, max_test, classes,
-             no_save, as_json, model, device, precision):
+def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wise, out, force, templates, max_test,
+             classes, no_save, as_json, model, device, precision):
     """Fine-tune the encoder on DATA with K shots per class; write an adapter for --model BASE+ADAPTER.
 
     Example: clipxfer finetune fashion-mnist --model lite --shots 16 --out adapted.safetensors

@@ -31,8 +31,8 @@ from .group import main
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @model_options
-def meta_train_command(base_data, out, force, algo, ways, shots, queries, episodes, inner_steps, meta_lr, hidden, classes,
-                       max_per_class, ctx_episodes, seed, as_json, model, device, precision):
+def meta_train_command(base_data, out, force, algo, ways, shots, queries, episodes, inner_steps, meta_lr, hidden,
+                       classes, max_per_class, ctx_episodes, seed, as_json, model, device, precision):
     """Meta-train on BASE_DATA's training images (N-way K-shot episodes) and write a meta head.
 
     Example: clipxfer meta-train fashion-mnist --model lite --algo reptile --out meta.safetensors

@@ -39,7 +39,9 @@ def claim_output(path: str | os.PathLike, force: bool = False, what: str = "head
     before any work, so none overwrites a file silently."""
     path = artifact_path(path)
     if path.exists() and not force:
-        raise ClipxferError(f"{path}: a file of that name exists; pass --force to overwrite it, or choose another --out")
+        raise ClipxferError(
+            f"{path}: a file of that name exists; pass --force to overwrite it, or choose another --out"
+        )
     return path
 
 
