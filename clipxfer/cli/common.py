@@ -163,8 +163,10 @@ class ErrorReportingGroup(RichGroup):
                 click.echo(f"error: {printable(line)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            # Every command commits or writes atomically, so what finished is already safe.
-            click.echo("\ninterrupted: finished work is kept; run the same command again to resume", err=True)
+            # Every command commits or writes atomically, so what finished is already safe; only some commands
+            # keep partial progress (index, embed, bench skip what is done), the others start over.
+            click.echo("\ninterrupted: finished work is kept; running the same command again skips what index, "
+                       "embed and bench finished, other commands start over", err=True)
             sys.exit(130)
 
 
