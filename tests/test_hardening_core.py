@@ -402,8 +402,8 @@ def test_ci_and_makefile_provide_fashion_mnist():
 
     root = Path(__file__).resolve().parent.parent
     makefile = (root / "Makefile").read_text()
-    assert "test: venv system-packages" in makefile and "dataset-fashion-mnist" in makefile
-    assert "apt-get install -y -qq $(MISSING)" in makefile
+    assert "test: $(VENV)/.installed-test system-packages" in makefile and "dataset-fashion-mnist" in makefile
+    assert "install -y -qq $(MISSING)" in makefile
     assert "CLIPXFER_REQUIRE_DATASETS=1 make test" in (root / ".ci" / "run").read_text()
 
 
