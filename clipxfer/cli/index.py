@@ -182,19 +182,66 @@ def info(index_path, as_json):
 
 @main.command()
 @INDEX_OPTION
-@click.option("--threshold", type=float, default=0.95, show_default=True, help="Minimum cosine similarity.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {score, a, b}.")
-def dups(index_path, threshold, as_json):
-    """Near-duplicate image pairs in an index, most similar first.
+@click.option("--threshold", type=float, default=0.9, show_default=True,
+              help="Look-alikes: minimum cosine similarity of two different images.")
+@click.option("--keep", type=click.Choice(["newest", "largest"]), default=None,
+              help="Print the files to delete (never deletes): all but the newest or largest of each exact and copy "
+              "group.")
+@click.option("--learn-from", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Indexed images copied (resized, recompressed, cropped, recoloured) to learn the copy threshold.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of that sample and its edits.")
+@click.option("--model", default=None, metavar="SPEC", help="Must name the index's model (default: the index's own).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: thresholds and groups (and delete).")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV: group, tier, score, path, size, width, height, modified.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write an HTML page of the groups.")
+def dups(index_path, threshold, keep, learn_from, seed, model, device, as_json, as_csv, html_path):
+    """Duplicates in three tiers: exact files, copies, look-alikes.
 
-    Example: clipxfer dups --index idx --threshold 0.95
+    \b
+    exact      the same bytes (SHA-256)
+    copy       the same image resized, recompressed, cropped a little or recoloured: the threshold is
+               learned from such copies of the index's own images, encoded with its model
+    lookalike  different images with cosine similarity >= --threshold
+
+    Example: clipxfer dups --index idx --keep newest --html dups.html
     """
     from ..index import Index
 
+    if as_json and as_csv:
+        raise ClipxferError("choose one of --json and --csv")
     with Index.open(index_path) as idx:
-        pairs = idx.duplicates(threshold)
+        idx.encoder(model, device=device)
+        report = idx.duplicate_groups(threshold, model, learn_from, seed)
+    delete = report.delete_list(keep) if keep else []
+    if html_path:
+        from ..index.html import groups_page
+        from ..paths import atomic_write_bytes
+
+        atomic_write_bytes(Path(html_path), groups_page(f"clipxfer: duplicates in {index_path or 'the index'}",
+                                                        report, keep).encode("utf-8"))
     if as_json:
-        emit_json([pair.to_dict() for pair in pairs])
+        emit_json(report.to_dict(keep))
         return
-    for pair in pairs:
-        click.echo(f"{pair.score:.4f}  {printable(pair.a)}  {printable(pair.b)}")
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["group", "tier", "score", "path", "size", "width", "height", "modified", "delete"])
+        doomed = set(delete)
+        for number, group in enumerate(report.groups, 1):
+            for member in group.members:
+                row = member.to_dict()
+                writer.writerow([number, group.tier, f"{group.score:.6f}", path_text(member.path), row["size"],
+                                 row["width"], row["height"], row["modified"], int(member.path in doomed)])
+        return
+    if keep:
+        for path in delete:
+            click.echo(printable(path))
+        click.echo(f"{len(delete)} files would be deleted (keeping the {keep} of each exact and copy group); "
+                   "nothing was deleted", err=True)
+        return
+    click.echo(f"copy threshold {report.copy_threshold:.4f} (learned from {report.learned_from} edited copies, "
+               f"{report.space}); look-alikes >= {report.lookalike_threshold}", err=True)
+    for number, group in enumerate(report.groups, 1):
+        click.echo(f"#{number} {group.tier} {group.score:.4f}")
+        for member in group.members:
+            click.echo(f"    {printable(member.path)}")

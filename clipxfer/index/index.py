@@ -318,6 +318,17 @@ class Index:
         return pairs
 
     @reports_damage
+    def duplicate_groups(self, threshold: float = 0.95, model=None, learn_sample: int | None = None, seed: int = 0):
+        """Exact files, copies (threshold learned from edited copies of this index's images, encoded
+        with ``model``) and look-alikes (embedding similarity >= ``threshold``) as a
+        :class:`~clipxfer.index.duplicates.DuplicateReport` (see :mod:`clipxfer.index.duplicates`)."""
+        from .duplicates import LEARN_SAMPLE, find_duplicates
+
+        feature_dim = int(self._meta["feature_dim"]) if self._meta.get("store_features") == "1" else None
+        return find_duplicates(self._conn, self.root, self.dim, feature_dim, self.encoder(model), float(threshold),
+                               LEARN_SAMPLE if learn_sample is None else learn_sample, seed)
+
+    @reports_damage
     def info(self) -> dict:
         """Model id, count, dimensions, index type, bytes on disk, last update (stable keys)."""
         self._meta = store.get_metadata(self._conn)
