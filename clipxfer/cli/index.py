@@ -239,8 +239,9 @@ def dups(index_path, threshold, keep, learn_from, seed, model, device, as_json, 
         click.echo(f"{len(delete)} files would be deleted (keeping the {keep} of each exact and copy group); "
                    "nothing was deleted", err=True)
         return
-    click.echo(f"copy threshold {report.copy_threshold:.4f} (learned from {report.learned_from} edited copies, "
-               f"{report.space}); look-alikes >= {report.lookalike_threshold}", err=True)
+    click.echo(f"copies: similarity >= {report.copy_threshold:.4f} and margin >= {report.copy_margin:.4f} (learned "
+               f"from {report.learned_from} edited copies, {report.space}); look-alikes >= {report.lookalike_threshold}",
+               err=True)
     for number, group in enumerate(report.groups, 1):
         click.echo(f"#{number} {group.tier} {group.score:.4f}")
         for member in group.members:

@@ -1,15 +1,16 @@
 """Duplicates in three tiers: exact files, copies of one image, and look-alikes.
 
 - ``exact``: the same bytes (the SHA-256 the index stores).
-- ``copy``: the same image resized, recompressed, cropped a little or recoloured. The similarity
-  threshold is learned from the index itself: a seeded sample of its images is copied with each of
-  those edits (:func:`copy_variants`), the copies are encoded with the index's model, and the threshold
-  lies between the copies and the images' nearest *other* images in the index: halfway from the
-  :data:`COPY_RECALL` quantile (from below) of copy-to-original similarity down to the
-  :data:`DISTINCT_QUANTILE` quantile of nearest-other-image similarity (or at the former when
-  the two overlap) -- so it adapts to the model and to the collection. Copies are compared in the encoder's probe-feature space when the index stores one (``lite``:
-  the image backbone, which keeps instance detail the shared text-image space drops), else in the
-  embedding space.
+- ``copy``: the same image resized, recompressed, cropped a little or recoloured. Two files are
+  compared by the mean of their model cosine (the encoder's probe features when the index stores them
+  -- ``lite``: the image backbone, which keeps instance detail the shared text-image space drops --
+  else the embeddings) and the correlation of their grayscale thumbnails. A pair is a copy when that
+  similarity is high *and* beats both files' best other match by a margin (a second photo of one
+  scene, or another item of one kind, has rivals about as close). Both cut-offs are learned from the
+  index itself: a seeded sample of its images is copied with each of those edits
+  (:func:`copy_variants`) and encoded with the index's model; the cut-offs keep :data:`COPY_RECALL`
+  and :data:`MARGIN_RECALL` of those copies -- so both adapt to the model and the collection. Several copies of one image rival
+  each other: only pairs that stand out join a group.
 - ``lookalike``: embedding similarity at least the user's threshold (a second photo of the same scene,
   another item of the same kind), pairs not already in a tier above.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 from ..errors import ClipxferError, ImageDecodeError
 from ..images import open_image
@@ -35,9 +36,9 @@ from . import store
 LEARN_SAMPLE = 32
 #: Share of learned copies the threshold keeps at least (its quantile from below is 1 - COPY_RECALL).
 COPY_RECALL = 0.97
-#: Quantile of the sampled images' nearest-other-image similarity taken as "distinct images" (a high
-#: quantile rather than the maximum, so a few real copies in the sample do not move it).
-DISTINCT_QUANTILE = 0.95
+#: Share of learned copies the margin cut-off keeps: the margin is what separates copies from look-alikes,
+#: so it trades a little recall for precision (chosen on a validation collection, benchmarks/dups_tiers.py --seed 0).
+MARGIN_RECALL = 0.9
 TIERS = ("exact", "copy", "lookalike")
 KEEP_RULES = ("newest", "largest")
 
@@ -104,6 +105,7 @@ class DuplicateReport:
     ``learned_from`` copies of the index's own images)."""
 
     copy_threshold: float
+    copy_margin: float
     lookalike_threshold: float
     learned_from: int
     space: str  # "features" or "embeddings": where copies are compared
@@ -124,6 +126,7 @@ class DuplicateReport:
     def to_dict(self, keep: str | None = None) -> dict:
         data = {
             "copy_threshold": round(self.copy_threshold, 6),
+            "copy_margin": round(self.copy_margin, 6),
             "lookalike_threshold": self.lookalike_threshold,
             "learned_from": self.learned_from,
             "space": self.space,
@@ -140,35 +143,92 @@ def _normalised(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def learn_copy_threshold(
-    paths: list[Path], vectors: np.ndarray, hashes: list[str], encode: Callable[[list[Image.Image]], np.ndarray],
-    sample: int = LEARN_SAMPLE, seed: int = 0,
-) -> tuple[float, int]:
-    """The copy threshold from edited copies of up to ``sample`` of the images (seeded), and how many
-    copies it was learned from. ``vectors`` are the stored (normalised) vectors of ``paths``, ``hashes``
-    their SHA-256 (files with the same bytes are not "other images"); ``encode`` turns PIL images into
-    vectors of the same space."""
+THUMBNAIL_SIDE = 24
+NEIGHBOURS = 8
+
+
+def thumbnail_vector(img: Image.Image) -> np.ndarray:
+    """A grayscale THUMBNAIL_SIDE^2 thumbnail, mean-centred and normalised: the pixel layout a copy
+    keeps through resizing, recompression and recolouring (brightness and contrast cancel out)."""
+    small = ImageOps.grayscale(img.convert("RGB")).resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BOX)
+    pixels = np.asarray(small, dtype=np.float32).ravel()
+    pixels -= pixels.mean()
+    return pixels / max(float(np.linalg.norm(pixels)), 1e-6)
+
+
+def copy_space(model_vectors: np.ndarray, thumbnails: np.ndarray) -> np.ndarray:
+    """Rows whose inner product is the mean of the model cosine and the thumbnail correlation."""
+    return np.hstack([_normalised(model_vectors), thumbnails]).astype(np.float32) / np.sqrt(2.0)
+
+
+@dataclass
+class CopyRule:
+    """A pair is a copy when its copy-space similarity is at least ``threshold`` and beats both
+    files' best *other* match (files with the same bytes aside) by at least ``margin``."""
+
+    threshold: float
+    margin: float
+    learned_from: int
+
+
+def _best_other(neighbours, scores, i: int, exclude: set[int]) -> float:
+    """Row ``i``'s best match outside ``exclude`` among its nearest rows (-1 when none)."""
+    for m, score in zip(neighbours[i], scores[i]):
+        if m >= 0 and int(m) not in exclude:
+            return float(score)
+    return -1.0
+
+
+def _neighbours(vectors: np.ndarray, queries: np.ndarray, k: int):
+    import faiss
+
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    scores, ids = flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(vectors)))
+    return ids, scores
+
+
+def learn_copy_rule(
+    paths: list[Path], vectors: np.ndarray, hashes: list[str], neighbours, scores,
+    encode: Callable[[list[Image.Image]], np.ndarray], sample: int = LEARN_SAMPLE, seed: int = 0,
+) -> CopyRule:
+    """The copy rule from edited copies (:func:`copy_variants`) of up to ``sample`` of the images
+    (seeded). ``vectors`` are the copy-space rows of ``paths`` (see :func:`copy_space`), ``hashes``
+    their SHA-256, ``neighbours``/``scores`` each row's nearest rows; ``encode`` turns PIL images
+    into model vectors."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(paths))
-    copies, distinct = [], []
-    hashes = np.asarray(hashes, dtype=object)
-    for row in order:
-        if len(distinct) >= sample:
+    same_hash: dict[str, set[int]] = {}
+    for row, digest in enumerate(hashes):
+        same_hash.setdefault(digest, set()).add(row)
+    originals, copies = [], []
+    for row in rng.permutation(len(paths)):
+        if len(originals) >= sample:
             break
         try:
             original = open_image(paths[row])
         except (ImageDecodeError, OSError):
             continue  # moved or damaged since indexing: learn from the others
-        copies.extend(_normalised(encode(copy_variants(original, rng))) @ vectors[row])
-        others = vectors[hashes != hashes[row]]
-        if len(others):
-            distinct.append(float(np.max(others @ vectors[row])))
-    if not copies:
+        variants = copy_variants(original, rng)
+        copies.append(copy_space(encode(variants), np.stack([thumbnail_vector(v) for v in variants])))
+        originals.append(int(row))
+    if not originals:
         raise ClipxferError("no indexed image could be read to learn what a copy looks like: run 'clipxfer index' again")
-    low_copy = float(np.quantile(copies, 1.0 - COPY_RECALL))
-    high_distinct = float(np.quantile(distinct, DISTINCT_QUANTILE)) if distinct else -1.0
-    threshold = (low_copy + high_distinct) / 2 if high_distinct < low_copy else low_copy
-    return threshold, len(copies)
+    similarity = [c @ vectors[o] for o, c in zip(originals, copies)]
+    flat_similarity = np.concatenate(similarity)
+    threshold = float(np.quantile(flat_similarity, 1.0 - COPY_RECALL))
+    copy_neighbours, copy_scores = _neighbours(vectors, np.vstack(copies), NEIGHBOURS + 1)
+    margins = []
+    position = 0
+    for o, sims in zip(originals, similarity):
+        for sim in sims:
+            # Rivals of a learned copy: indexed images other than its original, leaving out those closer
+            # to the original than the copy is (copies of it the index already holds).
+            rivals = {int(m) for m in copy_neighbours[position] if m >= 0 and float(vectors[m] @ vectors[o]) >= sim}
+            margins.append(sim - _best_other(copy_neighbours, copy_scores, position, rivals | same_hash[hashes[o]]))
+            position += 1
+    # A copy is at least its original's best match: the margin cut never goes below 0.
+    margin = max(0.0, float(np.quantile(margins, 1.0 - MARGIN_RECALL)))
+    return CopyRule(threshold, margin, len(flat_similarity))
 
 
 def _pairs_above(vectors: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
@@ -222,8 +282,7 @@ def find_duplicates(
     members = [Member(int(i), root / p, rows[int(i)].size, rows[int(i)].mtime_ns, rows[int(i)].width,
                       rows[int(i)].height) for i, p in zip(ids, rel_paths)]
     space = "features" if features is not None else "embeddings"
-    copy_vectors = _normalised(features if features is not None else embeddings)
-    report = DuplicateReport(1.0, lookalike_threshold, 0, space)
+    report = DuplicateReport(1.0, 0.0, lookalike_threshold, 0, space)
     if len(ids) < 2:
         return report
 
@@ -231,15 +290,32 @@ def find_duplicates(
         encoding = encoder.embed_images(images)
         return encoding.features if features is not None else encoding.embeddings
 
-    report.copy_threshold, report.learned_from = learn_copy_threshold(
-        [m.path for m in members], copy_vectors, [rows[int(i)].sha256 for i in ids], encode, learn_sample, seed)
+    thumbnails = np.zeros((len(ids), THUMBNAIL_SIDE**2), dtype=np.float32)
+    for row, member in enumerate(members):
+        try:
+            thumbnails[row] = thumbnail_vector(open_image(member.path, draft_size=4 * THUMBNAIL_SIDE))
+        except (ImageDecodeError, OSError):
+            pass  # unreadable now: compared by its stored vector only
+    vectors = copy_space(features if features is not None else embeddings, thumbnails)
+    neighbours, scores = _neighbours(vectors, vectors, NEIGHBOURS + 1)
+    hashes = [rows[int(i)].sha256 for i in ids]
+    rule = learn_copy_rule([m.path for m in members], vectors, hashes, neighbours, scores, encode, learn_sample, seed)
+    report.copy_threshold, report.copy_margin, report.learned_from = rule.threshold, rule.margin, rule.learned_from
 
     by_hash: dict[str, list[int]] = {}
-    for row, item_id in enumerate(ids):
-        by_hash.setdefault(rows[int(item_id)].sha256, []).append(row)
+    for row, digest in enumerate(hashes):
+        by_hash.setdefault(digest, []).append(row)
     exact = [(rows_[0], other, 1.0) for rows_ in by_hash.values() if len(rows_) > 1 for other in rows_[1:]]
     same_file = {frozenset((i, j)) for rows_ in by_hash.values() for i in rows_ for j in rows_ if i != j}
-    copies = [p for p in _pairs_above(copy_vectors, report.copy_threshold) if frozenset(p[:2]) not in same_file]
+    copies = []
+    for i in range(len(ids)):
+        for j, score in zip(neighbours[i], scores[i]):
+            if j <= i or score < rule.threshold or frozenset((i, int(j))) in same_file:
+                continue
+            exclude = {i, int(j)} | set(by_hash[hashes[i]]) | set(by_hash[hashes[j]])
+            best_other = max(_best_other(neighbours, scores, i, exclude), _best_other(neighbours, scores, int(j), exclude))
+            if score - best_other >= rule.margin:
+                copies.append((i, int(j), float(score)))
     copied = {frozenset(p[:2]) for p in copies} | same_file
     lookalikes = [p for p in _pairs_above(_normalised(embeddings), lookalike_threshold)
                   if frozenset(p[:2]) not in copied]

@@ -67,7 +67,7 @@ def groups_page(title: str, report, keep: str | None = None) -> str:
             figures.append(_figure(member.path, caption, "delete" if marked else ""))
         heading = f"<h2>#{number} {group.tier} ({len(group.members)} files, similarity &ge; {group.score:.3f})</h2>"
         sections.append(f"<section>{heading}{''.join(figures)}</section>")
-    note = (f"<p>copy threshold {report.copy_threshold:.4f} (learned from {report.learned_from} edited copies, "
+    note = (f"<p>copies: similarity &ge; {report.copy_threshold:.4f}, margin &ge; {report.copy_margin:.4f} (learned from {report.learned_from} edited copies, "
             f"{report.space}); look-alike threshold {report.lookalike_threshold}</p>")
     return _page(title, note + "\n".join(sections))
 
