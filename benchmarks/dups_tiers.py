@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--fashion", type=int, default=200, help="Fashion-MNIST test images in the collection")
     parser.add_argument("--copies", type=int, default=60, help="originals that get a generated copy")
     parser.add_argument("--lookalike-threshold", type=float, default=0.9)
+    parser.add_argument("--learn-from", type=int, default=None, help="images copied to learn the copy rule")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     encoder = cached_encoder("lite", "cpu", None)
@@ -94,7 +95,7 @@ def main() -> None:
         copy_of, classes = build_collection(folder, args.fashion, args.copies, args.seed)
         Index.update(folder, encoder, path=index_path, workers=0)
         with Index.open(index_path) as idx:
-            report = idx.duplicate_groups(args.lookalike_threshold, encoder, seed=args.seed)
+            report = idx.duplicate_groups(args.lookalike_threshold, encoder, args.learn_from, seed=args.seed)
     truth = {frozenset((c, o)) for c, o in copy_of.items()}
     tiers = {}
     for tier in ("exact", "copy", "lookalike"):
