@@ -273,7 +273,8 @@ def client(photo_index, tmp_path):
     from clipxfer.serve import ServeConfig, create_app
 
     _, index = photo_index
-    with TestClient(create_app(ServeConfig(index=index, labels=tmp_path / "labels.json"))) as test_client:
+    config = ServeConfig(index=index, labels=tmp_path / "labels.json")
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as test_client:  # the server checks Host
         yield test_client
 
 
