@@ -208,3 +208,36 @@ def test_labels_survive_kill_9(sample_photo_index, tmp_path):
         assert httpx.post(second.url + "/api/labels/undo").json()["undone"] == hits[4]["id"]  # history kept too
     finally:
         second.kill()
+
+
+def test_browser_query_arithmetic_filters_and_relevance(server):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (make test installs it)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860}, bypass_csp=True)
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(server.url + "/")
+            page.fill("#q", '2*"a cat" - "a clock"')
+            page.wait_for_function("document.querySelectorAll('#grid .card').length === 19", timeout=30000)
+            page.click("#filters summary")
+            page.fill("#f-path", "*.png")
+            page.dispatch_event("#f-path", "change")
+            page.wait_for_function("document.querySelectorAll('#grid .card').length === 1 && "
+                                   "document.querySelector('#grid .card').dataset.name === 'logo.png'", timeout=30000)
+            page.fill("#f-path", "")
+            page.dispatch_event("#f-path", "change")
+            page.fill("#q", "a cat")
+            page.check("#f-relevant")
+            page.wait_for_function("document.querySelector('#grid .card') && "
+                                   "document.querySelectorAll('#grid .card').length < 19 && "
+                                   "document.querySelector('#grid .card').dataset.name === 'chelsea.jpg'", timeout=30000)
+            page.fill("#q", '"a cat')  # malformed: one line in the status, the grid is kept
+            page.wait_for_function("document.getElementById('status').textContent.includes('never closed')",
+                                   timeout=30000)
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -268,9 +268,11 @@ def classify_index(
     precision: str | None = None,
     progress: bool = False,
     transductive: bool = False,
+    filters=None,
 ) -> Classification:
     """Classify the images of an index from its stored vectors (no re-encoding); with
-    ``transductive``, TransCLIP refines the zero-shot predictions over all of them.
+    ``transductive``, TransCLIP refines the zero-shot predictions over all of them. ``filters``
+    (a :class:`clipxfer.index.filters.Filters`) restricts it to the files passing them.
 
     ``model`` (a spec or an encoder) defaults to the index's model; another one is refused. When
     every image lies in a class subfolder of the index root whose name is a class (or ``classes``
@@ -281,10 +283,18 @@ def classify_index(
 
     with Index.open(index_path) as index:
         encoder = index.encoder(model, device, precision)
-        paths, encoding = index.load_encoding()
+        ids, paths, encoding = index.load_items()
+        allowed = index.allowed_ids(filters)
         root, where = index.root, index.path
     if len(paths) == 0:
         raise ClipxferError(f"index {where} holds no images; add some with 'clipxfer index'")
+    if allowed is not None:
+        from ..datasets.features import take
+
+        rows = np.flatnonzero(np.isin(ids, allowed))
+        if len(rows) == 0:
+            raise ClipxferError(f"index {where}: no image passes the filters (--path, --modified-*, --min-*)")
+        paths, encoding = [paths[r] for r in rows], take(encoding, rows)
     folders = [folder_label(p, root) for p in paths]
     if classes is None:
         if any(f is None for f in folders):

@@ -15,6 +15,7 @@ from .common import (
     model_options,
     report_skipped,
 )
+from .filters import filter_options
 from .group import main
 
 
@@ -35,8 +36,9 @@ from .group import main
 @fail_fast_option
 @conformal_options
 @model_options
+@filter_options
 def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, force, transductive,
-             as_json, fail_fast, conformal, calibrate, conformal_score, reject, model, device, precision):
+             as_json, fail_fast, conformal, calibrate, conformal_score, reject, model, device, precision, filters):
     """Zero-shot classify the images in FOLDER, or in an index with --index.
 
     Each class becomes prompts (every template, plus its descriptions if given); an image gets the
@@ -76,6 +78,8 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
 
     if (folder is None) == (index_path is None):
         raise ClipxferError("give a FOLDER of images or --index PATH (one of the two)")
+    if filters.active and index_path is None:
+        raise ClipxferError("--path, --modified-* and --min-* filter an index: use them with --index PATH")
     class_list = load_classnames(classes) if classes else None
     load_templates(templates)  # a bad set name fails before a model loads
     if conformal is None and (calibrate or reject):
@@ -94,7 +98,7 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     encoder = None
     if index_path is not None:
         result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True,
-                                transductive=transductive)
+                                transductive=transductive, filters=filters)
     else:
         encoder = load_model(model, device, precision)
         result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True,

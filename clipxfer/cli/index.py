@@ -11,7 +11,12 @@ import click
 from ..errors import ClipxferError
 from ..paths import path_text
 from .common import emit_json, model_options, printable
+from .filters import filter_options
 from .group import main
+
+#: ``--min-relevance`` given without a value (clipxfer.index.relevance.DEFAULT_MIN_RELEVANCE; not imported
+#: here so that --help stays fast).
+DEFAULT_MIN_RELEVANCE = 0.95
 
 INDEX_OPTION = click.option(
     "--index",
@@ -92,39 +97,55 @@ def index_command(
         click.echo(f"failed: {printable(failure.path)}: {printable(failure.reason)}")
 
 
-@main.command()
-@click.argument("query", required=False)
-@click.option("--image", "image", type=click.Path(exists=True, dir_okay=False), help="Search by this image instead.")
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("query", nargs=-1)
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Search by this image (repeat to add more); QUERY may then add or subtract terms: - blurry.")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results.")
 @INDEX_OPTION
 @click.option("--model", default=None, metavar="SPEC", help="Must name the index's model (default: the index's own).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below this cosine similarity.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {rank, score, path}.")
+@click.option("--min-relevance", type=float, default=None, is_flag=False, flag_value=DEFAULT_MIN_RELEVANCE,
+              metavar="P", help=f"Keep only hits standing out from this query's scores over the index: at most about "
+              f"1-P of those kept are chance-level (alone: {DEFAULT_MIN_RELEVANCE}).")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {rank, score, path[, relevance]}.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV with columns rank, score, path.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write an HTML page with thumbnails.")
-def search(query, image, k, index_path, model, device, min_score, as_json, as_csv, html_path):
-    """Find indexed images matching a text QUERY (or --image PATH).
+def search(query, images, k, index_path, model, device, min_score, min_relevance, filters, as_json, as_csv, html_path):
+    """Find indexed images matching QUERY (or --image PATH).
+
+    \b
+    QUERY is text, or terms joined by + and - with optional weights:
+      "a dress" + red - "long sleeves"      2*"red car" - blurry      t-shirt (a - inside a word is text)
+      --image a.jpg - blurry                image:b.jpg (another image, as a term)
+    Each term's vector is normalised, weighted, summed, and the sum normalised.
 
     Example: clipxfer search "a cracked weld" --index idx -k 5 --html results.html
     """
     from ..index import Index
+    from ..index.query import format_terms, parse_query
 
-    if (query is None) == (image is None):
+    unknown = [word for word in query if word.startswith("--")]
+    if unknown:
+        raise ClipxferError(f"no such option: {unknown[0]} (see 'clipxfer search --help')")
+    text = " ".join(query) if query else None
+    if text is None and not images:
         raise ClipxferError("give either a text QUERY or --image PATH")
     if as_json and as_csv:
         raise ClipxferError("choose one of --json and --csv")
     with Index.open(index_path) as idx:
         encoder = idx.encoder(model, device=device)
-        if image is not None:
-            hits = idx.search_image(Path(image), k, encoder, min_score)
-        else:
-            hits = idx.search_text(query, k, encoder, min_score)
+        hits = idx.search(text, k, encoder, [Path(p) for p in images], filters, min_score, min_relevance)
     if html_path:
         from ..index.html import results_page
         from ..paths import atomic_write_bytes
 
-        title = f"clipxfer: {query}" if query is not None else f"clipxfer: images like {Path(image).name}"
+        if images and text is None:
+            title = f"clipxfer: images like {', '.join(Path(p).name for p in images)}"
+        else:
+            title = "clipxfer: " + (text if not images else format_terms(parse_query(text)))
         atomic_write_bytes(Path(html_path), results_page(title, hits).encode("utf-8"))
     if as_json:
         emit_json([hit.to_dict() for hit in hits])
@@ -136,7 +157,8 @@ def search(query, image, k, index_path, model, device, min_score, as_json, as_cs
             writer.writerow([hit.rank, f"{hit.score:.6f}", path_text(hit.path)])
     else:
         for hit in hits:
-            click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {printable(hit.path)}")
+            relevance = "" if hit.relevance is None else f"  {hit.relevance:.3f}"
+            click.echo(f"{hit.rank:>3}  {hit.score:.4f}{relevance}  {printable(hit.path)}")
 
 
 @main.command()
@@ -160,19 +182,67 @@ def info(index_path, as_json):
 
 @main.command()
 @INDEX_OPTION
-@click.option("--threshold", type=float, default=0.95, show_default=True, help="Minimum cosine similarity.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {score, a, b}.")
-def dups(index_path, threshold, as_json):
-    """Near-duplicate image pairs in an index, most similar first.
+@click.option("--threshold", type=float, default=0.9, show_default=True,
+              help="Look-alikes: minimum cosine similarity of two different images.")
+@click.option("--keep", type=click.Choice(["newest", "largest"]), default=None,
+              help="Print the files to delete (never deletes): all but the newest or largest of each exact and copy "
+              "group.")
+@click.option("--learn-from", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Indexed images copied (resized, recompressed, cropped, recoloured) to learn the copy threshold.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of that sample and its edits.")
+@click.option("--model", default=None, metavar="SPEC", help="Must name the index's model (default: the index's own).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: thresholds and groups (and delete).")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV: group, tier, score, path, size, width, height, modified.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write an HTML page of the groups.")
+def dups(index_path, threshold, keep, learn_from, seed, model, device, as_json, as_csv, html_path):
+    """Duplicates in three tiers: exact files, copies, look-alikes.
 
-    Example: clipxfer dups --index idx --threshold 0.95
+    \b
+    exact      the same bytes (SHA-256)
+    copy       the same image resized, recompressed, cropped a little or recoloured: the threshold is
+               learned from such copies of the index's own images, encoded with its model
+    lookalike  different images with cosine similarity >= --threshold
+
+    Example: clipxfer dups --index idx --keep newest --html dups.html
     """
     from ..index import Index
 
+    if as_json and as_csv:
+        raise ClipxferError("choose one of --json and --csv")
     with Index.open(index_path) as idx:
-        pairs = idx.duplicates(threshold)
+        idx.encoder(model, device=device)
+        report = idx.duplicate_groups(threshold, model, learn_from, seed)
+    delete = report.delete_list(keep) if keep else []
+    if html_path:
+        from ..index.html import groups_page
+        from ..paths import atomic_write_bytes
+
+        atomic_write_bytes(Path(html_path), groups_page(f"clipxfer: duplicates in {index_path or 'the index'}",
+                                                        report, keep).encode("utf-8"))
     if as_json:
-        emit_json([pair.to_dict() for pair in pairs])
+        emit_json(report.to_dict(keep))
         return
-    for pair in pairs:
-        click.echo(f"{pair.score:.4f}  {printable(pair.a)}  {printable(pair.b)}")
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["group", "tier", "score", "path", "size", "width", "height", "modified", "delete"])
+        doomed = set(delete)
+        for number, group in enumerate(report.groups, 1):
+            for member in group.members:
+                row = member.to_dict()
+                writer.writerow([number, group.tier, f"{group.score:.6f}", path_text(member.path), row["size"],
+                                 row["width"], row["height"], row["modified"], int(member.path in doomed)])
+        return
+    if keep:
+        for path in delete:
+            click.echo(printable(path))
+        click.echo(f"{len(delete)} files would be deleted (keeping the {keep} of each exact and copy group); "
+                   "nothing was deleted", err=True)
+        return
+    click.echo(f"copies: similarity >= {report.copy_threshold:.4f} and margin >= {report.copy_margin:.4f} (learned "
+               f"from {report.learned_from} edited copies, {report.space}); look-alikes >= {report.lookalike_threshold}",
+               err=True)
+    for number, group in enumerate(report.groups, 1):
+        click.echo(f"#{number} {group.tier} {group.score:.4f}")
+        for member in group.members:
+            click.echo(f"    {printable(member.path)}")

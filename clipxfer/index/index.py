@@ -21,10 +21,13 @@ import numpy as np
 
 from ..encoders.pipeline import DEFAULT_BATCH_SIZE
 from ..errors import ClipxferError
-from . import faiss_cache, store, vectors
+from . import faiss_cache, filtered, store, vectors
 from .errors import model_mismatch, rebuild_hint, reports_damage, sqlite_error
+from .filters import NO_FILTERS, Filters
 from .layout import DB_FILE, resolve_index_path
 from .lock import writer_pid
+from .query import parse_query, query_vector
+from .relevance import NULL_SAMPLE, check_min_relevance, query_nulls
 from .results import DuplicatePair, Hit, UpdateReport
 from .writer import update_index
 
@@ -57,6 +60,7 @@ class Index:
         self._conn = conn
         self._meta = meta
         self._faiss = None
+        self._null_sample: np.ndarray | None = None  # stored vectors the relevance null is fitted on
         self._cache_generation: str | None = None  # set when the FAISS file on disk is current
 
     # -- opening -------------------------------------------------------------------------
@@ -183,34 +187,106 @@ class Index:
         return encoder
 
     @reports_damage
-    def search_vectors(self, queries: np.ndarray, k: int = 10, min_score: float | None = None) -> list[list[Hit]]:
-        """Top-``k`` hits for each query row (unit vectors in this index's space)."""
+    def allowed_ids(self, filters: Filters | None) -> np.ndarray | None:
+        """Ids of the items passing ``filters`` (None when there is no filter)."""
+        if filters is None or not filters.active:
+            return None
+        return filters.allowed_ids(self._conn, self.root)
+
+    def _relevance_sample(self) -> np.ndarray:
+        if self._null_sample is None:
+            self._null_sample = store.sample_vectors(self._conn, self.dim, NULL_SAMPLE)
+        return self._null_sample
+
+    @reports_damage
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        min_score: float | None = None,
+        filters: Filters | None = None,
+        min_relevance: float | None = None,
+    ) -> list[list[Hit]]:
+        """Top-``k`` hits for each query row (unit vectors in this index's space).
+
+        ``filters`` restrict the search to the files passing them (inside the search: ``k`` hits
+        come back whenever ``k`` files pass); ``min_relevance`` keeps only hits whose score stands
+        out from the query's own scores over the index (see :mod:`clipxfer.index.relevance`) and
+        sets each hit's ``relevance``."""
         _check_search_options(k, min_score)
+        min_relevance = check_min_relevance(min_relevance)
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None]
         if queries.shape[1] != self.dim:
             raise ClipxferError(f"query vectors have {queries.shape[1]} dimensions, index {self.path} has {self.dim}")
         index = self._vectors()
-        if index.ntotal == 0:
+        allowed = self.allowed_ids(filters)
+        if index.ntotal == 0 or (allowed is not None and len(allowed) == 0):
             return [[] for _ in queries]
-        scores, ids = vectors.search(index, queries, k)
-        if not _scores_possible(index, queries, scores, ids):
-            # Only a damaged FAISS file gives these: rebuild it from SQLite and search again.
-            self._faiss = index = self._load_or_rebuild(trust_file=False)
+        if allowed is None:
             scores, ids = vectors.search(index, queries, k)
+            if not _scores_possible(index, queries, scores, ids):
+                # Only a damaged FAISS file gives these: rebuild it from SQLite and search again.
+                self._faiss = index = self._load_or_rebuild(trust_file=False)
+                scores, ids = vectors.search(index, queries, k)
+        else:
+            scores, ids = filtered.search_allowed(index, self._conn, self.dim, queries, k, allowed)
+        nulls = None
+        if min_relevance is not None:
+            total = index.ntotal if allowed is None else len(allowed)
+            nulls = query_nulls(queries, self._relevance_sample(), total)
         paths = store.paths_for(self._conn, {int(i) for i in ids.ravel() if i >= 0})
         results = []
-        for row_scores, row_ids in zip(scores, ids):
+        for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+            found = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in paths]
+            relevance = [None] * len(found) if nulls is None else nulls[row].relevance([s for s, _ in found])
             hits = []
-            for score, item_id in zip(row_scores, row_ids):
-                if item_id < 0 or int(item_id) not in paths:
-                    continue  # no neighbour, or removed since the FAISS index was loaded
+            for (score, item_id), level in zip(found, relevance):
                 if min_score is not None and score < min_score:
                     break
-                hits.append(Hit(len(hits) + 1, float(score), self.root / paths[int(item_id)], int(item_id)))
+                if min_relevance is not None and level < min_relevance:
+                    break
+                level = None if level is None else float(level)
+                hits.append(Hit(len(hits) + 1, score, self.root / paths[item_id], item_id, level))
             results.append(hits)
         return results
+
+    def search(
+        self,
+        query: str | None = None,
+        k: int = 10,
+        model=None,
+        images=(),
+        filters: Filters | None = None,
+        min_score: float | None = None,
+        min_relevance: float | None = None,
+    ) -> list[Hit]:
+        """Images best matching a query in the grammar of :mod:`clipxfer.index.query`
+        (``2*"red dress" - "long sleeves"``), after ``images`` (paths, PIL images or arrays, each
+        one term of weight 1); the query may then start with + or -."""
+        from .query import Term
+        from .textcache import cached_text_embeddings
+
+        images = list(images)
+        if not images and (query is None or not str(query).strip()):
+            raise ClipxferError("the search query is empty: give some words describing the images to find")
+        _check_search_options(k, min_score)
+        check_min_relevance(min_relevance)
+        sources = {(str(image) if isinstance(image, (str, os.PathLike)) else f"<image {i + 1}>"): image
+                   for i, image in enumerate(images)}
+        terms = [Term(1.0, "image", name) for name in sources]
+        if query is not None and str(query).strip():
+            terms += parse_query(str(query))  # after images, a leading sign is optional: "- blurry"
+        encoder = self.encoder(model)
+
+        def encode_image(value: str) -> np.ndarray:
+            if value not in sources and not Path(value).is_file():
+                raise ClipxferError(f"image:{value}: no such image file; give the path of an image to search by")
+            return encoder.encode_images([sources.get(value, Path(value))])[0]
+
+        vector = query_vector(terms, lambda texts: cached_text_embeddings(encoder, texts), encode_image)
+        return self.search_vectors(vector, k, min_score, filters or NO_FILTERS, min_relevance)[0]
 
     def search_text(self, query: str, k: int = 10, model=None, min_score: float | None = None) -> list[Hit]:
         """Images best matching a text query (its embedding is cached on disk)."""
@@ -246,6 +322,17 @@ class Index:
                         pairs.append(DuplicatePair(float(score), self.root / paths[i], self.root / paths[j]))
         pairs.sort(key=lambda p: (-p.score, str(p.a), str(p.b)))
         return pairs
+
+    @reports_damage
+    def duplicate_groups(self, threshold: float = 0.95, model=None, learn_sample: int | None = None, seed: int = 0):
+        """Exact files, copies (threshold learned from edited copies of this index's images, encoded
+        with ``model``) and look-alikes (embedding similarity >= ``threshold``) as a
+        :class:`~clipxfer.index.duplicates.DuplicateReport` (see :mod:`clipxfer.index.duplicates`)."""
+        from .duplicates import LEARN_SAMPLE, find_duplicates
+
+        feature_dim = int(self._meta["feature_dim"]) if self._meta.get("store_features") == "1" else None
+        return find_duplicates(self._conn, self.root, self.dim, feature_dim, self.encoder(model), float(threshold),
+                               LEARN_SAMPLE if learn_sample is None else learn_sample, seed)
 
     @reports_damage
     def info(self) -> dict:

@@ -16,10 +16,14 @@ class Hit:
     score: float
     path: Path
     id: int
+    relevance: float | None = None  # 1 - q-value, when a relevance cutoff was asked for
 
     def to_dict(self) -> dict:
-        """The stable JSON form: ``rank``, ``score``, ``path``."""
-        return {"rank": self.rank, "score": round(self.score, 6), "path": str(self.path)}
+        """The stable JSON form: ``rank``, ``score``, ``path`` (and ``relevance`` when computed)."""
+        data = {"rank": self.rank, "score": round(self.score, 6), "path": str(self.path)}
+        if self.relevance is not None:
+            data["relevance"] = round(self.relevance, 6)
+        return data
 
 
 @dataclass

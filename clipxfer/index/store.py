@@ -195,6 +195,28 @@ def vectors(conn: sqlite3.Connection, dim: int, feature_dim: int | None = None):
     return np.asarray(ids, dtype=np.int64), paths, emb, feats
 
 
+def vectors_for(conn: sqlite3.Connection, ids: Iterable[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, embeddings)`` of the rows among ``ids`` still present, by id."""
+    ids = sorted({int(i) for i in ids})
+    found, blobs = [], []
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        marks = ",".join("?" * len(part))
+        for item_id, blob in conn.execute(f"SELECT id, embedding FROM items WHERE id IN ({marks}) ORDER BY id", part):
+            found.append(item_id)
+            blobs.append(blob)
+    embeddings = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found), dim)
+    return np.asarray(found, dtype=np.int64), embeddings
+
+
+def sample_vectors(conn: sqlite3.Connection, dim: int, limit: int) -> np.ndarray:
+    """Embeddings of up to ``limit`` rows spread evenly over the ids (all rows when fewer)."""
+    ids = [row[0] for row in conn.execute("SELECT id FROM items ORDER BY id")]
+    if len(ids) > limit:
+        ids = [ids[i] for i in np.linspace(0, len(ids) - 1, limit).round().astype(int)]
+    return vectors_for(conn, ids, dim)[1]
+
+
 def paths_for(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, str]:
     """id -> relative path for the ids still present."""
     ids = [int(i) for i in ids]

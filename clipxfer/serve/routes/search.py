@@ -9,13 +9,15 @@ import io
 import os
 from pathlib import Path
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query, UploadFile
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ClipxferError, ImageDecodeError
 from ...images import open_image_bytes
+from ...index.filters import Filters
 from ...paths import path_text
+from ..search_query import combined_vector, filter_params, is_plain_text, relevance_param, text_terms
 from ..state import NotFound, ServeState
 from ..thumbnails import LARGE_SIZE
 from ..uploads import decode_upload, read_upload
@@ -49,22 +51,31 @@ def unreadable_is_404(make, item_id_or_path, *args):
 def add_search_routes(router: APIRouter, state: ServeState) -> None:
     """Add ``/api/search``, ``/api/search/image``, ``/api/similar``, ``/api/items``, ``/api/thumb``, ``/api/image`` to ``router``."""
     @router.get("/api/search")
-    async def search(q: str = Query(..., min_length=1, max_length=1000), k: int = 20, min_score: float | None = None):
-        """Images matching a text query: ``search --json`` rows plus ``id`` and ``name``."""
+    async def search(q: str = Query(..., min_length=1, max_length=1000), k: int = 20, min_score: float | None = None,
+                     filters: Filters = Depends(filter_params), min_relevance: float | None = Depends(relevance_param)):
+        """Images matching a query (text, or terms joined by + and -: ``2*"red" - blurry``), optionally
+        filtered and cut at a relevance level: ``search --json`` rows plus ``id`` and ``name``."""
         check_k(k)
-        vector = state.remembered_text_vector(q)
+        terms = text_terms(q)
+        vector = state.remembered_text_vector(q) if is_plain_text(terms) else None
         if vector is None:
-            vector = await run_in_threadpool(state.text_vector, q)
-        return hits_json(state.index().search_vectors(vector, k, min_score)[0])
+            vector = await run_in_threadpool(combined_vector, state, terms)
+        return hits_json(state.index().search_vectors(vector, k, min_score, filters, min_relevance)[0])
 
     @router.post("/api/search/image")
-    async def search_image(file: UploadFile = File(...), k: int = 20, min_score: float | None = None):
-        """Images similar to an uploaded image."""
+    async def search_image(file: UploadFile = File(...), k: int = 20, min_score: float | None = None,
+                           q: str | None = Query(None, max_length=1000), filters: Filters = Depends(filter_params),
+                           min_relevance: float | None = Depends(relevance_param)):
+        """Images similar to an uploaded image, plus or minus the terms of ``q`` (``- blurry``)."""
         check_k(k)
+        terms = text_terms(q)
         data = await read_upload(file, state.config.max_upload_bytes)
         image = await run_in_threadpool(decode_upload, data)
         encoding = await run_in_threadpool(state.encoder.embed_images, [image])
-        return hits_json(state.index().search_vectors(encoding.embeddings, k, min_score)[0])
+        vector = encoding.embeddings
+        if terms:
+            vector = await run_in_threadpool(combined_vector, state, terms, encoding.embeddings[0])
+        return hits_json(state.index().search_vectors(vector, k, min_score, filters, min_relevance)[0])
 
     @router.get("/api/similar/{item_id}")
     async def similar(item_id: int, k: int = 20):

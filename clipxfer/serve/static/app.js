@@ -100,26 +100,45 @@ function refreshCardLabels() {
 }
 
 // ---------------------------------------------------------------- search
+let lastImage = null;  // the last image searched by: a query starting with + or - then adds to it
+
+function searchParams(extra) {
+  const params = new URLSearchParams({ k: "24", ...extra });
+  const fields = { path: "f-path", modified_after: "f-after", modified_before: "f-before",
+                   min_width: "f-minw", min_height: "f-minh" };
+  for (const [name, id] of Object.entries(fields)) {
+    const value = $(id).value.trim();
+    if (value) params.set(name, value);
+  }
+  if ($("f-relevant").checked) params.set("min_relevance", "0.95");
+  return params.toString();
+}
+
 async function textSearch(query) {
+  if (lastImage && /^\s*[+-]/.test(query)) { imageSearch(lastImage, query); return; }
+  lastImage = null;
   const seq = ++searchSeq;
   if (!query.trim()) { showResults([], ""); return; }
   setStatus("searching…");
   try {
-    const hits = await api("/api/search?k=24&q=" + encodeURIComponent(query));
+    const hits = await api("/api/search?" + searchParams({ q: query }));
     if (seq === searchSeq) showResults(hits, hits.length + " results");
   } catch (error) {
     if (seq === searchSeq) setStatus("error: " + error.message);
   }
 }
 
-async function imageSearch(file) {
+async function imageSearch(file, query) {
   const seq = ++searchSeq;
+  lastImage = file;
   setStatus("searching by image…");
   const form = new FormData();
   form.append("file", file, file.name || "pasted-image");
+  const extra = query && query.trim() ? { q: query } : {};
   try {
-    const hits = await api("/api/search/image?k=24", { method: "POST", body: form });
-    if (seq === searchSeq) showResults(hits, "images like " + (file.name || "the pasted image"));
+    const hits = await api("/api/search/image?" + searchParams(extra), { method: "POST", body: form });
+    const note = "images like " + (file.name || "the pasted image") + (extra.q ? " " + extra.q : "");
+    if (seq === searchSeq) showResults(hits, note);
   } catch (error) {
     if (seq === searchSeq) setStatus("error: " + error.message);
   }
@@ -131,6 +150,9 @@ $("q").addEventListener("input", (event) => {
   const value = event.target.value;
   debounce = setTimeout(() => textSearch(value), 150);
 });
+for (const id of ["f-path", "f-after", "f-before", "f-minw", "f-minh", "f-relevant"]) {
+  $(id).addEventListener("change", () => (lastImage ? imageSearch(lastImage, $("q").value) : textSearch($("q").value)));
+}
 $("upload").addEventListener("change", (event) => { if (event.target.files[0]) imageSearch(event.target.files[0]); });
 
 document.addEventListener("dragover", (event) => { event.preventDefault(); $("dropzone").hidden = false; });
