@@ -63,9 +63,10 @@ def build_index(folder: Path, size: int, seed: int = 0) -> Path:
         ids.append(store.insert(conn, values, row, None))
     version = store.bump_version(conn)
     conn.commit()
+    generation = store.get_metadata(conn)["generation"]
     conn.close()
     index = vectors.build(vectors.factory_string("hnsw", size, encoder.dim), data, np.asarray(ids), encoder.dim)
-    vectors.save(index, folder / f"vectors-{version}.faiss")
+    vectors.save(index, folder / f"vectors-{version}.faiss", generation)
     return folder
 
 

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import ClipxferError, ImageDecodeError
 from ...images import open_image_bytes
 from ...paths import path_text
+from ..responses import SafeJSONResponse
 from ..state import NotFound, ServeState
 from ..thumbnails import LARGE_SIZE
 from ..uploads import decode_upload, read_upload
@@ -54,7 +55,8 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
         vector = state.remembered_text_vector(q)
         if vector is None:
             vector = await run_in_threadpool(state.text_vector, q)
-        return hits_json(state.index().search_vectors(vector, k, min_score)[0])
+        # A response, not a list: FastAPI would walk every row through jsonable_encoder first.
+        return SafeJSONResponse(hits_json(state.index().search_vectors(vector, k, min_score)[0]))
 
     @router.post("/api/search/image")
     async def search_image(file: UploadFile = File(...), k: int = 20, min_score: float | None = None):
@@ -63,7 +65,7 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
         data = await read_upload(file, state.config.max_upload_bytes)
         image = await run_in_threadpool(decode_upload, data)
         encoding = await run_in_threadpool(state.encoder.embed_images, [image])
-        return hits_json(state.index().search_vectors(encoding.embeddings, k, min_score)[0])
+        return SafeJSONResponse(hits_json(state.index().search_vectors(encoding.embeddings, k, min_score)[0]))
 
     @router.get("/api/similar/{item_id}")
     async def similar(item_id: int, k: int = 20):
@@ -75,7 +77,7 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
         rows = hits_json(hits)
         for rank, row in enumerate(rows, 1):
             row["rank"] = rank
-        return rows
+        return SafeJSONResponse(rows)
 
     @router.get("/api/items/{item_id}")
     async def item(item_id: int):
