@@ -35,6 +35,13 @@ def test_responses_render_numpy_and_surrogates():
     assert body == b'{"score":0.5,"n":3,"path":"caf\\\\xe9.jpg","7":"seven"}'
 
 
+def test_responses_without_orjson_still_show_surrogates(monkeypatch):
+    from clipxfer.serve import responses
+
+    monkeypatch.setattr(responses, "orjson", None)
+    assert SafeJSONResponse({"path": "caf\udce9.jpg"}).body == b'{"path":"caf\\\\xe9.jpg"}'
+
+
 def test_config_survives_the_environment(tmp_path):
     config = ServeConfig(index=tmp_path / "i", heads=[tmp_path / "h.safetensors"], labels=tmp_path / "l.json",
                          token="secret-token", allowed_hosts=["box"], labels_read_only=True, max_upload_bytes=123)
