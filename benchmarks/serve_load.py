@@ -4,10 +4,15 @@ HNSW index, for cached text queries, uncached text queries and image uploads.
 The index is synthetic: lite's model id and 384-d unit vectors (benchmarks/search.py's recipe)
 written through clipxfer's store API, so the server loads it like any index and encodes real
 text queries with lite. Each phase is bounded (a fixed number of requests, and a time limit).
-Reports q/s, p50, p99, errors and the server's resident memory; interleaves rounds of
-``/api/health`` (the same HTTP stack with no search) as the in-process baseline. Prints JSON.
 
-    python benchmarks/serve_load.py --size 100000 --clients 50 --requests 2000
+Closed loop: N clients, each sending its next request when the last is answered; interleaves rounds
+of ``/api/health`` (the same HTTP stack with no search) as the in-process baseline. Open loop: cached
+text queries arriving at fixed rates (``--rates``), each sent on schedule whatever the server's
+state, latency counted from the scheduled time (so queueing shows); the rates stop rising once the
+server falls behind (saturation). Image uploads are measured closed-loop on their own. Reports
+q/s, p50, p99, errors and the server's resident memory (all workers). Prints JSON.
+
+    python benchmarks/serve_load.py --size 100000 --clients 50 --requests 2000 --workers 2
 """
 
 from __future__ import annotations
@@ -63,9 +68,10 @@ def build_index(folder: Path, size: int, seed: int = 0) -> Path:
         ids.append(store.insert(conn, values, row, None))
     version = store.bump_version(conn)
     conn.commit()
+    generation = store.get_metadata(conn)["generation"]
     conn.close()
     index = vectors.build(vectors.factory_string("hnsw", size, encoder.dim), data, np.asarray(ids), encoder.dim)
-    vectors.save(index, folder / f"vectors-{version}.faiss")
+    vectors.save(index, folder / f"vectors-{version}.faiss", generation)
     return folder
 
 
@@ -82,6 +88,18 @@ def rss_mib(pid: int) -> tuple[float, float]:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of ``pid`` (uvicorn --workers), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
 
 
 async def run_phase(url: str, clients: int, total: int, make_request, time_limit: float) -> dict:
@@ -119,6 +137,36 @@ async def run_phase(url: str, clients: int, total: int, make_request, time_limit
     return {"requests": len(ms), "errors": errors, "error_kinds": kinds, "seconds": round(elapsed, 2),
             "qps": round(len(ms) / elapsed, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+async def run_open_loop(url: str, rate: float, seconds: float, make_request) -> dict:
+    """Requests sent at ``rate`` per second for ``seconds``, on schedule (open loop)."""
+    import httpx
+
+    latencies: list[float] = []
+    kinds: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        start = time.perf_counter()
+
+        async def one(i: int):
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            try:
+                response = await make_request(client, i)
+                kind = None if response.status_code == 200 else f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                kind = type(exc).__name__
+            latencies.append(time.perf_counter() - due)
+            if kind:
+                kinds[kind] = kinds.get(kind, 0) + 1
+
+        await asyncio.gather(*(one(i) for i in range(int(rate * seconds))))
+        elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"rate": rate, "requests": len(ms), "errors": sum(kinds.values()), "error_kinds": kinds,
+            "seconds": round(elapsed, 2), "qps": round(len(ms) / elapsed, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
 def sample_jpegs() -> list[bytes]:
@@ -162,9 +210,16 @@ async def benchmark(url: str, pid: int, args) -> dict:
         base = await run_phase(url, args.clients, args.requests, health, args.time_limit)
         text = await run_phase(url, args.clients, args.requests, cached, args.time_limit)
         results["rounds"].append({"round": round_no + 1, "health": base, "cached_text": text})
+    results["open_loop_cached_text"] = []
+    for rate in args.rates:
+        phase = await run_open_loop(url, rate, args.rate_seconds, cached)
+        results["open_loop_cached_text"].append(phase)
+        if phase["qps"] < 0.9 * rate or phase["p99_ms"] > 5000:
+            break  # saturated: higher rates only queue longer
     results["uncached_text"] = await run_phase(url, args.clients, args.uncached_requests, uncached, args.time_limit)
     results["image_upload"] = await run_phase(url, args.upload_clients, args.upload_requests, upload, args.time_limit)
-    results["server_rss_mib"], results["server_peak_rss_mib"] = (round(v) for v in rss_mib(pid))
+    pids = [pid, *children(pid)]
+    results["server_rss_mib"] = round(sum(rss_mib(p)[0] for p in pids))
     return results
 
 
@@ -179,6 +234,10 @@ def main() -> None:
     parser.add_argument("--upload-clients", type=int, default=8)
     parser.add_argument("--upload-requests", type=int, default=100)
     parser.add_argument("--time-limit", type=float, default=120.0, help="Seconds per phase at most.")
+    parser.add_argument("--rates", type=lambda text: [float(r) for r in text.split(",")],
+                        default=[50, 100, 200, 400, 800, 1600], help="Open-loop arrival rates (q/s), comma-separated.")
+    parser.add_argument("--rate-seconds", type=float, default=10.0, help="Seconds per open-loop rate.")
+    parser.add_argument("--workers", type=int, default=1, help="clipxfer serve --workers.")
     args = parser.parse_args()
 
     index = build_index(Path(args.index), args.size)
@@ -186,7 +245,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     labels = Path(args.index).parent / "labels.json"
     server = subprocess.Popen([sys.executable, "-m", "clipxfer", "serve", "--index", str(index), "--host", "127.0.0.1",
-                               "--port", str(port), "--labels", str(labels)], env=env)
+                               "--port", str(port), "--labels", str(labels), "--workers", str(args.workers)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -212,7 +271,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, flags {' '.join(flags)}",
         "load_average": os.getloadavg(),
-        "size": args.size, "clients": args.clients, "server_startup_s": round(startup, 1),
+        "size": args.size, "clients": args.clients, "workers": args.workers, "server_startup_s": round(startup, 1),
         **results,
     }, indent=1))
 

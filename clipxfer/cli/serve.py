@@ -34,8 +34,11 @@ from .index import INDEX_OPTION
 @click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20, show_default=True,
               help="Largest accepted upload.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server processes on the port, each with its own copy of the index; above 1 the labels are "
+              "read-only (label with --workers 1).")
 def serve(index_path, heads, detector, host, port, token, allowed_hosts, labels_path, label_method, refit_every,
-          max_upload_mb, device):
+          max_upload_mb, device, workers):
     """Serve the HTTP API (OpenAPI at /docs) and the web page for searching and labelling an index.
 
     Example: clipxfer serve --index photos-index --head probe.safetensors --port 8000
@@ -53,7 +56,7 @@ def serve(index_path, heads, detector, host, port, token, allowed_hosts, labels_
     )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"clipxfer serve: http://{shown}:{port}/ (API docs at /docs); Ctrl-C stops", err=True)
-    run_server(config, host=host, port=port)
+    run_server(config, host=host, port=port, workers=workers)
 
 
 @main.command()

@@ -25,3 +25,24 @@ class ServeConfig:
     #: Host names besides localhost and loopback addresses that requests may be addressed to
     #: (``--allow-host``): a name for this machine, or the public name of a reverse proxy.
     allowed_hosts: list[str] = field(default_factory=list)
+    #: Refuse label changes (409): set for ``--workers`` above 1, where each process would hold its
+    #: own copy of the labels and only one may write the file.
+    labels_read_only: bool = False
+
+    def to_json(self) -> str:
+        """This config as JSON (handed to ``--workers`` processes through the environment)."""
+        import json
+
+        return json.dumps({key: [str(v) for v in value] if isinstance(value, list) else
+                           (str(value) if isinstance(value, Path) else value) for key, value in vars(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        """The config :meth:`to_json` wrote."""
+        import json
+
+        data = json.loads(text)
+        for key in ("index", "detector", "labels"):
+            data[key] = Path(data[key]) if data[key] is not None else None
+        data["heads"] = [Path(h) for h in data["heads"]]
+        return cls(**data)

@@ -106,8 +106,9 @@ class LabelStore:
     undo never brings back a label whose class is gone. Methods are thread-safe.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, read_only: str | None = None):
         self.path = Path(path)
+        self.read_only = read_only  # why changes are refused, or None
         self._lock = threading.Lock()
         self._file_lock = LabelFileLock(self.path)
         self.classes: list[str] = []
@@ -129,6 +130,8 @@ class LabelStore:
 
     def _begin_change(self) -> None:
         """Before any change: hold the file lock; when just taken, start from what is on disk."""
+        if self.read_only:
+            raise LabelsNotWritable(self.read_only)
         if self._file_lock.acquire() and self.path.is_file():
             self._read()
 

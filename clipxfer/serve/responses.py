@@ -1,4 +1,5 @@
-"""The app's JSON responses: file names that are not UTF-8 shown, not a 500.
+"""The app's JSON responses: rendered by orjson (several times faster than ``json`` on search hits,
+a cost every answer pays), and file names that are not UTF-8 shown, not a 500.
 
 Linux allows any bytes in a file name; Python holds the ones that are not UTF-8 as surrogate
 escapes (``os.fsdecode``), which JSON's UTF-8 cannot encode. Every JSON answer goes through
@@ -15,6 +16,13 @@ from fastapi.responses import JSONResponse
 
 from ..paths import path_text
 
+try:
+    import orjson
+except ImportError:  # an install from before orjson joined the serve extra: the standard encoder
+    orjson = None
+
+ORJSON_OPTIONS = (orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS) if orjson else 0
+
 
 def displayable(value: Any) -> Any:
     """``value`` with every string that holds surrogate escapes replaced by its display form."""
@@ -28,10 +36,15 @@ def displayable(value: Any) -> Any:
 
 
 class SafeJSONResponse(JSONResponse):
-    """A JSONResponse whose strings need not be valid Unicode."""
+    """A JSONResponse rendered by orjson whose strings need not be valid Unicode."""
 
     def render(self, content: Any) -> bytes:
+        if orjson is None:
+            try:
+                return super().render(content)
+            except UnicodeEncodeError:  # rare: only then is the content walked
+                return super().render(displayable(content))
         try:
-            return super().render(content)
-        except UnicodeEncodeError:  # rare: only then is the content walked
-            return super().render(displayable(content))
+            return orjson.dumps(content, option=ORJSON_OPTIONS)
+        except orjson.JSONEncodeError:  # surrogate escapes (rare: only then is the content walked)
+            return orjson.dumps(displayable(content), option=ORJSON_OPTIONS)

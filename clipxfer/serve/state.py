@@ -18,6 +18,8 @@ from .thumbnails import ThumbnailCache
 
 #: Text query embeddings kept in memory (on top of the on-disk text cache).
 TEXT_CACHE_SIZE = 4096
+READ_ONLY_LABELS = ("labels are read-only under --workers above 1 (each worker process would hold its own copy); "
+                    "start clipxfer serve with --workers 1 to label")
 
 
 class NotFound(ClipxferError):
@@ -80,8 +82,8 @@ class ServeState:
         self.detector = load_detector(Path(config.detector), self.model_id) if config.detector else None
         self.thumbnails = ThumbnailCache(self.index_path)
         labels_path = Path(config.labels) if config.labels else self.index_path / LABEL_FILE
-        self.session = LabellingSession(self.catalog, self.encoder, LabelStore(labels_path), config.label_method,
-                                        config.refit_every)
+        store = LabelStore(labels_path, read_only=READ_ONLY_LABELS if config.labels_read_only else None)
+        self.session = LabellingSession(self.catalog, self.encoder, store, config.label_method, config.refit_every)
         self._local = threading.local()
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_lock = threading.Lock()

@@ -17,6 +17,7 @@ from ...errors import ClipxferError, ImageDecodeError
 from ...images import open_image_bytes
 from ...index.filters import Filters
 from ...paths import path_text
+from ..responses import SafeJSONResponse
 from ..search_query import combined_vector, filter_params, is_plain_text, relevance_param, text_terms
 from ..state import NotFound, ServeState
 from ..thumbnails import LARGE_SIZE
@@ -60,7 +61,9 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
         vector = state.remembered_text_vector(q) if is_plain_text(terms) else None
         if vector is None:
             vector = await run_in_threadpool(combined_vector, state, terms)
-        return hits_json(state.index().search_vectors(vector, k, min_score, filters, min_relevance)[0])
+        # A response, not a list: FastAPI would walk every row through jsonable_encoder first.
+        hits = state.index().search_vectors(vector, k, min_score, filters, min_relevance)[0]
+        return SafeJSONResponse(hits_json(hits))
 
     @router.post("/api/search/image")
     async def search_image(file: UploadFile = File(...), k: int = 20, min_score: float | None = None,
@@ -75,7 +78,8 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
         vector = encoding.embeddings
         if terms:
             vector = await run_in_threadpool(combined_vector, state, terms, encoding.embeddings[0])
-        return hits_json(state.index().search_vectors(vector, k, min_score, filters, min_relevance)[0])
+        hits = state.index().search_vectors(vector, k, min_score, filters, min_relevance)[0]
+        return SafeJSONResponse(hits_json(hits))
 
     @router.get("/api/similar/{item_id}")
     async def similar(item_id: int, k: int = 20):
@@ -87,7 +91,7 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
         rows = hits_json(hits)
         for rank, row in enumerate(rows, 1):
             row["rank"] = rank
-        return rows
+        return SafeJSONResponse(rows)
 
     @router.get("/api/items/{item_id}")
     async def item(item_id: int):

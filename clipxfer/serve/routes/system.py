@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from ... import __version__
+from ..responses import SafeJSONResponse
 from ..state import ServeState
 
 
@@ -16,7 +17,8 @@ def add_system_routes(router: APIRouter, state: ServeState) -> None:
     @router.get("/api/health")
     async def health():
         """Liveness: the model and the number of indexed images."""
-        return {"status": "ok", "model": state.model_id, "count": len(state.catalog), "version": __version__}
+        return SafeJSONResponse({"status": "ok", "model": state.model_id, "count": len(state.catalog),
+                                 "version": __version__})
 
     @router.get("/api/info")
     async def info():
