@@ -6,11 +6,9 @@ import logging
 import sys
 from functools import lru_cache
 from pathlib import Path
-
-import open_clip
+from typing import TYPE_CHECKING
 
 from ..errors import ClipxferError
-from .base import Encoder
 from .ids import (
     DEFAULT_MODEL,
     LITE,
@@ -22,6 +20,9 @@ from .ids import (
     split_adapter_spec,
 )  # fmt: skip
 
+if TYPE_CHECKING:
+    from .base import Encoder
+
 SPEC_HELP = (
     "use 'lite' (offline), 'tiny' (tests), a MODEL:PRETRAINED pair from 'clipxfer models', "
     "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME; "
@@ -31,6 +32,8 @@ SPEC_HELP = (
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
     """``'ViT-B-32:laion2b_s34b_b79k'`` -> (model, tag); a bare model name gets its first tag."""
+    import open_clip
+
     if spec.startswith("hf-hub:"):
         return spec, None
     model, _, tag = spec.partition(":")
@@ -157,7 +160,7 @@ BACKENDS = [
 
 def available_models() -> dict:
     """Backends, every open_clip ``model:pretrained`` pair with its cached flag, and the default."""
-    from .openclip import list_pretrained_pairs
+    from .catalog import list_pretrained_pairs
 
     pairs = list_pretrained_pairs()
     default_cached = any(p["spec"] == DEFAULT_MODEL and p["cached"] for p in pairs)

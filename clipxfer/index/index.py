@@ -251,7 +251,8 @@ class Index:
     def info(self) -> dict:
         """Model id, count, dimensions, index type, bytes on disk, last update (stable keys)."""
         self._meta = store.get_metadata(self._conn)
-        index = self._vectors()
+        # A current cache file names its own type; only an old or stale one needs faiss to tell.
+        factory = faiss_cache.current_factory(self.path, self._conn) or vectors.describe(self._vectors())
 
         def iso(stamp: str | None):
             return datetime.fromtimestamp(float(stamp), timezone.utc).isoformat(timespec="seconds") if stamp else None
@@ -265,7 +266,7 @@ class Index:
             "dim": self.dim,
             "feature_dim": int(self._meta["feature_dim"]),
             "index_type": self.index_type,
-            "faiss": vectors.describe(index),
+            "faiss": factory,
             "bytes_on_disk": sum(p.stat().st_size for p in self.path.iterdir() if p.is_file()),
             "created": iso(self._meta.get("created")),
             "updated": iso(self._meta.get("updated")),
