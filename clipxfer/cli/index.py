@@ -115,11 +115,11 @@ def search(query, image, k, index_path, model, device, min_score, as_json, as_cs
     if as_json and as_csv:
         raise ClipxferError("choose one of --json and --csv")
     with Index.open(index_path) as idx:
-        encoder = idx.encoder(model, device=device)
         if image is not None:
-            hits = idx.search_image(Path(image), k, encoder, min_score)
+            hits = idx.search_image(Path(image), k, idx.encoder(model, device=device), min_score)
         else:
-            hits = idx.search_text(query, k, encoder, min_score)
+            # A cached query loads no model; a new one only the text tower.
+            hits = idx.search_text(query, k, model, min_score, device=device)
     if html_path:
         from ..index.html import results_page
         from ..paths import atomic_write_bytes

@@ -79,11 +79,28 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
     return encoder
 
 
-def _load_torch_encoder(spec: str | None, device: str | None, precision: str) -> Encoder:
+def load_text_encoder(spec: str | None = None, device: str | None = None, precision: str | None = None) -> Encoder:
+    """The encoder named by ``spec``, loaded to embed text queries only: its text tower runs as in
+    :func:`load_encoder` (same device and torch precision, so the same vectors), but no OpenVINO
+    image tower is compiled and ``lite`` leaves out its image model. Its id is the weights id
+    (no ``@int8`` mark: int8 applies to the image tower only).
+    open_clip checkpoints hold both towers in one file, so an open_clip model still loads both.
+    """
+    from ..device import choose_compute, choose_device, precision_name
+
+    compute = choose_compute(choose_device(device), precision)
+    torch_precision = compute.precision if compute.runtime == "torch" else "fp32"
+    encoder = _load_torch_encoder(spec, device, torch_precision, text_only=True)
+    encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
+    return encoder
+
+
+def _load_torch_encoder(spec: str | None, device: str | None, precision: str, text_only: bool = False) -> Encoder:
     from .lite import LiteEncoder
-    from .openclip import MissingWeightsError, OpenClipEncoder
 
     if spec in (None, "", "default"):
+        from .openclip import MissingWeightsError
+
         try:
             return _load_torch_encoder(DEFAULT_MODEL, device, precision)
         except MissingWeightsError:
@@ -92,7 +109,7 @@ def _load_torch_encoder(spec: str | None, device: str | None, precision: str) ->
                 "(far weaker than CLIP). Pass --model to choose.",
                 file=sys.stderr,
             )
-            return LiteEncoder(device, precision)
+            return LiteEncoder(device, precision, text_only=text_only)
     base_spec, adapter = split_adapter_spec(spec)
     if adapter is not None:
         from .adapter import load_adapted
@@ -101,7 +118,9 @@ def _load_torch_encoder(spec: str | None, device: str | None, precision: str) ->
         remember_adapted_spec(encoder.id, adapter_spec(base_spec, str(Path(adapter).resolve())))
         return encoder
     if spec == LITE:
-        return LiteEncoder(device, precision)
+        return LiteEncoder(device, precision, text_only=text_only)
+    from .openclip import OpenClipEncoder  # after lite: importing open_clip costs seconds
+
     if spec == TINY:
         return _quiet(OpenClipEncoder, TINY_MODEL, None, device, precision)
     model, tag = _split_spec(spec)
@@ -139,6 +158,12 @@ def _quiet(factory, *args):
         return factory(*args)
     finally:
         root.setLevel(previous)
+
+
+@lru_cache(maxsize=4)
+def cached_text_encoder(spec: str | None = None, device: str | None = None, precision: str | None = None) -> Encoder:
+    """:func:`load_text_encoder`, memoised per process."""
+    return load_text_encoder(spec, device, precision)
 
 
 @lru_cache(maxsize=4)

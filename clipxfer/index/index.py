@@ -212,15 +212,38 @@ class Index:
             results.append(hits)
         return results
 
-    def search_text(self, query: str, k: int = 10, model=None, min_score: float | None = None) -> list[Hit]:
-        """Images best matching a text query (its embedding is cached on disk)."""
-        from .textcache import cached_text_embeddings
+    def text_encoder(self, model: str | None = None, device: str | None = None, precision: str | None = None):
+        """This index's encoder loaded for text queries only (see
+        :func:`clipxfer.encoders.registry.load_text_encoder`); ``model`` must name this index's model."""
+        from ..encoders.ids import weights_id
+        from ..encoders.registry import cached_text_encoder, precision_for_id
+
+        encoder = cached_text_encoder(model or self.model_spec, device, precision_for_id(self.model_id, precision))
+        if weights_id(encoder.id) != weights_id(self.model_id):
+            raise model_mismatch(self.path, self.model_id, self.model_spec, encoder.id)
+        return encoder
+
+    def search_text(
+        self, query: str, k: int = 10, model=None, min_score: float | None = None, device: str | None = None
+    ) -> list[Hit]:
+        """Images best matching a text query. Query embeddings are cached on disk: a repeated query
+        loads no model, a new one only the text tower. ``model``: an encoder, or a spec that must
+        name this index's model (checked by loading it, unless it is the index's own spec)."""
+        from .textcache import cached_texts
 
         if not isinstance(query, str) or not query.strip():
             raise ClipxferError("the search query is empty: give some words describing the images to find")
         _check_search_options(k, min_score)
-        encoder = self.encoder(model)
-        return self.search_vectors(cached_text_embeddings(encoder, [query]), k, min_score)[0]
+        if model is not None and not isinstance(model, str):
+            encode = self.encoder(model).encode_texts
+        else:
+            if model not in (None, self.model_spec):
+                self.text_encoder(model, device)  # another name for this model, or a wrong one: say so first
+
+            def encode(texts):
+                return self.text_encoder(model, device).encode_texts(texts)
+
+        return self.search_vectors(cached_texts(self.model_id, self.dim, [query], encode), k, min_score)[0]
 
     def search_image(self, image, k: int = 10, model=None, min_score: float | None = None) -> list[Hit]:
         """Images most similar to ``image`` (a path, PIL image or uint8 array)."""
