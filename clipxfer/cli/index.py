@@ -48,9 +48,10 @@ INDEX_OPTION = click.option(
     " then the rest encoded from FOLDER.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and failed files as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def index_command(
     folder, index_path, from_embeddings, model, device, precision, index_type, workers, batch_size, fail_fast, rebuild,
-    as_json,
+    as_json, quiet,
 ):
     """Index the images below FOLDER (again: only new and changed files are encoded).
 
@@ -63,7 +64,7 @@ def index_command(
     if from_embeddings is not None:
         from .embed import ingest_embeddings
 
-        return ingest_embeddings(from_embeddings, index_path, index_type, as_json)
+        return ingest_embeddings(from_embeddings, index_path, index_type, as_json, quiet)
 
     report = Index.update(
         folder,
@@ -73,7 +74,7 @@ def index_command(
         workers=workers,
         batch_size=batch_size,
         fail_fast=fail_fast,
-        progress=True,
+        progress=not quiet,
         device=device,
         precision=None if precision == "auto" else precision,
         rebuild=rebuild,
