@@ -72,16 +72,10 @@ def suggest(index_path, head_path, n, strategy, diversity, exclude_csv, as_json)
 
     exclude = None
     if exclude_csv:
-        import pandas as pd
+        from ..datasets.labelled import manifest_paths
 
-        table = pd.read_csv(exclude_csv)
-        if "path" not in table.columns:
-            from ..errors import ClipxferError
-
-            raise ClipxferError(f"{exclude_csv}: no 'path' column; give a CSV manifest (path,label)")
-        base = Path(exclude_csv).resolve().parent
-        exclude = [str(p if Path(p).is_absolute() else base / p) for p in table["path"].astype(str)]
-    picks = run_suggest(index_path, head_path, n, strategy, diversity, exclude)
+        exclude = [str(p) for p in manifest_paths(exclude_csv)]  # resolved as every manifest reader does
+    picks = run_suggest(index_path, head_path, n, strategy, diversity, exclude, exclude_source=exclude_csv)
     if as_json:
         emit_json([p.to_dict() for p in picks])
         return
