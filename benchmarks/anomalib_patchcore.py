@@ -18,7 +18,7 @@ from clipxfer.anomaly.detector import split_good
 from clipxfer.anomaly.evaluate import detection_metrics, load_labelled_folder, read_mask
 from clipxfer.anomaly.patches import whole_image
 from clipxfer.bench.anomaly import find_categories
-from clipxfer.encoders.lite import _import_weight_packages, load_efficientnet_lite0
+from clipxfer.encoders.lite import _import_image_packages, load_efficientnet_lite0
 from clipxfer.images import find_images
 
 
@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", default="1,2,3")
     args = parser.parse_args()
-    timm, _, weights, _ = _import_weight_packages()
+    timm, weights = _import_image_packages()
     source = load_efficientnet_lite0(timm, weights).state_dict()
     for category in find_categories(args.data):
         train = list(find_images(category / "train" / "good"))

@@ -40,6 +40,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clipxfer.encoders import load_encoder  # noqa: E402
+from clipxfer.encoders.pipeline import device_decode_default  # noqa: E402
 from clipxfer.images import find_images  # noqa: E402
 from clipxfer.index import Index  # noqa: E402
 
@@ -237,6 +238,8 @@ def main() -> None:
     headline = results.get("photo_500x375") or next(iter(results.values()))
     report = {
         "device": str(first.device),
+        # JPEGs decoded on the GPU (nvjpeg) by the index path; CLIPXFER_DEVICE_DECODE=0 turns it off.
+        "device_decode": device_decode_default(first),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags {cpu_flag_summary()}"
         + (f", {torch.cuda.get_device_name()}" if cuda else ""),
         "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -6,6 +6,7 @@ intrinsic dimension (a 32-d Gaussian mixture projected to 512-d plus noise): rea
 collections are like that, while uniform random vectors make every neighbour a near-tie. Prints one JSON object.
 
     python benchmarks/search.py --sizes 100000 1000000 --json
+    python benchmarks/search.py --sizes 1000000 --types flat ivf --gpu   # faiss-gpu: flat and IVF on GPU 0
 """
 
 from __future__ import annotations
@@ -59,7 +60,21 @@ def measure(index, queries: np.ndarray, k: int, singles: int) -> tuple[float, fl
     return batched, single, ids
 
 
-def run(sizes, dim: int, n_queries: int, k: int, singles: int, types, seed: int) -> dict:
+def build_on_gpu(factory: str, data: np.ndarray, dim: int):
+    """``factory`` built on GPU 0 (faiss-gpu): trained and filled there, with clipxfer's nprobe.
+    No ID map (ids are the row numbers here) and no HNSW: faiss has no GPU HNSW."""
+    resources = faiss.StandardGpuResources()
+    index = faiss.index_cpu_to_gpu(resources, 0, faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    if not index.is_trained:
+        index.train(data)
+    index.add(data)
+    if "IVF" in factory:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", vectors.IVF_NPROBE)
+    index.resources = resources  # kept alive with the index
+    return index
+
+
+def run(sizes, dim: int, n_queries: int, k: int, singles: int, types, seed: int, gpu: bool = False) -> dict:
     results = []
     for size in sizes:
         data = synthetic(size, dim, seed)
@@ -69,7 +84,7 @@ def run(sizes, dim: int, n_queries: int, k: int, singles: int, types, seed: int)
         for index_type in types:
             factory = vectors.factory_string(index_type, size, dim)
             start = time.perf_counter()
-            index = vectors.build(factory, data, ids, dim)
+            index = build_on_gpu(factory, data, dim) if gpu else vectors.build(factory, data, ids, dim)
             build_s = time.perf_counter() - start
             batched, single, found = measure(index, queries, k, singles)
             if index_type == "flat":
@@ -95,6 +110,7 @@ def run(sizes, dim: int, n_queries: int, k: int, singles: int, types, seed: int)
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "faiss": faiss.__version__,
+        "device": "cuda:0" if gpu else "cpu",
         "threads": faiss.omp_get_max_threads(),
         "dim": dim,
         "queries": n_queries,
@@ -114,10 +130,15 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200, help="queries run one at a time")
     parser.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivf"], choices=["flat", "hnsw", "ivf"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu", action="store_true", help="build and search on GPU 0 (faiss-gpu; flat and ivf)")
     parser.add_argument("--json", action="store_true", help="(the output is always JSON)")
     args = parser.parse_args()
     types = ["flat"] + [t for t in args.types if t != "flat"]  # flat first: it is the ground truth
-    print(json.dumps(run(args.sizes, args.dim, args.queries, 10, args.single, types, args.seed), indent=2))
+    if args.gpu and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1):
+        raise SystemExit("--gpu: this faiss has no GPU support or sees no GPU (pip install faiss-gpu-cu12)")
+    if args.gpu and "hnsw" in types:
+        raise SystemExit("--gpu: faiss has no GPU HNSW; use --types flat ivf")
+    print(json.dumps(run(args.sizes, args.dim, args.queries, 10, args.single, types, args.seed, args.gpu), indent=2))
 
 
 if __name__ == "__main__":

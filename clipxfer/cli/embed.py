@@ -27,9 +27,11 @@ from .group import main
 @click.option("--shard-size", type=int, default=10_000, show_default=True, help="Items per shard for folders and HF datasets.")
 @click.option("--workers", type=int, default=None, help="Decoding processes for --engine local (0: decode in this process).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and failed items as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
+@click.option("--verbose", is_flag=True, help="Show Ray's own logging (--engine ray; default: warnings only).")
 def embed(
     source, out, model, device, precision, engine, ray_address, ray_timeout, num_gpus_per_worker, batch_size, shard_size,
-    workers, as_json,
+    workers, as_json, quiet, verbose,
 ):
     """Embed SOURCE (a folder, webdataset .tar shards, parquet, a saved HF dataset) into parquet shards.
 
@@ -54,7 +56,8 @@ def embed(
         workers=workers,
         device=device,
         precision=None if precision == "auto" else precision,
-        progress=not as_json,
+        progress=not (as_json or quiet),
+        verbose=verbose,
     )
     if as_json:
         emit_json(report.to_dict())
@@ -86,11 +89,11 @@ def export_embeddings(index_path, out, rows_per_shard, as_json):
     click.echo(f"{manifest['count']} vectors in {len(manifest['shards'])} shards ({out})")
 
 
-def ingest_embeddings(embeddings, index_path, index_type, as_json) -> None:
+def ingest_embeddings(embeddings, index_path, index_type, as_json, quiet=False) -> None:
     """``clipxfer index --from-embeddings``: build or extend an index from shards."""
     from ..embed import ingest
 
-    report = ingest(embeddings, index_path, index_type, progress=not as_json)
+    report = ingest(embeddings, index_path, index_type, progress=not (as_json or quiet))
     if as_json:
         emit_json(report.to_dict())
         return

@@ -53,9 +53,10 @@ INDEX_OPTION = click.option(
     " then the rest encoded from FOLDER.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and failed files as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def index_command(
     folder, index_path, from_embeddings, model, device, precision, index_type, workers, batch_size, fail_fast, rebuild,
-    as_json,
+    as_json, quiet,
 ):
     """Index the images below FOLDER (again: only new and changed files are encoded).
 
@@ -68,7 +69,7 @@ def index_command(
     if from_embeddings is not None:
         from .embed import ingest_embeddings
 
-        return ingest_embeddings(from_embeddings, index_path, index_type, as_json)
+        return ingest_embeddings(from_embeddings, index_path, index_type, as_json, quiet)
 
     report = Index.update(
         folder,
@@ -78,7 +79,7 @@ def index_command(
         workers=workers,
         batch_size=batch_size,
         fail_fast=fail_fast,
-        progress=True,
+        progress=not quiet,
         device=device,
         precision=None if precision == "auto" else precision,
         rebuild=rebuild,
@@ -136,8 +137,8 @@ def search(query, images, k, index_path, model, device, min_score, min_relevance
     if as_json and as_csv:
         raise ClipxferError("choose one of --json and --csv")
     with Index.open(index_path) as idx:
-        encoder = idx.encoder(model, device=device)
-        hits = idx.search(text, k, encoder, [Path(p) for p in images], filters, min_score, min_relevance)
+        # Cached query texts load no model; new ones only the text tower; image terms the whole encoder.
+        hits = idx.search(text, k, model, [Path(p) for p in images], filters, min_score, min_relevance, device=device)
     if html_path:
         from ..index.html import results_page
         from ..paths import atomic_write_bytes

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ClipxferError
+from ..progress import progress_bar
 from .shards import FORMAT, iter_embeddings, keys_of, need, open_embeddings, shard_metadata, unsafe_key
 
 # faiss: at least 39 training points per IVF centroid (fewer triggers its warning).
@@ -229,9 +230,7 @@ def _training_sample(embeddings, count: int, wanted: int, dim: int) -> np.ndarra
 def _ingest_rows(conn, store, embeddings, existing: dict, store_features: bool, index, report: IngestReport, progress: bool):
     """Insert every shard row; returns ``index`` with the new vectors added, or None when it
     can no longer be kept in step (a vector was replaced) and must be rebuilt."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=open_embeddings(embeddings)["count"], desc="ingesting", unit="vec", file=sys.stderr, disable=not progress)
+    bar = progress_bar(open_embeddings(embeddings)["count"], "ingesting", "vec", progress)
     try:
         for batch in iter_embeddings(embeddings):
             ids, rows = [], []

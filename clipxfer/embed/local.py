@@ -8,8 +8,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..encoders.pipeline import Failure, ItemInfo, decoded_items, encode_decoded
+from ..progress import progress_bar
 from .shards import ShardData
-from .sources import Unit, decode_item, read_unit
+from .sources import Unit, decode_item, read_unit, unit_size
 
 
 class ShardBuilder:
@@ -47,18 +48,31 @@ class ShardBuilder:
         )
 
 
-def run_local(units: Sequence[Unit], encoder, batch_size: int, workers: int | None = None) -> Iterator[ShardData]:
-    """Encode ``units`` in order with ``encoder`` in this process; one :class:`ShardData` each."""
-    for unit in units:
-        builder = ShardBuilder(unit.name)
-        items = []
-        for item in read_unit(unit):
-            (builder.failed if isinstance(item, Failure) else items).append(item)
-        decoded = decoded_items(items, decode_item, encoder.input_size, workers, prefetch=2 * batch_size)
-        for result in encode_decoded(encoder, decoded, batch_size):
-            if isinstance(result, Failure):
-                builder.failed.append(result)
-                continue
-            infos, encoding = result
-            builder.add(infos, encoding.embeddings, encoding.features)
-        yield builder.build(encoder.dim, encoder.feature_dim)
+def run_local(
+    units: Sequence[Unit], encoder, batch_size: int, workers: int | None = None, progress: bool = False
+) -> Iterator[ShardData]:
+    """Encode ``units`` in order with ``encoder`` in this process; one :class:`ShardData` each.
+    ``progress``: a bar of items (embedded or failed) on a terminal's stderr."""
+    sizes = [unit_size(unit) for unit in units]
+    # Folders and HF datasets know their item counts up front; tar and parquet units are counted
+    # as they are read, so the ETA firms up as the job goes.
+    with progress_bar(sum(n or 0 for n in sizes) or None, "embedding", "img", progress) as bar:
+        for unit, size in zip(units, sizes):
+            builder = ShardBuilder(unit.name)
+            items = []
+            for item in read_unit(unit):
+                (builder.failed if isinstance(item, Failure) else items).append(item)
+            if size is None:
+                bar.total = (bar.total or 0) + len(items) + len(builder.failed)
+                bar.refresh()
+            bar.update(len(builder.failed))
+            decoded = decoded_items(items, decode_item, encoder.input_size, workers, prefetch=2 * batch_size)
+            for result in encode_decoded(encoder, decoded, batch_size):
+                if isinstance(result, Failure):
+                    builder.failed.append(result)
+                    bar.update(1)
+                    continue
+                infos, encoding = result
+                builder.add(infos, encoding.embeddings, encoding.features)
+                bar.update(len(infos))
+            yield builder.build(encoder.dim, encoder.feature_dim)

@@ -14,8 +14,10 @@ tasks retry); the writer keeps one row per (unit, position), so every item lands
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -111,21 +113,66 @@ def check_ray_address(address: str | None, timeout: float = 30) -> None:
         raise ClipxferError(f"--ray-address {address}: cannot connect ({reason}); is the Ray head running there?")
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None, timeout: float = 30) -> bool:
+def quiet_ray_logging() -> None:
+    """Ray's own output down to warnings and above, so a successful run prints clipxfer's lines only.
+
+    Ray Data logs every stage at INFO (and its progress every 10 s when stderr is not a terminal);
+    the driver's C++ core worker prints an error-level line for every Ray Data actor pool (its
+    constructor arguments live in the object store while restarts are on: ray-project/ray#53727),
+    though nothing failed. C++ logging is set before Ray starts (an explicit RAY_BACKEND_LOG_LEVEL
+    wins); a real failure still reaches clipxfer as an exception and is reported in one line.
+    """
+    import logging
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, ...": they are off on purpose (--quiet, --json).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, timeout: float = 30, verbose: bool = False) -> bool:
     """Connect to the cluster at ``address`` (checked by :func:`check_ray_address` within
     ``timeout`` seconds), or start a local instance with ``num_cpus`` (the machine's cores by
     default). Returns True when this call started or joined Ray (and the caller should shut it
-    down), False when Ray was already initialised."""
+    down), False when Ray was already initialised. Ray's logging is quiet unless ``verbose``."""
     ray = import_ray()
     if ray.is_initialized():
         return False
+    if not verbose:
+        quiet_ray_logging()
     options = dict(runtime_env=worker_runtime_env(), log_to_driver=False, configure_logging=False)
-    if address:
-        check_ray_address(address, timeout)
-        _join_within(ray, address, timeout, options)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **options)
+    with contextlib.nullcontext() if verbose else _held_back_stderr():
+        if address:
+            check_ray_address(address, timeout)
+            _join_within(ray, address, timeout, options)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **options)
     return True
+
+
+@contextlib.contextmanager
+def _held_back_stderr():
+    """Hold back what is written to file descriptor 2 (C++ included) while Ray starts: the log
+    level it read, its token-authentication note. Shown after all if starting fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if failed:
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+        held.close()
 
 
 def _join_within(ray, address: str, timeout: float, options: dict) -> None:
@@ -283,6 +330,7 @@ def run_ray(
     yields one :class:`ShardData` per unit as soon as the unit is complete, in completion order."""
     ray = import_ray()
     context = ray.data.DataContext.get_current()
+    # Off a terminal Ray Data logs its progress every 10 s at INFO, which quiet logging drops.
     context.enable_progress_bars = progress
     context.print_on_execution_start = False
     dim, feature_dim = dims

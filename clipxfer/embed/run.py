@@ -61,6 +61,7 @@ def embed(
     actors: int | None = None,
     progress: bool = False,
     on_shard: Callable[[ShardData], None] | None = None,
+    verbose: bool = False,
 ) -> EmbedReport:
     """Embed every image of ``source`` into parquet shards + a manifest in ``out``.
 
@@ -71,7 +72,8 @@ def embed(
     embeds exactly the files added or changed since. ``engine`` ``ray`` runs the same decode and
     encode code on Ray Data (at ``ray_address``, or a local instance; ``ray_timeout`` seconds to
     reach it).
-    ``on_shard`` is called after each shard is written (progress reporting).
+    ``on_shard`` is called after each shard is written (progress reporting). ``progress``: a bar on
+    a terminal's stderr. Ray's own logging stays at warnings and above unless ``verbose``.
     """
     from ..encoders.registry import load_encoder
 
@@ -108,7 +110,7 @@ def embed(
     written = list(done)
     order = {name: i for i, name in enumerate(done + [u.name for u in src.units if u.name not in set(done)])}
     if todo:
-        run = _run(engine, todo, encoder, info, batch_size, workers, ray_address, ray_timeout, num_gpus_per_worker, precision, actors, progress)
+        run = _run(engine, todo, encoder, info, batch_size, workers, ray_address, ray_timeout, num_gpus_per_worker, precision, actors, progress, verbose)
         for shard in run:
             shards.write_shard(out, info, shard, {"source_kind": src.kind})
             if shard.name not in written:
@@ -162,15 +164,15 @@ def _check_existing(out: Path, info: EncoderInfo, source_info: dict) -> None:
         raise ClipxferError(f"{out} holds embeddings of {manifest['source'].get('root')}: use another --out for this source")
 
 
-def _run(engine, todo, encoder, info, batch_size, workers, ray_address, ray_timeout, num_gpus_per_worker, precision, actors, progress):
+def _run(engine, todo, encoder, info, batch_size, workers, ray_address, ray_timeout, num_gpus_per_worker, precision, actors, progress, verbose):
     if engine == "local":
         from .local import run_local
 
-        yield from run_local(todo, encoder, batch_size, workers)
+        yield from run_local(todo, encoder, batch_size, workers, progress)
         return
     from .ray_engine import run_ray, start_ray
 
-    started = start_ray(ray_address, timeout=ray_timeout)
+    started = start_ray(ray_address, timeout=ray_timeout, verbose=verbose)
     try:
         yield from run_ray(
             todo,

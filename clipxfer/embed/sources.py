@@ -166,6 +166,15 @@ def _hf_source(root: Path, shard_size: int) -> Source:
     return Source("hf", root.resolve(), _row_units("hf", root, len(dataset), shard_size))
 
 
+def unit_size(unit: Unit) -> int | None:
+    """How many items ``unit`` holds, when that is known without reading it (folders, HF rows)."""
+    if unit.kind == "folder":
+        return len(unit.files)
+    if unit.kind == "hf":
+        return unit.stop - unit.start
+    return None
+
+
 def read_unit(unit: Unit) -> list[Item | Failure]:
     """The items of one unit in a stable order; unreadable parts become :class:`Failure` s.
     Keys repeated inside a unit are reported instead of embedded twice."""

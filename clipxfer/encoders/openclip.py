@@ -19,6 +19,7 @@ import torch
 from ..device import choose_device, choose_precision
 from ..errors import ClipxferError
 from .base import Encoder, l2_normalize
+from .catalog import cached_weights, hf_hub_model_cached
 from .ids import OPEN_CLIP_PREFIX, RANDOM_SEED, RANDOM_TAG
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -58,50 +59,6 @@ def _hub_offline():
         yield
     finally:
         constants.HF_HUB_OFFLINE = saved
-
-
-def _hf_cached_file(repo_id: str, filename: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, filename)
-    return found if isinstance(found, str) else None
-
-
-def cached_weights(model_name: str, tag: str) -> str | None:
-    """Path of the cached weights for an open_clip ``model_name``/``tag`` pair, or None."""
-    cfg = open_clip.get_pretrained_cfg(model_name, tag)
-    if not cfg:
-        return None
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        # open_clip's own convention: 'org/repo/' means the default file names, 'org/repo/file' one file.
-        repo_id, filename = os.path.split(hub)
-        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        if filename.endswith(".bin"):
-            candidates.insert(0, filename[:-4] + ".safetensors")
-        for name in candidates:
-            found = _hf_cached_file(repo_id, name)
-            if found:
-                return found
-    url = cfg.get("url", "")
-    if url:
-        local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)
-        if local.is_file():
-            return str(local)
-    return None
-
-
-def hf_hub_model_cached(repo_id: str) -> bool:
-    """True when an ``hf-hub:`` model's config is in the local Hugging Face cache."""
-    return _hf_cached_file(repo_id, "open_clip_config.json") is not None
-
-
-def list_pretrained_pairs() -> list[dict]:
-    """Every ``model:pretrained`` pair open_clip knows, with whether its weights are cached here."""
-    return [
-        {"spec": f"{model}:{tag}", "model": model, "pretrained": tag, "cached": cached_weights(model, tag) is not None}
-        for model, tag in open_clip.list_pretrained()
-    ]
 
 
 def _missing_weights_message(what: str) -> str:

@@ -230,6 +230,13 @@ def decoded_items(
                 future.cancel()
 
 
+def device_decode_default(encoder: "Encoder") -> bool:
+    """Whether :func:`encode_files` decodes JPEGs on the device: when the encoder runs on CUDA,
+    unless ``CLIPXFER_DEVICE_DECODE=0`` (PIL in decode workers instead; benchmarks compare both)."""
+    on_cuda = getattr(encoder, "device", None) is not None and encoder.device.type == "cuda"
+    return on_cuda and os.environ.get("CLIPXFER_DEVICE_DECODE", "1") != "0"
+
+
 def encode_files(
     encoder: "Encoder",
     paths: Iterable[str | os.PathLike],
@@ -243,11 +250,11 @@ def encode_files(
     :class:`EncodedBatch` per full batch (the last one may be short), in input order.
     Decoding of the next batches continues in the workers while a batch is encoded.
 
-    ``device_decode`` (default: when the encoder runs on CUDA) decodes JPEGs on the encoder's
+    ``device_decode`` (default: :func:`device_decode_default`) decodes JPEGs on the encoder's
     device instead, see :func:`encode_files_on_device`.
     """
     if device_decode is None:
-        device_decode = getattr(encoder, "device", None) is not None and encoder.device.type == "cuda"
+        device_decode = device_decode_default(encoder)
     paths = list(paths)
     if hasattr(encoder, "expect_images"):  # lets a runtime that still has to calibrate use these files
         encoder.expect_images(paths)

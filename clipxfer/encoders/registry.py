@@ -6,11 +6,9 @@ import logging
 import sys
 from functools import lru_cache
 from pathlib import Path
-
-import open_clip
+from typing import TYPE_CHECKING
 
 from ..errors import ClipxferError
-from .base import Encoder
 from .ids import (
     DEFAULT_MODEL,
     LITE,
@@ -22,6 +20,9 @@ from .ids import (
     split_adapter_spec,
 )  # fmt: skip
 
+if TYPE_CHECKING:
+    from .base import Encoder
+
 SPEC_HELP = (
     "use 'lite' (offline), 'tiny' (tests), a MODEL:PRETRAINED pair from 'clipxfer models', "
     "MODEL:random, MODEL:/path/to/checkpoint, or hf-hub:ORG/NAME; "
@@ -31,6 +32,8 @@ SPEC_HELP = (
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
     """``'ViT-B-32:laion2b_s34b_b79k'`` -> (model, tag); a bare model name gets its first tag."""
+    import open_clip
+
     if spec.startswith("hf-hub:"):
         return spec, None
     model, _, tag = spec.partition(":")
@@ -76,11 +79,28 @@ def load_encoder(spec: str | None = None, device: str | None = None, precision: 
     return encoder
 
 
-def _load_torch_encoder(spec: str | None, device: str | None, precision: str) -> Encoder:
+def load_text_encoder(spec: str | None = None, device: str | None = None, precision: str | None = None) -> Encoder:
+    """The encoder named by ``spec``, loaded to embed text queries only: its text tower runs as in
+    :func:`load_encoder` (same device and torch precision, so the same vectors), but no OpenVINO
+    image tower is compiled and ``lite`` leaves out its image model. Its id is the weights id
+    (no ``@int8`` mark: int8 applies to the image tower only).
+    open_clip checkpoints hold both towers in one file, so an open_clip model still loads both.
+    """
+    from ..device import choose_compute, choose_device, precision_name
+
+    compute = choose_compute(choose_device(device), precision)
+    torch_precision = compute.precision if compute.runtime == "torch" else "fp32"
+    encoder = _load_torch_encoder(spec, device, torch_precision, text_only=True)
+    encoder.runtime, encoder.precision = "torch", precision_name(encoder.dtype)
+    return encoder
+
+
+def _load_torch_encoder(spec: str | None, device: str | None, precision: str, text_only: bool = False) -> Encoder:
     from .lite import LiteEncoder
-    from .openclip import MissingWeightsError, OpenClipEncoder
 
     if spec in (None, "", "default"):
+        from .openclip import MissingWeightsError
+
         try:
             return _load_torch_encoder(DEFAULT_MODEL, device, precision)
         except MissingWeightsError:
@@ -89,7 +109,7 @@ def _load_torch_encoder(spec: str | None, device: str | None, precision: str) ->
                 "(far weaker than CLIP). Pass --model to choose.",
                 file=sys.stderr,
             )
-            return LiteEncoder(device, precision)
+            return LiteEncoder(device, precision, text_only=text_only)
     base_spec, adapter = split_adapter_spec(spec)
     if adapter is not None:
         from .adapter import load_adapted
@@ -98,7 +118,9 @@ def _load_torch_encoder(spec: str | None, device: str | None, precision: str) ->
         remember_adapted_spec(encoder.id, adapter_spec(base_spec, str(Path(adapter).resolve())))
         return encoder
     if spec == LITE:
-        return LiteEncoder(device, precision)
+        return LiteEncoder(device, precision, text_only=text_only)
+    from .openclip import OpenClipEncoder  # after lite: importing open_clip costs seconds
+
     if spec == TINY:
         return _quiet(OpenClipEncoder, TINY_MODEL, None, device, precision)
     model, tag = _split_spec(spec)
@@ -139,6 +161,12 @@ def _quiet(factory, *args):
 
 
 @lru_cache(maxsize=4)
+def cached_text_encoder(spec: str | None = None, device: str | None = None, precision: str | None = None) -> Encoder:
+    """:func:`load_text_encoder`, memoised per process."""
+    return load_text_encoder(spec, device, precision)
+
+
+@lru_cache(maxsize=4)
 def cached_encoder(spec: str | None = None, device: str | None = None, precision: str | None = None) -> Encoder:
     """:func:`load_encoder`, memoised per process (tests and the bench reuse one model)."""
     return load_encoder(spec, device, precision)
@@ -157,7 +185,7 @@ BACKENDS = [
 
 def available_models() -> dict:
     """Backends, every open_clip ``model:pretrained`` pair with its cached flag, and the default."""
-    from .openclip import list_pretrained_pairs
+    from .catalog import list_pretrained_pairs
 
     pairs = list_pretrained_pairs()
     default_cached = any(p["spec"] == DEFAULT_MODEL and p["cached"] for p in pairs)

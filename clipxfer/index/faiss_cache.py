@@ -37,6 +37,22 @@ def load_or_rebuild(folder: Path, conn, dim: int, trust_file: bool = True) -> tu
     return index, generation if saved else None
 
 
+def current_factory(folder: Path, conn) -> str | None:
+    """The factory string (``Flat``, ``HNSW32,Flat``...) of the saved FAISS index when it belongs to
+    the database's current content, read from the file's header without faiss; None otherwise."""
+    conn.execute("BEGIN")  # one snapshot for the version and the count
+    try:
+        meta = store.get_metadata(conn)
+        count = store.count(conn)
+    finally:
+        conn.rollback()
+    header = vectors.read_header(faiss_file(folder, meta.get("version", "0")))
+    if header is None or header.get("generation") != meta.get("generation") or header.get("ntotal") != count:
+        return None
+    factory = header.get("factory")
+    return factory if isinstance(factory, str) else None
+
+
 def _try_save(index, folder: Path, conn, file: Path, generation: str | None) -> bool:
     """Save a rebuilt FAISS index for later readers: only where the folder is writable and no
     writer is at work (the writer saves its own), and only while the database is unchanged.

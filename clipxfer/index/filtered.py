@@ -9,7 +9,6 @@ exactly over the allowed vectors.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 from . import store, vectors
@@ -33,6 +32,8 @@ def exact_search(conn, dim: int, queries: np.ndarray, k: int, ids: np.ndarray) -
 
 
 def _params(index, selector, exhaustive: bool, k: int):
+    import faiss  # lazily, like vectors.py: commands that never search start without it
+
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     if isinstance(inner, faiss.IndexHNSW):
         ef = WIDE_EF_SEARCH if exhaustive else vectors.HNSW_EF_SEARCH
@@ -51,6 +52,8 @@ def search_allowed(index, conn, dim: int, queries: np.ndarray, k: int, allowed: 
         return np.full((len(queries), 1), -np.inf, np.float32), np.full((len(queries), 1), -1, np.int64)
     if len(allowed) <= EXACT_MAX:
         return exact_search(conn, dim, queries, k, allowed)
+    import faiss
+
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
     for exhaustive in (False, True):
         scores, ids = index.search(queries, k, params=_params(index, selector, exhaustive, k))

@@ -261,12 +261,15 @@ class Index:
         filters: Filters | None = None,
         min_score: float | None = None,
         min_relevance: float | None = None,
+        device: str | None = None,
     ) -> list[Hit]:
         """Images best matching a query in the grammar of :mod:`clipxfer.index.query`
         (``2*"red dress" - "long sleeves"``), after ``images`` (paths, PIL images or arrays, each
-        one term of weight 1); the query may then start with + or -."""
+        one term of weight 1); the query may then start with + or -. Text embeddings are cached on disk:
+        a query of cached texts only loads no model, new texts only the text tower (unless images need
+        the whole encoder anyway)."""
         from .query import Term
-        from .textcache import cached_text_embeddings
+        from .textcache import cached_texts
 
         images = list(images)
         if not images and (query is None or not str(query).strip()):
@@ -278,25 +281,56 @@ class Index:
         terms = [Term(1.0, "image", name) for name in sources]
         if query is not None and str(query).strip():
             terms += parse_query(str(query))  # after images, a leading sign is optional: "- blurry"
-        encoder = self.encoder(model)
+        needs_images = any(term.kind == "image" for term in terms)
+        if isinstance(model, str) and model != self.model_spec and not needs_images:
+            self.text_encoder(model, device)  # another name for this model, or a wrong one: say so first
+
+        def encode_texts(texts: list[str]) -> np.ndarray:
+            if needs_images or (model is not None and not isinstance(model, str)):
+                return self.encoder(model, device=device).encode_texts(texts)
+            return self.text_encoder(model, device).encode_texts(texts)
 
         def encode_image(value: str) -> np.ndarray:
             if value not in sources and not Path(value).is_file():
                 raise ClipxferError(f"image:{value}: no such image file; give the path of an image to search by")
-            return encoder.encode_images([sources.get(value, Path(value))])[0]
+            return self.encoder(model, device=device).encode_images([sources.get(value, Path(value))])[0]
 
-        vector = query_vector(terms, lambda texts: cached_text_embeddings(encoder, texts), encode_image)
+        vector = query_vector(terms, lambda texts: cached_texts(self.model_id, self.dim, texts, encode_texts),
+                              encode_image)
         return self.search_vectors(vector, k, min_score, filters or NO_FILTERS, min_relevance)[0]
 
-    def search_text(self, query: str, k: int = 10, model=None, min_score: float | None = None) -> list[Hit]:
-        """Images best matching a text query (its embedding is cached on disk)."""
-        from .textcache import cached_text_embeddings
+    def text_encoder(self, model: str | None = None, device: str | None = None, precision: str | None = None):
+        """This index's encoder loaded for text queries only (see
+        :func:`clipxfer.encoders.registry.load_text_encoder`); ``model`` must name this index's model."""
+        from ..encoders.ids import weights_id
+        from ..encoders.registry import cached_text_encoder, precision_for_id
+
+        encoder = cached_text_encoder(model or self.model_spec, device, precision_for_id(self.model_id, precision))
+        if weights_id(encoder.id) != weights_id(self.model_id):
+            raise model_mismatch(self.path, self.model_id, self.model_spec, encoder.id)
+        return encoder
+
+    def search_text(
+        self, query: str, k: int = 10, model=None, min_score: float | None = None, device: str | None = None
+    ) -> list[Hit]:
+        """Images best matching a text query. Query embeddings are cached on disk: a repeated query
+        loads no model, a new one only the text tower. ``model``: an encoder, or a spec that must
+        name this index's model (checked by loading it, unless it is the index's own spec)."""
+        from .textcache import cached_texts
 
         if not isinstance(query, str) or not query.strip():
             raise ClipxferError("the search query is empty: give some words describing the images to find")
         _check_search_options(k, min_score)
-        encoder = self.encoder(model)
-        return self.search_vectors(cached_text_embeddings(encoder, [query]), k, min_score)[0]
+        if model is not None and not isinstance(model, str):
+            encode = self.encoder(model).encode_texts
+        else:
+            if model not in (None, self.model_spec):
+                self.text_encoder(model, device)  # another name for this model, or a wrong one: say so first
+
+            def encode(texts):
+                return self.text_encoder(model, device).encode_texts(texts)
+
+        return self.search_vectors(cached_texts(self.model_id, self.dim, [query], encode), k, min_score)[0]
 
     def search_image(self, image, k: int = 10, model=None, min_score: float | None = None) -> list[Hit]:
         """Images most similar to ``image`` (a path, PIL image or uint8 array)."""
@@ -338,7 +372,8 @@ class Index:
     def info(self) -> dict:
         """Model id, count, dimensions, index type, bytes on disk, last update (stable keys)."""
         self._meta = store.get_metadata(self._conn)
-        index = self._vectors()
+        # A current cache file names its own type; only an old or stale one needs faiss to tell.
+        factory = faiss_cache.current_factory(self.path, self._conn) or vectors.describe(self._vectors())
 
         def iso(stamp: str | None):
             return datetime.fromtimestamp(float(stamp), timezone.utc).isoformat(timespec="seconds") if stamp else None
@@ -352,7 +387,7 @@ class Index:
             "dim": self.dim,
             "feature_dim": int(self._meta["feature_dim"]),
             "index_type": self.index_type,
-            "faiss": vectors.describe(index),
+            "faiss": factory,
             "bytes_on_disk": sum(p.stat().st_size for p in self.path.iterdir() if p.is_file()),
             "created": iso(self._meta.get("created")),
             "updated": iso(self._meta.get("updated")),

@@ -9,6 +9,9 @@ Index types follow faiss's "Guidelines to choose an index":
 ``ivf`` IVF with product quantisation (IVF-PQ) when they do not (IVF-Flat below 10,000 vectors,
 too few to train PQ codebooks); ``auto`` picks flat for small collections, HNSW while it fits in
 half the RAM, IVF-PQ beyond.
+
+faiss is imported inside the functions that use it: ``clipxfer info`` reads what it needs from the
+cache file's header, so it starts without loading faiss.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from ..errors import ClipxferError
+
+if TYPE_CHECKING:
+    import faiss
 
 INDEX_TYPES = ("flat", "hnsw", "ivf", "auto")
 # Below this many vectors exact search is already fast (milliseconds per query).
@@ -75,6 +81,8 @@ def factory_string(index_type: str, count: int, dim: int) -> str:
 
 def _tune(index: faiss.Index) -> faiss.Index:
     """Search-time parameters (not all are stored in the file)."""
+    import faiss
+
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = HNSW_EF_SEARCH
@@ -85,6 +93,8 @@ def _tune(index: faiss.Index) -> faiss.Index:
 
 def build(factory: str, vectors: np.ndarray, ids: np.ndarray, dim: int) -> faiss.IndexIDMap2:
     """An ``IndexIDMap2`` of ``factory`` holding ``vectors`` under ``ids`` (trained if needed)."""
+    import faiss
+
     index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, dim)
     if not index.is_trained and len(vectors):
@@ -96,6 +106,8 @@ def build(factory: str, vectors: np.ndarray, ids: np.ndarray, dim: int) -> faiss
 
 def can_update(index: faiss.Index) -> bool:
     """True when vectors can be removed from ``index`` in place (HNSW cannot)."""
+    import faiss
+
     inner = faiss.downcast_index(index.index)
     return not isinstance(inner, faiss.IndexHNSW) and index.is_trained
 
@@ -110,9 +122,16 @@ class StaleCache(Exception):
 def save(index: faiss.Index, path: Path, generation: str) -> None:
     """Write ``index`` to ``path`` atomically (readers see the old file or the new one), bound to
     the database ``generation`` it was built from and checksummed, replacing any file there."""
+    import faiss
+
     path = Path(path)
     data = faiss.serialize_index(index).tobytes()
-    header = {"generation": generation, "ntotal": int(index.ntotal), "sha256": hashlib.sha256(data).hexdigest()}
+    header = {
+        "generation": generation,
+        "ntotal": int(index.ntotal),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "factory": describe(index),
+    }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
@@ -126,9 +145,24 @@ def save(index: faiss.Index, path: Path, generation: str) -> None:
         raise
 
 
+def read_header(path: Path) -> dict | None:
+    """The JSON header of a file written by :func:`save` (generation, ntotal, checksum, factory),
+    read without the index bytes or faiss; None for a file that is not such a cache."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(len(CACHE_MAGIC)) != CACHE_MAGIC:
+                return None
+            header = json.loads(handle.readline(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def load(path: Path, generation: str | None, count: int) -> faiss.IndexIDMap2:
     """Read an index written by :func:`save`; raises :class:`StaleCache` unless it was built from
     database ``generation``, holds ``count`` vectors and its bytes are intact."""
+    import faiss
+
     blob = Path(path).read_bytes()
     if not blob.startswith(CACHE_MAGIC) or generation is None:
         raise StaleCache(f"{path}: not a clipxfer FAISS cache of this database")
@@ -169,6 +203,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 def describe(index: faiss.Index) -> str:
     """The factory string of a built index, e.g. ``Flat``, ``HNSW32,Flat``, ``IVF1024,PQ128``."""
+    import faiss
+
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     if isinstance(inner, faiss.IndexHNSW):
         return f"HNSW{inner.hnsw.nb_neighbors(1)},Flat"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from ..encoders.pipeline import EncodedBatch, Failure, encode_files, file_sha256
 from ..errors import ClipxferError
 from ..images import find_images
+from ..progress import progress_bar
 from . import faiss_cache, store, vectors
 from .errors import FULL_ERRNOS, READ_ONLY_ERRNOS, cannot_write, disk_full, model_mismatch, sqlite_error
 from .layout import DB_FILE, faiss_file, faiss_files, resolve_index_path
@@ -293,13 +293,11 @@ class _Writer:
         return remaining
 
     def _encode(self, new, changed, on_disk, existing, workers, batch_size, fail_fast, progress, report) -> None:
-        from tqdm import tqdm
-
         todo = sorted(new + changed)
         if not todo:
             return
         changed_set = set(changed)
-        bar = tqdm(total=len(todo), desc="indexing", unit="img", file=sys.stderr, disable=not progress)
+        bar = progress_bar(len(todo), "indexing", "img", progress)
         paths = [on_disk[rel] for rel in todo]
         stream = encode_files(self.encoder, paths, batch_size=batch_size, workers=workers)
         try:
