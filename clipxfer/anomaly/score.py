@@ -24,7 +24,7 @@ from .evaluate import (
     read_mask,
 )
 from .heatmap import write_overlay
-from .patches import DensePatches, encode_pixels_dense, whole_image
+from .patches import DensePatches, encode_at_resolution, whole_image
 
 BATCH_SIZE = 16
 
@@ -86,14 +86,14 @@ def score_folder(
     paths = labelled.paths if labelled else list(find_images(root))
     if not paths:
         raise ClipxferError(f"{root}: no images found")
-    size = detector.config["input_size"]
+    size = detector.map_size
     keep_maps = labelled is not None and any(m is not None for m in labelled.masks)
     kept, scores, maps, skipped, written = [], [], [], [], []
     bar = progress_bar(len(paths), progress)
     for start in range(0, len(paths), BATCH_SIZE):
         batch, pixels, sizes = _read_batch(paths[start : start + BATCH_SIZE], size, skipped)
         if batch:
-            local, joint = encode_pixels_dense(encoder, np.stack(pixels))
+            local, joint = encode_at_resolution(encoder, np.stack(pixels))
             result = detector.score(DensePatches(local, joint, sizes))
             scores.append(result.scores)
             if keep_maps:
