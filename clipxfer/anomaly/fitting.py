@@ -38,11 +38,15 @@ from .tiling import working_resolution
 AUTO_SCALE = 12 / 7
 
 
-def resolution_candidates(encoder: Encoder, resolution: str | int | None, sample: object | None) -> list[int]:
+def resolution_candidates(encoder: Encoder, resolution: str | int | None, sample: object | None,
+                          method: str = "auto") -> list[int]:
     """Working resolutions to consider: one for a number or ``native`` (the first good part's
-    larger side, at least the encoder's input), the input and :data:`AUTO_SCALE` x it for ``auto``."""
+    larger side, at least the encoder's input); for ``auto``, the input and :data:`AUTO_SCALE` x it
+    when ``method`` is ``auto`` or ``fused`` (chosen by validation), else the input alone."""
     size = encoder.input_size
     if resolution in (None, "auto"):
+        if method not in ("auto", "fused"):
+            return [size]
         return [size, working_resolution(encoder, int(round(size * AUTO_SCALE)))]
     if resolution == "native":
         side = max(as_pil(sample).size) if sample is not None else size
@@ -89,18 +93,16 @@ def fit_detector(
     if not len(good_images):
         raise ClipxferError("no good images given: the detector needs held-out good images to set its threshold")
     fit_rows, held_out = split_good(len(good_images), shots, seed)
-    candidates = resolution_candidates(encoder, parse_resolution(resolution), good_images[0])
+    candidates = resolution_candidates(encoder, parse_resolution(resolution), good_images[0], method)
     fused = method == "auto" and shots > 0 or method == "fused"
-    if not fused and method not in MEMBERS:
-        candidates = candidates[:1]  # combined (WinCLIP+) is not validated: it stays at the first candidate
     member_choices = list(members) if members else None
-    wants_choice = shots > 0 and (len(candidates) > 1 or (fused and member_choices is None))
+    wants_choice = fused and (len(candidates) > 1 or member_choices is None)
     check_rows, calibration_rows = validation_rows(held_out, seed) if wants_choice else (held_out[:0], held_out)
     selection = None
     if len(check_rows):
-        selection = _select(encoder, good_images, fit_rows, check_rows, candidates, fused, member_choices, method,
-                            defects, seed, object_name, progress)  # fmt: skip
-        candidates, member_choices = [selection["resolution"]], selection["members"] if fused else None
+        selection = _select(encoder, good_images, fit_rows, check_rows, candidates, member_choices, defects, seed,
+                            object_name, progress)  # fmt: skip
+        candidates, member_choices = [selection["resolution"]], selection["members"]
     elif fused and member_choices is None:
         member_choices = list(DEFAULT_MEMBERS)
     working = candidates[0]
@@ -121,8 +123,8 @@ def fit_detector(
     return detector.calibrate(calibration, false_alarm_rate)
 
 
-def _select(encoder, good_images, fit_rows, check_rows, candidates, fused, member_choices, method, defects, seed,
-            object_name, progress) -> dict:
+def _select(encoder, good_images, fit_rows, check_rows, candidates, member_choices, defects, seed, object_name,
+            progress) -> dict:
     """Run :func:`~.selection.choose_settings` on the validation rows; returns what it chose and why."""
     goods = [good_images[i] for i in check_rows]
     if defects:
@@ -130,11 +132,12 @@ def _select(encoder, good_images, fit_rows, check_rows, candidates, fused, membe
     else:
         flawed = [synthetic_flaw(good_images[i], kind, int(i)) for kind in FLAWS for i in check_rows]
         kinds, source = [kind for kind in FLAWS for _ in check_rows], "synthetic"
-    if fused:
-        has_joint = encoder.encode_patches(np.zeros((1, encoder.input_size, encoder.input_size, 3), np.uint8)).joint is not None
-        options = member_choices or [m for m in MEMBERS if m != "zeroshot" or has_joint]
+    if member_choices:
+        options = [m for m in MEMBERS if m in member_choices] + [m for m in member_choices if m not in MEMBERS]
     else:
-        options = None
+        blank = np.zeros((1, encoder.input_size, encoder.input_size, 3), np.uint8)
+        has_joint = encoder.encode_patches(blank).joint is not None
+        options = [m for m in MEMBERS if m != "zeroshot" or has_joint]
     if progress:
         print(f"choosing settings on {len(goods)} held-out good parts and {len(flawed)} {source} flaws "
               f"(resolutions {', '.join(map(str, candidates))})", file=sys.stderr)  # fmt: skip
@@ -142,18 +145,11 @@ def _select(encoder, good_images, fit_rows, check_rows, candidates, fused, membe
     def encode(items, size):
         return encode_dense(encoder, items, resolution=size)
 
-    if fused:
-        resolution, chosen, table = choose_settings(encoder, encode, [good_images[i] for i in fit_rows], goods, flawed,
-                                                    kinds, candidates, options, seed, object_name)  # fmt: skip
-        if member_choices:
-            # Members named by the user: only the resolution was open.
-            rows = [row for row in table if row["members"] == list(member_choices)] or table
-            resolution = max(rows, key=lambda row: row["mean_auroc"])["resolution"]
-            chosen = list(member_choices)
-    else:
-        resolution, _, table = choose_settings(encoder, encode, [good_images[i] for i in fit_rows], goods, flawed, kinds,
-                                               candidates, [method], seed, object_name)  # fmt: skip
-        chosen = [method]
+    resolution, chosen, table = choose_settings(encoder, encode, [good_images[i] for i in fit_rows], goods, flawed,
+                                                kinds, candidates, options, seed, object_name)  # fmt: skip
+    if member_choices:
+        # Members named by the user: only the resolution was open.
+        rows = [row for row in table if row["members"] == list(options)]
+        resolution, chosen = max(rows, key=lambda row: row["mean_auroc"])["resolution"], list(options)
     return {"by": source, "validation_size": int(len(goods)), "resolution": int(resolution), "members": chosen,
             "table": table}  # fmt: skip
-

@@ -84,9 +84,7 @@ def run_anomaly_bench(
             continue
         train = list(find_images(category / "train" / "good"))
         test = load_labelled_folder(category / "test")
-        candidates = resolution_candidates(encoder, parse_resolution(resolution), train[0])
-        if method not in ("auto", "fused", *MEMBERS):
-            candidates = candidates[:1]
+        candidates = resolution_candidates(encoder, parse_resolution(resolution), train[0], method)
         print(f"bench anomaly: {category.name}: encoding {len(train)} good + {len(test.paths)} test images "
               f"at {', '.join(map(str, candidates))} px", file=sys.stderr)  # fmt: skip
         parts = _CategoryEncodings(encoder, train, test.paths)
@@ -94,11 +92,11 @@ def run_anomaly_bench(
             started = time.perf_counter()
             fit_rows, held_out = split_good(len(train), k, seed)
             fused = method in ("auto", "fused")
-            choose = len(candidates) > 1 or fused
+            choose = fused
             check_rows, calibration_rows = validation_rows(held_out, seed) if choose else (held_out[:0], held_out)
             working, members = candidates[0], list(DEFAULT_MEMBERS) if fused else None
             if len(check_rows):
-                working, members = parts.choose(check_rows, fit_rows, candidates, method, seed, category.name)
+                working, members = parts.choose(check_rows, fit_rows, candidates, seed, category.name)
             train_patches = parts.train(working)
             detector = build_detector(encoder, take_patches(train_patches, fit_rows), method, category.name, seed,
                                       members=members, resolution=working)  # fmt: skip
@@ -180,20 +178,16 @@ class _CategoryEncodings:
         joint = np.concatenate([p.joint for p in pieces]) if pieces[0].joint is not None else None
         return DensePatches(np.concatenate([p.local for p in pieces]), joint, [s for p in pieces for s in p.sizes])
 
-    def choose(self, check_rows, fit_rows, candidates, method, seed, name) -> tuple[int, list[str] | None]:
-        """Working resolution and members chosen on synthetic flaws in the validation rows."""
+    def choose(self, check_rows, fit_rows, candidates, seed, name) -> tuple[int, list[str]]:
+        """Working resolution and fused members chosen on synthetic flaws in the validation rows."""
         goods = [("good", int(row)) for row in check_rows]
         flawed = [("flaw", int(row), kind) for kind in FLAWS for row in check_rows]
         kinds = [kind for kind in FLAWS for _ in check_rows]
-        fused = method in ("auto", "fused")
-        if fused:
-            has_joint = self.train(candidates[0]).joint is not None
-            options = [m for m in MEMBERS if m != "zeroshot" or has_joint]
-        else:
-            options = [method]
+        has_joint = self.train(candidates[0]).joint is not None
+        options = [m for m in MEMBERS if m != "zeroshot" or has_joint]
         working, members, _ = choose_settings(self.encoder, self._encode, [("good", int(r)) for r in fit_rows], goods,
                                               flawed, kinds, candidates, options, seed, name)  # fmt: skip
-        return working, (members if fused else None)
+        return working, members
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
