@@ -93,7 +93,8 @@ def run_anomaly_bench(
             fit_rows, held_out = split_good(len(train), k, seed)
             fused = method in ("auto", "fused")
             choose = fused
-            check_rows, calibration_rows = validation_rows(held_out, seed) if choose else (held_out[:0], held_out)
+            # Validation parts drawn with one seed for every cell: their flaws are encoded once per category.
+            check_rows, calibration_rows = validation_rows(held_out, 0) if choose else (held_out[:0], held_out)
             working, members = candidates[0], list(DEFAULT_MEMBERS) if fused else None
             if len(check_rows):
                 working, members = parts.choose(check_rows, fit_rows, candidates, seed, category.name)
