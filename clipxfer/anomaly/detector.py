@@ -20,21 +20,47 @@ import numpy as np
 
 from ..calibrate import check_alpha, false_alarm_threshold, min_calibration_size
 from ..encoders import Encoder
-from ..encoders.artifacts import check_model_id, read_artifact_metadata, read_artifact_tensors, write_artifact
+from ..encoders.artifacts import (
+    DETECTOR_FORMAT,
+    check_model_id,
+    read_artifact_metadata,
+    read_artifact_tensors,
+    write_artifact,
+)  # fmt: skip
 from ..errors import ClipxferError
 from .fusion import MEMBERS, fuse, member_calibration, member_outputs
 from .gaussian import fit_gaussian
 from .patchcore import CORESET_MIN, CORESET_RATIO, fit_patchcore, nearest_distances, patchcore_grid
 from .patches import DensePatches
 from .smoothing import SMOOTHING_SIGMA, upsample_and_smooth
+from .tiling import MAX_RESOLUTION
 from .zeroshot import anomalous_probability, state_text_vectors
 
 __all__ = ["CORESET_MIN", "CORESET_RATIO", "SMOOTHING_SIGMA", "nearest_distances", "upsample_and_smooth"]
 
-FORMAT = "clipxfer-anomaly/1"
 #: ``fused`` is calibrated fusion of member detectors (:mod:`.fusion`); ``combined`` is WinCLIP+'s
 #: average of the patchcore and zero-shot maps, kept for detectors fitted before fusion.
 METHODS = ("patchcore", "gaussian", "zeroshot", "combined", "fused")
+#: What a detector of each method holds, checked when a file is loaded (:func:`check_detector`):
+#: its arrays (finite; each a matrix unless named in :data:`VECTOR_ARRAYS`) and the positive config
+#: numbers its scoring divides or scales by. A fused detector needs those of each of its members.
+#: A new method adds its entry to both.
+METHOD_ARRAYS = {
+    "patchcore": ("memory_bank",),
+    "gaussian": ("gaussian_mean", "gaussian_precision"),
+    "zeroshot": ("text_states",),
+    "combined": ("memory_bank", "text_states"),
+}
+METHOD_SCALES = {
+    "patchcore": (),
+    "gaussian": (),
+    "zeroshot": ("logit_scale",),
+    "combined": ("logit_scale", "patchcore_scale", "zeroshot_scale"),
+}
+VECTOR_ARRAYS = ("gaussian_mean",)
+#: Model input sizes a detector file may name (pixels per side): every encoder clipxfer runs is within;
+#: a tampered size far outside would allocate maps of size**2 floats per image.
+INPUT_SIZE_RANGE = (8, 1024)
 #: The default share of good parts a detector may flag.
 DEFAULT_FALSE_ALARM_RATE = 0.05
 @dataclass
@@ -70,6 +96,18 @@ class AnomalyDetector:
         """Image scores above this are defects; ``inf`` when calibration was too small."""
         value = self.config.get("threshold")
         return math.inf if value is None else float(value)
+
+    @property
+    def calibrated(self) -> bool:
+        """False when the detector has no threshold (too few held-out good images): it can score
+        and draw maps, but its ok/defect decisions mean nothing (:meth:`decision_names` says ``unknown``)."""
+        return self.config.get("threshold") is not None
+
+    def decision_names(self, scores: np.ndarray) -> list[str]:
+        """``defect`` or ``ok`` per score; ``unknown`` for all when the detector is not calibrated."""
+        if not self.calibrated:
+            return ["unknown"] * len(scores)
+        return ["defect" if flagged else "ok" for flagged in self.decide(scores)]
 
     def check_model(self, model_id: str) -> None:
         """Refuse images encoded by another encoder than the one this detector was fitted with."""
@@ -170,7 +208,7 @@ class AnomalyDetector:
         return self
 
     def metadata(self) -> dict[str, Any]:
-        return {"format": FORMAT, "model_id": self.model_id, "config": self.config}
+        return {"format": DETECTOR_FORMAT, "model_id": self.model_id, "config": self.config}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the detector to ``path`` (``.safetensors`` added if missing), atomically."""
@@ -178,14 +216,90 @@ class AnomalyDetector:
 
 
 def load_detector(path: str | os.PathLike, model_id: str | None = None) -> AnomalyDetector:
-    """Load a saved detector; with ``model_id`` given, refuse one fitted with another encoder."""
+    """Load a saved detector, checked (:func:`check_detector`); with ``model_id`` given, refuse one
+    fitted with another encoder. A detector without a threshold loads with one warning line."""
     meta = read_artifact_metadata(path, "detector", "make one with 'clipxfer anomaly fit'")
-    if meta.get("format") != FORMAT:
-        raise ClipxferError(f"{path}: not a clipxfer anomaly detector (format {meta.get('format')!r}, expected {FORMAT!r})")
-    detector = AnomalyDetector(meta["model_id"], read_artifact_tensors(path, "detector"), meta["config"])
+    detector = check_detector(path, meta, read_artifact_tensors(path, "detector"))
     if model_id is not None:
         detector.check_model(model_id)
+    if not detector.calibrated:
+        _warn(f"{path}: this detector has no calibrated threshold (fitted with too few held-out good images): "
+              "scores and maps only, every decision is 'unknown'; refit it with more good images")
     return detector
+
+
+# --------------------------------------------------------------------------- checking a detector file
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_detector(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> AnomalyDetector:
+    """The detector a file's metadata and arrays describe, or one line naming the file and the first
+    thing wrong with it: every field scoring reads is checked here, before any image is touched.
+    Per-method needs are :data:`METHOD_ARRAYS` and :data:`METHOD_SCALES`."""
+
+    def bad(what: str) -> ClipxferError:
+        return ClipxferError(f"{path}: damaged anomaly detector: {what}; fit it again with 'clipxfer anomaly fit'")
+
+    if meta.get("format") != DETECTOR_FORMAT:
+        raise ClipxferError(f"{path}: not a clipxfer anomaly detector (format {meta.get('format')!r}, "
+                            f"expected {DETECTOR_FORMAT!r})")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise bad("no config")
+    if not isinstance(meta.get("model_id"), str) or not meta["model_id"]:
+        raise bad("no model id")
+    method = config.get("method")
+    if method not in METHODS:
+        raise bad(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    size = config.get("input_size")
+    low, high = INPUT_SIZE_RANGE
+    if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+        raise bad(f"input_size {size!r} is not a whole number of pixels in [{low}, {high}]")
+    threshold = config.get("threshold")
+    if threshold is not None and not (_is_number(threshold) and math.isfinite(threshold)):
+        raise bad(f"threshold {threshold!r} is not a finite number (a detector without one stores null)")
+    rate = config.get("false_alarm_rate")
+    if not (_is_number(rate) and 0 < rate < 1):
+        raise bad(f"false_alarm_rate {rate!r} is not a number in (0, 1)")
+    median = config.get("calibration_score_median")
+    if median is not None and not (_is_number(median) and math.isfinite(median)):
+        raise bad(f"calibration_score_median {median!r} is not a finite number")
+    members = config.get("members") if method == "fused" else [method]
+    if method == "fused":
+        if not isinstance(members, list) or not members or not set(members) <= set(MEMBERS) or len(set(members)) < len(members):
+            raise bad(f"members {members!r} are not distinct detectors of {', '.join(MEMBERS)}")
+        calibration = config.get("member_calibration")
+        if not isinstance(calibration, dict) or set(calibration) != set(members):
+            raise bad("member_calibration does not name each member once")
+        for member, entry in calibration.items():
+            values = [entry.get(key) for key in ("threshold", "median")] if isinstance(entry, dict) else [None, "missing"]
+            if any(v is not None and not (_is_number(v) and math.isfinite(v)) for v in values):
+                raise bad(f"member_calibration of {member} holds {entry!r}, not finite numbers or null")
+    map_size = config.get("map_size", size)
+    if not isinstance(map_size, int) or isinstance(map_size, bool) or not size <= map_size <= MAX_RESOLUTION:
+        raise bad(f"map_size {map_size!r} is not a whole number of pixels in [{size}, {MAX_RESOLUTION}]")
+    sigma = config.get("smoothing_sigma", SMOOTHING_SIGMA)
+    if not (_is_number(sigma) and math.isfinite(sigma) and 0 < sigma <= map_size):
+        raise bad(f"smoothing_sigma {sigma!r} is not a positive number up to the map size")
+    for name in sorted({scale for member in members for scale in METHOD_SCALES[member]}):
+        value = config.get(name)
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise bad(f"{name} {value!r} is not a positive finite number")
+    for name in sorted({array for member in members for array in METHOD_ARRAYS[member]}):
+        array = arrays.get(name)
+        dims = 1 if name in VECTOR_ARRAYS else 2
+        if array is None or array.ndim != dims or not all(array.shape):
+            raise bad(f"array '{name}' is missing or not a non-empty {'vector' if dims == 1 else 'matrix'}")
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise bad(f"array '{name}' holds values that are not finite numbers")
+    if {"zeroshot", "combined"} & set(members) and arrays["text_states"].shape[0] != 2:
+        raise bad("array 'text_states' must hold two rows (normal, anomalous)")
+    if "gaussian" in members and arrays["gaussian_precision"].shape != (len(arrays["gaussian_mean"]),) * 2:
+        raise bad("array 'gaussian_precision' is not square with the side of 'gaussian_mean'")
+    return AnomalyDetector(meta["model_id"], arrays, config)
 
 
 def resolve_method(method: str, shots: int, has_joint: bool) -> str:

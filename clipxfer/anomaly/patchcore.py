@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ClipxferError
 from .coreset import coreset_size, greedy_coreset
 
 #: Share of the shot patches the coreset keeps (PatchCore's default), and the floor below which
@@ -43,4 +44,7 @@ def fit_patchcore(local: np.ndarray, seed: int, ratio: float = CORESET_RATIO,
 def patchcore_grid(local: np.ndarray, bank: np.ndarray) -> np.ndarray:
     """``(n, h, w)`` distance of each patch to its nearest bank patch."""
     n, h, w, c = local.shape
+    if c != bank.shape[1]:
+        raise ClipxferError(f"this detector's memory bank holds {bank.shape[1]}-d patches, the encoder gives {c}-d ones: "
+                            "use the detector's own model")
     return nearest_distances(local.reshape(-1, c), bank)[:, 0].reshape(n, h, w)
