@@ -208,3 +208,37 @@ def test_cli_fit_with_real_defects_and_score_at_resolution(tiny, brick, tmp_path
     wrong = runner.invoke(main, ["anomaly", "fit", str(brick / "train" / "good"), "--method", "patchcore", "--members",
                                  "gaussian", "--out", str(det), "--model", "tiny"])  # fmt: skip
     assert wrong.exit_code == 2 and "--members" in wrong.output
+
+
+FUSED_CHANGES = {
+    "member-unknown": (lambda c: c.update(members=["patchcore", "padim"]), "members ['patchcore', 'padim']"),
+    "member-twice": (lambda c: c.update(members=["patchcore", "patchcore"]), "members ['patchcore', 'patchcore']"),
+    "calibration-missing": (lambda c: c.pop("member_calibration"), "member_calibration does not name"),
+    "calibration-nan": (lambda c: c["member_calibration"]["gaussian"].update(threshold=float("nan")),
+                        "member_calibration of gaussian"),
+    "map-small": (lambda c: c.update(map_size=8), "map_size 8"),
+    "map-huge": (lambda c: c.update(map_size=10**6), "map_size 1000000"),
+    "sigma-zero": (lambda c: c.update(smoothing_sigma=0), "smoothing_sigma 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_CHANGES))
+def test_a_tampered_fused_detector_is_one_line(tiny, brick, tmp_path, name):
+    from clipxfer.encoders.artifacts import read_artifact_metadata, read_artifact_tensors, write_artifact
+
+    shots = encode_dense(tiny, list(find_images(brick / "train" / "good"))[:3])
+    detector = build_detector(tiny, shots, "fused", members=["patchcore", "gaussian"])
+    detector.calibrate(encode_dense(tiny, list(find_images(brick / "train" / "good"))[3:13]), 0.5)
+    path = detector.save(tmp_path / "fused")
+    assert load_detector(path).members == ["patchcore", "gaussian"]
+    meta = read_artifact_metadata(path, "detector")
+    change, message = FUSED_CHANGES[name]
+    change(meta["config"])
+    tampered = write_artifact(tmp_path / "bad", read_artifact_tensors(path, "detector"), meta, "detector")
+    with pytest.raises(ClipxferError, match="damaged anomaly detector") as error:
+        load_detector(tampered)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    arrays = read_artifact_tensors(path, "detector")
+    arrays["gaussian_precision"] = arrays["gaussian_precision"][:-1]
+    with pytest.raises(ClipxferError, match="gaussian_precision"):
+        load_detector(write_artifact(tmp_path / "bad2", arrays, read_artifact_metadata(path, "detector"), "detector"))

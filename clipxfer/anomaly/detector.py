@@ -275,7 +275,8 @@ def check_detector(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[s
         if not isinstance(calibration, dict) or set(calibration) != set(members):
             raise bad("member_calibration does not name each member once")
         for member, entry in calibration.items():
-            values = [entry.get(key) for key in ("threshold", "median")] if isinstance(entry, dict) else [None, "missing"]
+            keys = ("threshold", "median", "spread")
+            values = [entry.get(key) for key in keys] if isinstance(entry, dict) else [None, "missing"]
             if any(v is not None and not (_is_number(v) and math.isfinite(v)) for v in values):
                 raise bad(f"member_calibration of {member} holds {entry!r}, not finite numbers or null")
     map_size = config.get("map_size", size)

@@ -145,8 +145,9 @@ def _select(encoder, good_images, fit_rows, check_rows, candidates, member_choic
     def encode(items, size):
         return encode_dense(encoder, items, resolution=size)
 
-    resolution, chosen, table = choose_settings(encoder, encode, [good_images[i] for i in fit_rows], goods, flawed,
-                                                kinds, candidates, options, seed, object_name)  # fmt: skip
+    detector, table = choose_settings(encoder, encode, [good_images[i] for i in fit_rows], goods, flawed, kinds,
+                                      candidates, options, seed, object_name)  # fmt: skip
+    resolution, chosen = detector.map_size, detector.members
     if member_choices:
         # Members named by the user: only the resolution was open.
         rows = [row for row in table if row["members"] == list(options)]

@@ -15,7 +15,6 @@ have maps.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -49,7 +48,7 @@ def member_outputs(arrays: dict[str, np.ndarray], config: dict[str, Any], member
 
 def member_calibration(outputs: dict, alpha: float) -> dict[str, dict[str, float | None]]:
     """Per member, from its scores on held-out good parts: the conformal threshold at ``alpha / m``
-    (None when there are too few parts for that level) and the median."""
+    (None when there are too few parts for that level), the median and the standard deviation."""
     level = alpha / len(outputs)
     result = {}
     for member, (scores, _) in outputs.items():
@@ -57,6 +56,7 @@ def member_calibration(outputs: dict, alpha: float) -> dict[str, dict[str, float
         result[member] = {
             "threshold": float(false_alarm_threshold(scores, level)) if enough else None,
             "median": float(np.median(scores)) if len(scores) else None,
+            "spread": float(np.std(scores)) if len(scores) else None,
         }
     return result
 
@@ -65,19 +65,23 @@ def fuse(outputs: dict, calibration: dict, map_size: int) -> tuple[np.ndarray, n
     """Fused image scores (defect when > 0) and maps from member outputs and their calibration."""
     scores, maps = [], []
     for member, (member_scores, member_maps) in outputs.items():
-        threshold, median = calibration[member]["threshold"], calibration[member]["median"]
-        if threshold is None:
-            # No finite threshold: the member can flag nothing, so it adds nothing to the score.
-            continue
-        scale = max(threshold - median, 1e-12 * max(abs(threshold), 1.0))
+        entry = calibration[member]
+        threshold, median = entry["threshold"], entry["median"]
+        if threshold is not None:
+            scale = max(threshold - median, 1e-12 * max(abs(threshold), 1.0))
+        elif median is not None:
+            # Too few held-out parts for a threshold (the detector decides nothing): scores still
+            # rank, in units of the good parts' spread around their median.
+            threshold, scale = median, max(entry.get("spread") or 0.0, 1e-12 * max(abs(median), 1.0))
+        else:
+            threshold, scale = 0.0, 1.0
         scores.append((member_scores - threshold) / scale)
         if member_maps is not None:
             maps.append((member_maps - threshold) / scale)
-    n = len(next(iter(outputs.values()))[0])
-    fused = np.max(scores, axis=0) if scores else np.full(n, -math.inf)
+    fused = np.max(scores, axis=0)
     if maps:
         fused_maps = np.max(maps, axis=0)
     else:
         # Only global members: the map is the image's score everywhere (no place to point at).
-        fused_maps = np.broadcast_to(fused[:, None, None], (n, map_size, map_size))
+        fused_maps = np.broadcast_to(fused[:, None, None], (len(fused), map_size, map_size))
     return fused.astype(np.float64), np.ascontiguousarray(fused_maps, dtype=np.float32)

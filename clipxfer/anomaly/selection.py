@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .detector import build_detector
+from .detector import METHOD_ARRAYS, AnomalyDetector, build_detector
 
 #: Held-out good parts set aside for validation: at most this many, and at most a quarter of them.
 VALIDATION_PARTS = 20
@@ -63,16 +63,18 @@ def choose_settings(
     members: Sequence[str],
     seed: int = 0,
     object_name: str = "object",
-) -> tuple[int, list[str], list[dict]]:
-    """(resolution, members, the table of every candidate's mean and per-kind AUROC).
+) -> tuple[AnomalyDetector, list[dict]]:
+    """(the chosen detector, uncalibrated; the table of every candidate's mean and per-kind AUROC).
 
     ``encode(items, resolution)`` -> :class:`~.patches.DensePatches`; ``shots``, ``goods`` and
-    ``flawed`` are items it accepts; ``flaw_kinds[i]`` names the kind of ``flawed[i]``."""
+    ``flawed`` are items it accepts; ``flaw_kinds[i]`` names the kind of ``flawed[i]``. The chosen
+    detector is the candidate fitted here, so its memory bank is not built twice."""
     kinds = np.asarray(flaw_kinds)
-    table = []
+    table, fitted = [], {}
     for resolution in resolutions:
         shot_patches = encode(shots, resolution)
         detector = build_detector(encoder, shot_patches, "fused", object_name, seed, members=members, resolution=resolution)
+        fitted[int(resolution)] = detector
         good_out = detector.member_outputs(encode(goods, resolution))
         flawed_out = detector.member_outputs(encode(flawed, resolution))
         for size in range(1, len(members) + 1):
@@ -85,4 +87,13 @@ def choose_settings(
     best = max(row["mean_auroc"] for row in table)
     near = [row for row in table if row["mean_auroc"] >= best - TIE]
     chosen = min(near, key=lambda row: (len(row["members"]), row["resolution"], -row["mean_auroc"]))
-    return chosen["resolution"], chosen["members"], table
+    return with_members(fitted[chosen["resolution"]], chosen["members"]), table
+
+
+def with_members(detector: AnomalyDetector, members: Sequence[str]) -> AnomalyDetector:
+    """A fused ``detector`` reduced to ``members`` (their arrays only), uncalibrated."""
+    arrays = {name: value for name, value in detector.arrays.items()
+              if any(name in METHOD_ARRAYS[member] for member in members)}  # fmt: skip
+    config = {key: value for key, value in detector.config.items() if key not in ("member_calibration", "threshold")}
+    config["members"] = [member for member in detector.members if member in members]
+    return AnomalyDetector(detector.model_id, arrays, config)

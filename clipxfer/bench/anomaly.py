@@ -95,12 +95,14 @@ def run_anomaly_bench(
             choose = fused
             # Validation parts drawn with one seed for every cell: their flaws are encoded once per category.
             check_rows, calibration_rows = validation_rows(held_out, 0) if choose else (held_out[:0], held_out)
-            working, members = candidates[0], list(DEFAULT_MEMBERS) if fused else None
             if len(check_rows):
-                working, members = parts.choose(check_rows, fit_rows, candidates, seed, category.name)
+                detector = parts.choose(check_rows, fit_rows, candidates, seed, category.name)
+            else:
+                detector = build_detector(encoder, take_patches(parts.train(candidates[0]), fit_rows), method,
+                                          category.name, seed, members=DEFAULT_MEMBERS if fused else None,
+                                          resolution=candidates[0])  # fmt: skip
+            working = detector.map_size
             train_patches = parts.train(working)
-            detector = build_detector(encoder, take_patches(train_patches, fit_rows), method, category.name, seed,
-                                      members=members, resolution=working)  # fmt: skip
             detector.calibrate(take_patches(train_patches, calibration_rows), false_alarm_rate)
             fit_seconds = time.perf_counter() - started
             result = detector.score(parts.test(working))
@@ -179,16 +181,17 @@ class _CategoryEncodings:
         joint = np.concatenate([p.joint for p in pieces]) if pieces[0].joint is not None else None
         return DensePatches(np.concatenate([p.local for p in pieces]), joint, [s for p in pieces for s in p.sizes])
 
-    def choose(self, check_rows, fit_rows, candidates, seed, name) -> tuple[int, list[str]]:
-        """Working resolution and fused members chosen on synthetic flaws in the validation rows."""
+    def choose(self, check_rows, fit_rows, candidates, seed, name):
+        """The fused detector (working resolution and members) chosen on synthetic flaws in the
+        validation rows, uncalibrated."""
         goods = [("good", int(row)) for row in check_rows]
         flawed = [("flaw", int(row), kind) for kind in FLAWS for row in check_rows]
         kinds = [kind for kind in FLAWS for _ in check_rows]
         has_joint = self.train(candidates[0]).joint is not None
         options = [m for m in MEMBERS if m != "zeroshot" or has_joint]
-        working, members, _ = choose_settings(self.encoder, self._encode, [("good", int(r)) for r in fit_rows], goods,
-                                              flawed, kinds, candidates, options, seed, name)  # fmt: skip
-        return working, members
+        detector, _ = choose_settings(self.encoder, self._encode, [("good", int(r)) for r in fit_rows], goods, flawed,
+                                      kinds, candidates, options, seed, name)  # fmt: skip
+        return detector
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
