@@ -93,6 +93,7 @@ class CLAPHead(LinearHead):
     """CLAP: a zero-shot-initialised, class-adaptively constrained linear probe; see the module docstring."""
 
     method = "clap"
+    needs_validation = False  # settings come from the shots (module docstring)
 
     @classmethod
     def fit(cls, data: FewShotData, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR) -> "CLAPHead":
