@@ -179,6 +179,13 @@ def test_fit_auto_is_fused_chosen_on_held_out_goods_and_round_trips(tiny, brick,
     assert fixed.config["calibration_size"] == 36
 
 
+def test_auto_with_few_held_out_parts_keeps_a_threshold(tiny, brick):
+    """8 held-out parts cannot give two members a threshold at 0.2 / 2 (9 needed): auto keeps patchcore alone."""
+    good = list(find_images(brick / "train" / "good"))[:12]
+    detector = fit_detector(tiny, good, shots=4, false_alarm_rate=0.2, seed=1)
+    assert detector.members == ["patchcore"] and detector.calibrated and "selection" not in detector.config
+
+
 def test_bad_settings_are_one_line_errors(tiny, brick):
     good = list(find_images(brick / "train" / "good"))
     with pytest.raises(ClipxferError, match="--resolution 'huge'"):

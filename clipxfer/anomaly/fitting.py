@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..calibrate import check_alpha
+from ..calibrate import check_alpha, min_calibration_size
 from ..encoders import Encoder
 from ..errors import ClipxferError
 from ..images import as_pil
@@ -105,6 +105,11 @@ def fit_detector(
         candidates, member_choices = [selection["resolution"]], selection["members"]
     elif fused and member_choices is None:
         member_choices = list(DEFAULT_MEMBERS)
+    if method == "auto" and not members and member_choices:
+        # Too few held-out parts to give each of m members a threshold at alpha / m: drop members
+        # (zeroshot, then gaussian) rather than fit a detector that can flag nothing.
+        while len(member_choices) > 1 and len(calibration_rows) < min_calibration_size(false_alarm_rate / len(member_choices)):
+            member_choices = member_choices[:-1]
     working = candidates[0]
     images = [good_images[i] for i in fit_rows], [good_images[i] for i in calibration_rows]
     bar = progress_bar(len(fit_rows) + len(calibration_rows), progress)
