@@ -133,7 +133,7 @@ def test_zeroshot_and_combined_with_tiny(tiny, textures):
     zeroshot = fit_detector(tiny, good, shots=0, false_alarm_rate=0.1, object_name="brick wall")
     assert zeroshot.method == "zeroshot" and "memory_bank" not in zeroshot.arrays
     assert zeroshot.arrays["text_states"].shape == (2, tiny.dim)
-    combined = fit_detector(tiny, good, shots=4, false_alarm_rate=0.1)
+    combined = fit_detector(tiny, good, shots=4, false_alarm_rate=0.1, method="combined")
     assert combined.method == "combined"
     assert combined.config["patchcore_scale"] > 0 and combined.config["zeroshot_scale"] > 0
     scores = combined.score(encode_dense(tiny, good[:3])).scores
@@ -183,8 +183,9 @@ def test_cli_fit_score_heatmaps_json_csv(tiny, textures, tmp_path):
     assert report["n"] == n_images and {r["decision"] for r in report["results"]} <= {"ok", "defect"}
     metrics = report["metrics"]
     assert 0 <= metrics["image_auroc"] <= 1 and metrics["pixel_auroc"] is not None and metrics["aupro"] is not None
-    assert set(metrics["per_kind_image_auroc"]) == {"scratch", "hole", "stain", "missing_thread", "colour_spot",
-                                                    "colour_shift", "blur", "coarse"}  # fmt: skip
+    assert set(metrics["per_kind_image_auroc"]) == {"scratch", "hole", "stain", "missing_thread", "colour_spot", "speckle",
+                                                    "faint_scratch", "colour_shift", "blur", "coarse", "grain_scale",
+                                                    "orientation", "period"}  # fmt: skip
     overlays = sorted(find_images(maps))
     assert len(overlays) == n_images and Image.open(overlays[0]).size == (250, 250)
     assert (tmp_path / "roc.png").is_file()
@@ -204,13 +205,21 @@ def test_bench_task_anomaly_rows_groups_and_resume(textures, tmp_path):
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "anomaly_results.csv")
-    assert sorted(zip(table["shots"], table["group"])) == [(1, "global"), (1, "local"), (2, "global"), (2, "local")]
+    kinds = ["scratch", "hole", "stain", "missing_thread", "colour_spot", "speckle", "faint_scratch", "colour_shift",
+             "blur", "coarse", "grain_scale", "orientation", "period"]  # fmt: skip
+    groups = sorted(["global", "local", *kinds])
+    assert sorted(zip(table["shots"], table["group"])) == [(k, g) for k in (1, 2) for g in groups]
     local = table[table["group"] == "local"]
     assert local["pixel_auroc"].notna().all() and table[table["group"] == "global"]["pixel_auroc"].isna().all()
-    assert (local["n_defect"] == 15).all() and (table["calibration_size"] == 40 - table["shots"]).all()
-    assert "| brick | auto | local | 1 |" in (tmp_path / "anomaly_summary.md").read_text()
+    assert table[table["group"] == "speckle"]["pixel_auroc"].notna().all()
+    assert table[table["group"] == "period"]["pixel_auroc"].isna().all()
+    # 40 good parts: the shots, 9 validation parts (synthetic flaws choose resolution and members), the rest calibrate
+    assert (local["n_defect"] == 21).all() and (table["calibration_size"] == 40 - table["shots"] - 9).all()
+    assert set(table["resolution"]) <= {32, 56} and table["members"].notna().all()
+    summary = (tmp_path / "anomaly_summary.md").read_text()
+    assert "| brick | auto | local | 1 |" in summary and "| brick | auto | speckle | 2 |" in summary
     again = runner.invoke(main, args)
-    assert again.exit_code == 0 and len(pd.read_csv(tmp_path / "anomaly_results.csv")) == 4
+    assert again.exit_code == 0 and len(pd.read_csv(tmp_path / "anomaly_results.csv")) == 2 * len(groups)
 
 
 def test_score_loads_the_precision_the_detector_names(textures, tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ Entry points: :func:`fit_detector`, :func:`load_detector`, :func:`score_folder`,
 :func:`build_texture_set` (the offline defect set) (the benchmark is :func:`clipxfer.bench.anomaly.run_anomaly_bench`).
 """
 
-from .detector import AnomalyDetector, build_detector, fit_detector, load_detector
+from .detector import AnomalyDetector, build_detector, load_detector
+from .fitting import fit_detector
 from .score import FolderScores, score_folder
 from .textures import build_texture_set
 

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..calibrate import check_alpha, false_alarm_threshold, min_calibration_size
 from ..encoders import Encoder
@@ -30,71 +28,47 @@ from ..encoders.artifacts import (
     write_artifact,
 )  # fmt: skip
 from ..errors import ClipxferError
-from .coreset import coreset_size, greedy_coreset
+from .fusion import MEMBERS, fuse, member_calibration, member_outputs
+from .gaussian import fit_gaussian
+from .patchcore import CORESET_MIN, CORESET_RATIO, fit_patchcore, nearest_distances, patchcore_grid
 from .patches import DensePatches
+from .smoothing import SMOOTHING_SIGMA, upsample_and_smooth
+from .tiling import MAX_RESOLUTION
 from .zeroshot import anomalous_probability, state_text_vectors
 
-METHODS = ("patchcore", "zeroshot", "combined")
+__all__ = ["CORESET_MIN", "CORESET_RATIO", "SMOOTHING_SIGMA", "nearest_distances", "upsample_and_smooth"]
+
+#: ``fused`` is calibrated fusion of member detectors (:mod:`.fusion`); ``combined`` is WinCLIP+'s
+#: average of the patchcore and zero-shot maps, kept for detectors fitted before fusion.
+METHODS = ("patchcore", "gaussian", "zeroshot", "combined", "fused")
 #: What a detector of each method holds, checked when a file is loaded (:func:`check_detector`):
-#: its arrays (each 2-D, finite) and the positive config numbers its scoring divides or scales by.
+#: its arrays (finite; each a matrix unless named in :data:`VECTOR_ARRAYS`) and the positive config
+#: numbers its scoring divides or scales by. A fused detector needs those of each of its members.
 #: A new method adds its entry to both.
 METHOD_ARRAYS = {
     "patchcore": ("memory_bank",),
+    "gaussian": ("gaussian_mean", "gaussian_precision"),
     "zeroshot": ("text_states",),
     "combined": ("memory_bank", "text_states"),
 }
 METHOD_SCALES = {
     "patchcore": (),
+    "gaussian": (),
     "zeroshot": ("logit_scale",),
     "combined": ("logit_scale", "patchcore_scale", "zeroshot_scale"),
 }
+VECTOR_ARRAYS = ("gaussian_mean",)
 #: Model input sizes a detector file may name (pixels per side): every encoder clipxfer runs is within;
 #: a tampered size far outside would allocate maps of size**2 floats per image.
 INPUT_SIZE_RANGE = (8, 1024)
-#: Share of the shot patches the coreset keeps (PatchCore's default), and the floor below which
-#: a bank is not thinned at all (a 4-shot lite bank, 3,136 patches, stays whole).
-CORESET_RATIO = 0.1
-CORESET_MIN = 4096
 #: The default share of good parts a detector may flag.
 DEFAULT_FALSE_ALARM_RATE = 0.05
-#: Gaussian smoothing of the upsampled map, in model-input pixels (PatchCore's sigma = 4).
-SMOOTHING_SIGMA = 4.0
-
-
 @dataclass
 class AnomalyScores:
     """Image scores and anomaly maps (``(n, s, s)`` at the model input size) of a batch."""
 
     scores: np.ndarray
     maps: np.ndarray
-
-
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = int(math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    return kernel / kernel.sum()
-
-
-def upsample_and_smooth(grid: np.ndarray, size: int, sigma: float = SMOOTHING_SIGMA) -> np.ndarray:
-    """``(n, h, w)`` patch scores -> ``(n, size, size)`` bilinear upsampled, Gaussian smoothed."""
-    x = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32)).unsqueeze(1)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    kernel = _gaussian_kernel(sigma)
-    pad = len(kernel) // 2
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1).numpy()
-
-
-def nearest_distances(queries: np.ndarray, bank: np.ndarray, k: int = 1) -> np.ndarray:
-    """Euclidean distances from each query row to its ``k`` nearest bank rows (faiss, exact)."""
-    import faiss
-
-    index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(np.ascontiguousarray(bank, dtype=np.float32))
-    distances, _ = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return np.sqrt(np.maximum(distances, 0.0))
 
 
 def _warn(message: str) -> None:
@@ -139,32 +113,46 @@ class AnomalyDetector:
         """Refuse images encoded by another encoder than the one this detector was fitted with."""
         check_model_id(self.model_id, model_id, "this detector was fitted")
 
-    def _patchcore_grid(self, patches: DensePatches) -> np.ndarray:
-        n, h, w, c = patches.local.shape
-        if c != self.arrays["memory_bank"].shape[1]:
-            raise ClipxferError(f"this detector's memory bank holds {self.arrays['memory_bank'].shape[1]}-d patches, "
-                                f"the encoder gives {c}-d ones: use the detector's own model")
-        distances = nearest_distances(patches.local.reshape(-1, c), self.arrays["memory_bank"])[:, 0]
-        return distances.reshape(n, h, w)
+    @property
+    def map_size(self) -> int:
+        """Side of the square the part is squashed to (the working resolution) and of its maps."""
+        return int(self.config.get("map_size", self.config["input_size"]))
+
+    @property
+    def members(self) -> list[str]:
+        """The member detectors of a fused detector (else the one method)."""
+        return list(self.config.get("members", [self.method]))
 
     def _zeroshot_grid(self, patches: DensePatches) -> np.ndarray:
         if patches.joint is None:
             raise ClipxferError(f"a {self.method} detector needs an encoder with joint-space patch features (an open_clip ViT)")
         return anomalous_probability(patches.joint, self.arrays["text_states"], self.config["logit_scale"])
 
+    def member_outputs(self, patches: DensePatches) -> dict:
+        """``{member: (image scores, maps or None)}``, before any fusion or threshold."""
+        if "zeroshot" in self.members and patches.joint is None:
+            self._zeroshot_grid(patches)  # the one-line error
+        config = {"map_size": self.map_size, "smoothing_sigma": self.config.get("smoothing_sigma", SMOOTHING_SIGMA),
+                  "logit_scale": self.config.get("logit_scale")}  # fmt: skip
+        return member_outputs(self.arrays, config, self.members, patches)
+
     def score(self, patches: DensePatches) -> AnomalyScores:
-        """Image scores and smoothed anomaly maps of encoded images."""
-        size = self.config["input_size"]
-        if self.method == "patchcore":
-            maps = upsample_and_smooth(self._patchcore_grid(patches), size)
-        elif self.method == "zeroshot":
-            maps = upsample_and_smooth(self._zeroshot_grid(patches), size)
-        else:
-            # WinCLIP+ averages its zero-shot and few-shot maps; here each is first divided by its
-            # typical value on the shot images, so neither's units dominate.
-            patchcore = upsample_and_smooth(self._patchcore_grid(patches), size) / self.config["patchcore_scale"]
-            zeroshot = upsample_and_smooth(self._zeroshot_grid(patches), size) / self.config["zeroshot_scale"]
-            maps = 0.5 * (patchcore + zeroshot)
+        """Image scores and smoothed anomaly maps (``map_size`` square) of encoded images."""
+        size = self.map_size
+        if self.method == "fused":
+            scores, maps = fuse(self.member_outputs(patches), self.config["member_calibration"], size)
+            return AnomalyScores(scores, maps)
+        if self.method in ("patchcore", "zeroshot", "gaussian"):
+            scores, maps = self.member_outputs(patches)[self.method]
+            if maps is None:
+                maps = np.broadcast_to(scores[:, None, None], (len(scores), size, size)).astype(np.float32)
+            return AnomalyScores(np.asarray(scores, np.float64), np.ascontiguousarray(maps, dtype=np.float32))
+        # WinCLIP+ averages its zero-shot and few-shot maps; here each is first divided by its
+        # typical value on the shot images, so neither's units dominate.
+        sigma = self.config.get("smoothing_sigma", SMOOTHING_SIGMA)
+        patchcore = upsample_and_smooth(patchcore_grid(patches.local, self.arrays["memory_bank"]), size, sigma)
+        zeroshot = upsample_and_smooth(self._zeroshot_grid(patches), size, sigma)
+        maps = 0.5 * (patchcore / self.config["patchcore_scale"] + zeroshot / self.config["zeroshot_scale"])
         scores = maps.reshape(len(maps), -1).max(axis=1) if len(maps) else np.zeros(0, np.float32)
         return AnomalyScores(scores.astype(np.float64), maps.astype(np.float32))
 
@@ -176,6 +164,8 @@ class AnomalyDetector:
         """Set the threshold by split conformal prediction on held-out good images (not the shots),
         so that at most ``false_alarm_rate`` of good parts are flagged; warns when too few."""
         alpha = check_alpha(false_alarm_rate, "false-alarm rate")
+        if self.method == "fused":
+            return self._calibrate_fused(good_patches, alpha)
         scores = self.score(good_patches).scores if good_patches is not None else np.zeros(0)
         needed = min_calibration_size(alpha)
         if len(scores) < needed:
@@ -192,6 +182,29 @@ class AnomalyDetector:
             calibration_size=int(len(scores)),
             calibration_score_median=float(np.median(scores)) if len(scores) else None,
         )
+        return self
+
+    def _calibrate_fused(self, good_patches: DensePatches | None, alpha: float) -> "AnomalyDetector":
+        """Each member's threshold at ``alpha / members`` (Bonferroni, see :mod:`.fusion`); the fused
+        threshold is 0."""
+        count = 0 if good_patches is None else len(good_patches.local)
+        if count:
+            outputs = self.member_outputs(good_patches)
+        else:
+            outputs = {member: (np.zeros(0), None) for member in self.members}
+        calibration = member_calibration(outputs, alpha)
+        needed = min_calibration_size(alpha / len(self.members))
+        if count < needed:
+            _warn(
+                f"{count} held-out good images calibrate {len(self.members)} fused detectors, but a false-alarm rate "
+                f"of {alpha:g} needs at least {needed}: no image will be flagged. Add good images or raise --false-alarm-rate."
+            )
+        self.config.update(member_calibration=calibration, false_alarm_rate=alpha, calibration_size=int(count))
+        if count >= needed:
+            fused = fuse(outputs, calibration, self.map_size)[0]
+            self.config.update(threshold=0.0, calibration_score_median=float(np.median(fused)))
+        else:
+            self.config.update(threshold=None, calibration_score_median=None)
         return self
 
     def metadata(self) -> dict[str, Any]:
@@ -254,38 +267,70 @@ def check_detector(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[s
     median = config.get("calibration_score_median")
     if median is not None and not (_is_number(median) and math.isfinite(median)):
         raise bad(f"calibration_score_median {median!r} is not a finite number")
-    for name in METHOD_SCALES[method]:
+    members = config.get("members") if method == "fused" else [method]
+    if method == "fused":
+        if not isinstance(members, list) or not members or not set(members) <= set(MEMBERS) or len(set(members)) < len(members):
+            raise bad(f"members {members!r} are not distinct detectors of {', '.join(MEMBERS)}")
+        calibration = config.get("member_calibration")
+        if not isinstance(calibration, dict) or set(calibration) != set(members):
+            raise bad("member_calibration does not name each member once")
+        for member, entry in calibration.items():
+            keys = ("threshold", "median", "spread")
+            values = [entry.get(key) for key in keys] if isinstance(entry, dict) else [None, "missing"]
+            if any(v is not None and not (_is_number(v) and math.isfinite(v)) for v in values):
+                raise bad(f"member_calibration of {member} holds {entry!r}, not finite numbers or null")
+    map_size = config.get("map_size", size)
+    if not isinstance(map_size, int) or isinstance(map_size, bool) or not size <= map_size <= MAX_RESOLUTION:
+        raise bad(f"map_size {map_size!r} is not a whole number of pixels in [{size}, {MAX_RESOLUTION}]")
+    sigma = config.get("smoothing_sigma", SMOOTHING_SIGMA)
+    if not (_is_number(sigma) and math.isfinite(sigma) and 0 < sigma <= map_size):
+        raise bad(f"smoothing_sigma {sigma!r} is not a positive number up to the map size")
+    for name in sorted({scale for member in members for scale in METHOD_SCALES[member]}):
         value = config.get(name)
         if not (_is_number(value) and math.isfinite(value) and value > 0):
             raise bad(f"{name} {value!r} is not a positive finite number")
-    for name in METHOD_ARRAYS[method]:
+    for name in sorted({array for member in members for array in METHOD_ARRAYS[member]}):
         array = arrays.get(name)
-        if array is None or array.ndim != 2 or not array.shape[0] or not array.shape[1]:
-            raise bad(f"array '{name}' is missing or not a non-empty matrix")
+        dims = 1 if name in VECTOR_ARRAYS else 2
+        if array is None or array.ndim != dims or not all(array.shape):
+            raise bad(f"array '{name}' is missing or not a non-empty {'vector' if dims == 1 else 'matrix'}")
         if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
             raise bad(f"array '{name}' holds values that are not finite numbers")
-    if method in ("zeroshot", "combined") and arrays["text_states"].shape[0] != 2:
+    if {"zeroshot", "combined"} & set(members) and arrays["text_states"].shape[0] != 2:
         raise bad("array 'text_states' must hold two rows (normal, anomalous)")
+    if "gaussian" in members and arrays["gaussian_precision"].shape != (len(arrays["gaussian_mean"]),) * 2:
+        raise bad("array 'gaussian_precision' is not square with the side of 'gaussian_mean'")
     return AnomalyDetector(meta["model_id"], arrays, config)
 
 
 def resolve_method(method: str, shots: int, has_joint: bool) -> str:
-    """``auto`` -> combined (shots and text-space patches), patchcore (shots only) or zeroshot
-    (no shots); an explicit method is checked against what is available."""
+    """``auto`` -> fused (with shots: calibrated fusion of member detectors) or zeroshot (no shots);
+    an explicit method is checked against what is available."""
     if method == "auto":
-        if shots == 0:
-            method = "zeroshot"
-        else:
-            method = "combined" if has_joint else "patchcore"
+        method = "zeroshot" if shots == 0 else "fused"
     if method not in METHODS:
         raise ClipxferError(f"unknown anomaly method '{method}': choose auto, {', '.join(METHODS)}")
     if method in ("zeroshot", "combined") and not has_joint:
         raise ClipxferError(f"the {method} method needs an open_clip ViT (text-space patch features); use patchcore with this model")
-    if method in ("patchcore", "combined") and shots < 1:
+    if method in ("patchcore", "gaussian", "combined", "fused") and shots < 1:
         raise ClipxferError(f"the {method} method needs good images to learn from: --shots must be at least 1")
     if method == "zeroshot" and shots:
-        raise ClipxferError("the zeroshot method learns from no images: use --shots 0 (or method combined)")
+        raise ClipxferError("the zeroshot method learns from no images: use --shots 0 (or method fused)")
     return method
+
+
+def check_members(members: Sequence[str], has_joint: bool) -> list[str]:
+    """Fusion members in :data:`~.fusion.MEMBERS` order, checked."""
+    unknown = sorted(set(members) - set(MEMBERS))
+    if unknown or not members:
+        raise ClipxferError(f"unknown fused detector(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(MEMBERS)}")
+    if "zeroshot" in members and not has_joint:
+        raise ClipxferError("the zeroshot detector needs an open_clip ViT (text-space patch features)")
+    return [member for member in MEMBERS if member in members]
+
+
+#: Fusion members when nothing chose them (fit_detector's validation does): one local, one global detector.
+DEFAULT_MEMBERS = ("patchcore", "gaussian")
 
 
 def _typical_distance(local: np.ndarray, bank: np.ndarray) -> float:
@@ -306,30 +351,39 @@ def build_detector(
     coreset_ratio: float = CORESET_RATIO,
     coreset_min: int = CORESET_MIN,
     has_joint: bool | None = None,
+    members: Sequence[str] | None = None,
+    resolution: int | None = None,
 ) -> AnomalyDetector:
     """An uncalibrated detector from the encoded shot images (None or empty for zero-shot).
 
     ``has_joint`` says whether the encoder gives text-space patches; it is read from
-    ``shot_patches`` when there are any.
+    ``shot_patches`` when there are any. ``members``: the detectors a fused one combines (default
+    :data:`DEFAULT_MEMBERS`). ``resolution``: the working size the parts were encoded at (default
+    the encoder's input; see :mod:`.tiling`).
     """
     shots = 0 if shot_patches is None else len(shot_patches.local)
     if has_joint is None:
         has_joint = shot_patches is not None and shot_patches.joint is not None
     method = resolve_method(method, shots, has_joint)
+    used = check_members(members or DEFAULT_MEMBERS, has_joint) if method == "fused" else [method]
+    size = int(resolution or encoder.input_size)
     arrays: dict[str, np.ndarray] = {}
     config: dict[str, Any] = {
         "method": method, "shots": shots, "seed": seed, "object": object_name, "input_size": encoder.input_size,
-        "smoothing_sigma": SMOOTHING_SIGMA,
+        "map_size": size, "smoothing_sigma": SMOOTHING_SIGMA * size / encoder.input_size,
     }  # fmt: skip
-    if method in ("patchcore", "combined"):
+    if method == "fused":
+        config["members"] = used
+    if {"patchcore", "combined"} & set(used):
+        bank, bank_config = fit_patchcore(shot_patches.local, seed, coreset_ratio, coreset_min)
+        arrays.update(bank)
+        config.update(bank_config)
         local = shot_patches.local.reshape(-1, shot_patches.local.shape[-1])
-        keep = greedy_coreset(local, coreset_size(len(local), coreset_ratio, coreset_min), seed)
-        arrays["memory_bank"] = local[keep]
-        config.update(
-            coreset_ratio=coreset_ratio, coreset_min=coreset_min, shot_patches=int(len(local)), bank_size=int(len(keep)),
-            feature_grid=list(shot_patches.local.shape[1:3]), feature_dim=int(local.shape[1]),
-        )  # fmt: skip
-    if method in ("zeroshot", "combined"):
+    if "gaussian" in used:
+        gaussian, gaussian_config = fit_gaussian(shot_patches.local)
+        arrays.update(gaussian)
+        config.update(gaussian_config)
+    if {"zeroshot", "combined"} & set(used):
         arrays["text_states"] = state_text_vectors(encoder, object_name)
         config["logit_scale"] = float(encoder.logit_scale)
     detector = AnomalyDetector(encoder.id, arrays, config)
@@ -346,39 +400,6 @@ def split_good(count: int, shots: int, seed: int) -> tuple[np.ndarray, np.ndarra
         raise ClipxferError(f"--shots {shots} is more than the {count} good images given")
     order = np.random.default_rng(seed).permutation(count)
     return np.sort(order[:shots]), np.sort(order[shots:])
-
-
-def fit_detector(
-    encoder: Encoder,
-    good_images: Sequence,
-    shots: int = 16,
-    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
-    method: str = "auto",
-    object_name: str = "object",
-    seed: int = 0,
-    progress: bool = False,
-) -> AnomalyDetector:
-    """Fit on ``shots`` good images drawn with ``seed`` and calibrate the threshold on all the others.
-
-    ``good_images``: paths, PIL images or uint8 arrays of good parts only.
-    """
-    from .patches import encode_dense
-
-    check_alpha(false_alarm_rate, "false-alarm rate")
-    if not len(good_images):
-        raise ClipxferError("no good images given: the detector needs held-out good images to set its threshold")
-    fit_rows, calibration_rows = split_good(len(good_images), shots, seed)
-    bar = progress_bar(len(good_images), progress)
-    update = bar.update if bar else None
-    shot_patches = encode_dense(encoder, [good_images[i] for i in fit_rows], progress=update) if shots else None
-    calibration = encode_dense(encoder, [good_images[i] for i in calibration_rows], progress=update) if len(calibration_rows) else None
-    if bar:
-        bar.close()
-    has_joint = calibration.joint is not None if calibration is not None else None
-    detector = build_detector(encoder, shot_patches, method, object_name, seed, has_joint=has_joint)
-    names = [Path(good_images[i]).name for i in fit_rows if isinstance(good_images[i], (str, os.PathLike))]
-    detector.config["shot_files"] = names
-    return detector.calibrate(calibration, false_alarm_rate)
 
 
 def progress_bar(total: int, enabled: bool):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..encoders import Encoder
 from ..images import ImageLike, as_pil
+from .tiling import encode_tiled
 
 #: Side of the neighbourhood each patch feature is averaged over (PatchCore's p = 3).
 NEIGHBOURHOOD = 3
@@ -65,18 +66,28 @@ def encode_pixels_dense(encoder: Encoder, pixels: np.ndarray) -> tuple[np.ndarra
     return aggregate(features.maps), features.joint
 
 
+def encode_at_resolution(encoder: Encoder, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`encode_pixels_dense` for a ``uint8 (n, R, R, 3)`` batch at any working resolution
+    ``R`` (overlapping tiles stitched back when ``R`` is above the encoder's input; see :mod:`.tiling`)."""
+    return encode_tiled(encoder, pixels, encode_pixels_dense)
+
+
 def encode_dense(
     encoder: Encoder,
     images: Sequence[ImageLike],
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
+    resolution: int | None = None,
 ) -> DensePatches:
-    """Decode and encode ``images`` into :class:`DensePatches`, ``batch_size`` at a time.
-    An unreadable image raises :class:`~clipxfer.errors.ImageDecodeError`."""
+    """Decode and encode ``images`` into :class:`DensePatches`, ``batch_size`` at a time, each
+    squashed to ``resolution`` (default: the encoder's input size; a working size from
+    :func:`~clipxfer.anomaly.tiling.working_resolution`). An unreadable image raises
+    :class:`~clipxfer.errors.ImageDecodeError`."""
+    size = resolution or encoder.input_size
     local_parts, joint_parts, sizes = [], [], []
     for start in range(0, len(images), batch_size):
-        decoded = [whole_image(item, encoder.input_size) for item in images[start : start + batch_size]]
-        local, joint = encode_pixels_dense(encoder, np.stack([pixels for pixels, _ in decoded]))
+        decoded = [whole_image(item, size) for item in images[start : start + batch_size]]
+        local, joint = encode_at_resolution(encoder, np.stack([pixels for pixels, _ in decoded]))
         local_parts.append(local)
         if joint is not None:
             joint_parts.append(joint)

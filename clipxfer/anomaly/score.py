@@ -24,7 +24,7 @@ from .evaluate import (
     read_mask,
 )
 from .heatmap import check_heatmap_folder, write_overlay
-from .patches import DensePatches, encode_pixels_dense, whole_image
+from .patches import DensePatches, encode_at_resolution, whole_image
 
 BATCH_SIZE = 16
 
@@ -92,17 +92,17 @@ def score_folder(
     if not paths:
         raise ClipxferError(f"{root}: no images found")
     targets = dict(zip(paths, check_heatmap_folder(heatmaps, root, paths))) if heatmaps is not None else {}
-    size = detector.config["input_size"]
-    if size != encoder.input_size:
-        raise ClipxferError(f"this detector was fitted at {size} px, the encoder takes {encoder.input_size} px: "
-                            "use the detector's own model")
+    if detector.config["input_size"] != encoder.input_size:
+        raise ClipxferError(f"this detector was fitted at {detector.config['input_size']} px, the encoder takes "
+                            f"{encoder.input_size} px: use the detector's own model")
+    size = detector.map_size
     keep_maps = labelled is not None and any(m is not None for m in labelled.masks)
     kept, scores, maps, skipped, written = [], [], [], [], []
     bar = progress_bar(len(paths), progress)
     for start in range(0, len(paths), BATCH_SIZE):
         batch, pixels, sizes = _read_batch(paths[start : start + BATCH_SIZE], size, skipped)
         if batch:
-            local, joint = encode_pixels_dense(encoder, np.stack(pixels))
+            local, joint = encode_at_resolution(encoder, np.stack(pixels))
             result = detector.score(DensePatches(local, joint, sizes))
             scores.append(result.scores)
             if keep_maps:

@@ -2,9 +2,15 @@
 
 There is no MVTec-AD here, so this builds its layout from real photos: many 250x250 crops are the
 good parts, and synthetic defects with exact masks are pasted on other crops. Local defects
-(scratch, hole, stain, missing_thread, colour_spot) cover a small area; global ones
-(colour_shift, blur, coarse) change the whole texture and have no mask. All parts come from one
-random process (see :func:`good_crop`), as parts from one production line do.
+(scratch, hole, stain, missing_thread, colour_spot) cover a small area; point defects (speckle: a dot
+1-5% of the side across) and faint scratches (1-2 px wide, low contrast) are the small and subtle
+local kinds; global ones (colour_shift, blur, coarse) change the whole texture and have no mask, and
+the texture changes (grain_scale, orientation, period) change only the grain while keeping each
+channel's mean and contrast (standard deviation) those of the part they replace. All parts come from
+one random process (see :func:`good_crop`), as parts from one production line do.
+
+The synthetic flaws that choose a detector's settings (:mod:`clipxfer.anomaly.synthetic`) are other
+code with other seeds: nothing here is used to choose anything.
 
 Layout (MVTec-AD's)::
 
@@ -29,8 +35,8 @@ from ..extras import import_extra
 TEXTURES = ("brick", "grass", "gravel")
 #: A constant tint per texture (the photos are greyscale); colour defects change it.
 TINTS = {"brick": (1.0, 0.82, 0.7), "grass": (0.8, 1.0, 0.75), "gravel": (0.95, 0.92, 0.85)}
-LOCAL_DEFECTS = ("scratch", "hole", "stain", "missing_thread", "colour_spot")
-GLOBAL_DEFECTS = ("colour_shift", "blur", "coarse")
+LOCAL_DEFECTS = ("scratch", "hole", "stain", "missing_thread", "colour_spot", "speckle", "faint_scratch")
+GLOBAL_DEFECTS = ("colour_shift", "blur", "coarse", "grain_scale", "orientation", "period")
 SIZE = 250
 
 
@@ -167,6 +173,74 @@ def coarse(image: np.ndarray, rng: np.random.Generator, photo: np.ndarray, tint:
     small = good_crop(photo, tint, rng, size=side)
     enlarged = Image.fromarray((small * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)
     return np.asarray(enlarged, np.float32) / 255.0
+
+
+def speckle(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A point defect: a dark or bright dot 1-5% of the side across (3-12 px on 250), hard-edged."""
+    mask = Image.new("L", (SIZE, SIZE))
+    x, y = _centre(rng, 15)
+    radius = rng.uniform(0.005, 0.025) * SIZE
+    ImageDraw.Draw(mask).ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
+    alpha = _soft(mask, 0.5)
+    local = float(image[max(0, y - 12) : y + 12, max(0, x - 12) : x + 12].mean())
+    # Away from the neighbourhood's brightness by 0.3-0.45, so the dot is seen but not glaring.
+    shade = np.clip(local + (1 if local < 0.5 else -1) * rng.uniform(0.3, 0.45), 0, 1)
+    return _blend(image, np.full_like(image, shade), alpha), alpha > 0.5
+
+
+def faint_scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A thin low-contrast line: 1-2 px wide, 50-120 px long, lighter or darker by 0.12-0.2."""
+    mask = Image.new("L", (SIZE, SIZE))
+    x, y = _centre(rng, 60)
+    angle, length = rng.uniform(0, np.pi), rng.uniform(50, 120)
+    end = (x + length * np.cos(angle), y + length * np.sin(angle))
+    ImageDraw.Draw(mask).line([(x, y), end], fill=255, width=int(rng.integers(1, 3)))
+    alpha = _soft(mask, 0.4)
+    delta = (1 if rng.random() < 0.5 else -1) * rng.uniform(0.12, 0.2)
+    # The mask is the line grown by one pixel: its own pixels are too few to be a fair pixel target.
+    region = np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 0
+    return np.clip(image + delta * alpha[..., None], 0, 1), region
+
+
+def match_moments(changed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``changed`` with each channel's mean and standard deviation set to those of ``reference``:
+    a texture change that keeps brightness, contrast and colour."""
+    axes = (0, 1)
+    centred = changed - changed.mean(axis=axes)
+    scaled = centred / np.maximum(changed.std(axis=axes), 1e-6) * reference.std(axis=axes)
+    return np.clip(scaled + reference.mean(axis=axes), 0, 1).astype(np.float32)
+
+
+def _resampled(photo: np.ndarray, tint: tuple, rng: np.random.Generator, scale_x: float, scale_y: float,
+               angle: float = 0.0) -> np.ndarray:
+    """A good crop of the photo whose texture is scaled by ``scale_x`` along ``angle`` (degrees) and
+    ``scale_y`` across it: the crop is cut larger or smaller, rotated, resized and rotated back."""
+    big = int(SIZE * 1.5)
+    crop = good_crop(photo, tint, rng, size=big)
+    grey = Image.fromarray((crop.mean(axis=-1) / float(np.mean(tint)) * 255).clip(0, 255).astype(np.uint8))
+    grey = grey.rotate(angle, resample=Image.BILINEAR)
+    grey = grey.resize((int(big * scale_x), int(big * scale_y)), Image.BICUBIC).rotate(-angle, resample=Image.BILINEAR)
+    left, top = (grey.width - SIZE) // 2, (grey.height - SIZE) // 2
+    texture = np.asarray(grey.crop((left, top, left + SIZE, top + SIZE)), np.float32) / 255.0
+    return texture[..., None] * np.asarray(tint, np.float32)
+
+
+def grain_scale(image: np.ndarray, rng: np.random.Generator, photo: np.ndarray, tint: tuple) -> np.ndarray:
+    """The grain finer (0.55-0.7x) or coarser (1.5-1.7x), with the part's own mean and contrast per channel."""
+    scale = rng.uniform(0.55, 0.7) if rng.random() < 0.5 else rng.uniform(1.5, 1.7)
+    return match_moments(_resampled(photo, tint, rng, scale, scale), image)
+
+
+def orientation(image: np.ndarray, rng: np.random.Generator, photo: np.ndarray, tint: tuple) -> np.ndarray:
+    """The grain drawn out (1.6-1.9x) along a random direction, so it runs one way; mean and contrast kept."""
+    return match_moments(_resampled(photo, tint, rng, rng.uniform(1.6, 1.9), 1.0, rng.uniform(0, 180)), image)
+
+
+def period(image: np.ndarray, rng: np.random.Generator, photo: np.ndarray, tint: tuple) -> np.ndarray:
+    """The repeat along one axis (rows or columns, like a weave's period) 0.65-0.75x or 1.35-1.5x; mean and contrast kept."""
+    factor = rng.uniform(0.65, 0.75) if rng.random() < 0.5 else rng.uniform(1.35, 1.5)
+    scales = (factor, 1.0) if rng.random() < 0.5 else (1.0, factor)
+    return match_moments(_resampled(photo, tint, rng, *scales), image)
 
 
 LOCAL: dict[str, Callable] = {name: globals()[name] for name in LOCAL_DEFECTS}

@@ -5,7 +5,10 @@ optional ``ground_truth/``) or a folder of such categories (the texture set). Ea
 encoded once; every (shots, seed) cell draws its shots from ``train/good`` with the seed,
 calibrates the threshold on the remaining ``train/good`` images, and scores ``test/``. Defect
 kinds with masks are reported as ``local`` (image and pixel metrics), kinds without masks as
-``global`` (image metrics only); the test images are never used to choose anything.
+``global`` (image metrics only), and each kind on its own row (``group`` = the kind). The test
+images are never used to choose anything: with ``--method auto`` the working resolution and the
+fused detectors are chosen per cell, as ``anomaly fit`` does, on held-out ``train/good`` parts with
+synthetic flaws (:mod:`clipxfer.anomaly.synthetic`), and those parts are not calibration parts.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..anomaly.detector import DEFAULT_FALSE_ALARM_RATE, build_detector, split_good
+from ..anomaly.detector import DEFAULT_FALSE_ALARM_RATE, DEFAULT_MEMBERS, build_detector, split_good
 from ..anomaly.evaluate import detection_metrics, load_labelled_folder, read_mask
-from ..anomaly.patches import encode_dense, take_patches
+from ..anomaly.fitting import parse_resolution, resolution_candidates
+from ..anomaly.fusion import MEMBERS
+from ..anomaly.patches import DensePatches, encode_dense, take_patches
+from ..anomaly.selection import choose_settings, validation_rows
+from ..anomaly.synthetic import FLAWS, synthetic_flaw
 from ..encoders import Encoder
 from ..errors import ClipxferError
 from ..images import find_images
@@ -31,7 +38,7 @@ DEFAULT_SEEDS = (1, 2, 3)
 COLUMNS = [
     "dataset", "method", "shots", "seed", "group", "image_auroc", "image_ap", "pixel_auroc", "aupro",
     "false_alarm_rate", "miss_rate", "threshold", "calibration_size", "bank_size", "bank_mb", "fit_seconds",
-    "n_good", "n_defect", "model_id",
+    "n_good", "n_defect", "resolution", "members", "model_id",
 ]  # fmt: skip
 CELL_KEY = ["dataset", "method", "shots", "seed"]
 
@@ -57,6 +64,7 @@ def run_anomaly_bench(
     method: str = "auto",
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     encoder: Encoder | None = None,
+    resolution: str | int = "auto",
 ) -> pd.DataFrame:
     """Run (or resume) the anomaly benchmark into ``out_dir``: results.csv and summary.md."""
     out = Path(out_dir)
@@ -76,37 +84,42 @@ def run_anomaly_bench(
             continue
         train = list(find_images(category / "train" / "good"))
         test = load_labelled_folder(category / "test")
-        print(f"bench anomaly: {category.name}: encoding {len(train)} good + {len(test.paths)} test images", file=sys.stderr)
-        train_patches = encode_dense(encoder, train)
-        test_patches = encode_dense(encoder, test.paths)
-        size = encoder.input_size
-        masks = np.stack([read_mask(m, size) for m in test.masks])
-        has_mask = np.array([m is not None for m in test.masks])
-        groups = {
-            "local": np.array([k == "good" or has_mask[i] for i, k in enumerate(test.kinds)]),
-            "global": np.array([k == "good" or not has_mask[i] for i, k in enumerate(test.kinds)]),
-        }
+        candidates = resolution_candidates(encoder, parse_resolution(resolution), train[0], method)
+        print(f"bench anomaly: {category.name}: encoding {len(train)} good + {len(test.paths)} test images "
+              f"at {', '.join(map(str, candidates))} px", file=sys.stderr)  # fmt: skip
+        parts = _CategoryEncodings(encoder, train, test.paths)
         for k, seed in todo:
             started = time.perf_counter()
-            fit_rows, calibration_rows = split_good(len(train), k, seed)
-            detector = build_detector(encoder, take_patches(train_patches, fit_rows), method, category.name, seed)
+            fit_rows, held_out = split_good(len(train), k, seed)
+            fused = method in ("auto", "fused")
+            choose = fused
+            # Validation parts drawn with one seed for every cell: their flaws are encoded once per category.
+            check_rows, calibration_rows = validation_rows(held_out, 0) if choose else (held_out[:0], held_out)
+            if len(check_rows):
+                detector = parts.choose(check_rows, fit_rows, candidates, seed, category.name)
+            else:
+                detector = build_detector(encoder, take_patches(parts.train(candidates[0]), fit_rows), method,
+                                          category.name, seed, members=DEFAULT_MEMBERS if fused else None,
+                                          resolution=candidates[0])  # fmt: skip
+            working = detector.map_size
+            train_patches = parts.train(working)
             detector.calibrate(take_patches(train_patches, calibration_rows), false_alarm_rate)
             fit_seconds = time.perf_counter() - started
-            result = detector.score(test_patches)
+            result = detector.score(parts.test(working))
             bank = detector.arrays.get("memory_bank")
             common = {
                 "dataset": category.name, "method": method, "shots": k, "seed": seed,
                 "calibration_size": detector.config["calibration_size"],
                 "bank_size": 0 if bank is None else len(bank),
                 "bank_mb": sum(a.nbytes for a in detector.arrays.values()) / 2**20,
-                "fit_seconds": fit_seconds, "model_id": encoder.id,
+                "fit_seconds": fit_seconds, "model_id": encoder.id, "resolution": working,
+                "members": "+".join(detector.members),
             }  # fmt: skip
+            masks = parts.masks(test.masks, working)
             rows = []
-            for group, chosen in groups.items():
+            for group, chosen in _groups(test).items():
                 is_defect = test.is_defect[chosen]
-                if not is_defect.any():
-                    continue
-                pixel = group == "local"
+                pixel = bool(np.any([test.masks[i] is not None for i in np.flatnonzero(chosen & test.is_defect)]))
                 metrics = detection_metrics(
                     result.scores[chosen], is_defect, detector.threshold,
                     result.maps[chosen] if pixel else None, masks[chosen] if pixel else None,
@@ -116,6 +129,69 @@ def run_anomaly_bench(
             atomic_write_bytes(results_path, table[COLUMNS].to_csv(index=False).encode())
     atomic_write_bytes(out / "anomaly_summary.md", summary_markdown(table).encode())
     return table
+
+
+def _groups(test) -> dict[str, np.ndarray]:
+    """Test rows of each reported group: ``local`` and ``global`` (good parts + defects with / without
+    masks), then each defect kind (good parts + that kind)."""
+    good = np.array([k == "good" for k in test.kinds])
+    has_mask = np.array([m is not None for m in test.masks])
+    groups = {"local": good | (test.is_defect & has_mask), "global": good | (test.is_defect & ~has_mask)}
+    for kind in sorted(set(test.kinds) - {"good"}):
+        groups[kind] = good | np.array([k == kind for k in test.kinds])
+    return {name: rows for name, rows in groups.items() if (rows & test.is_defect).any()}
+
+
+class _CategoryEncodings:
+    """One category's parts encoded once per working resolution, and the validation flaws (drawn
+    from ``train/good`` rows, seeded by row) encoded once per row, kind and resolution."""
+
+    def __init__(self, encoder: Encoder, train: list[Path], test: list[Path]):
+        self.encoder, self.train_paths, self.test_paths = encoder, train, test
+        self._train: dict[int, DensePatches] = {}
+        self._test: dict[int, DensePatches] = {}
+        self._flaws: dict[tuple[int, str, int], DensePatches] = {}
+        self._masks: dict[int, np.ndarray] = {}
+
+    def train(self, resolution: int) -> DensePatches:
+        if resolution not in self._train:
+            self._train[resolution] = encode_dense(self.encoder, self.train_paths, resolution=resolution)
+        return self._train[resolution]
+
+    def test(self, resolution: int) -> DensePatches:
+        if resolution not in self._test:
+            self._test[resolution] = encode_dense(self.encoder, self.test_paths, resolution=resolution)
+        return self._test[resolution]
+
+    def masks(self, paths: list, resolution: int) -> np.ndarray:
+        if resolution not in self._masks:
+            self._masks[resolution] = np.stack([read_mask(m, resolution) for m in paths])
+        return self._masks[resolution]
+
+    def _encode(self, items: list[tuple], resolution: int) -> DensePatches:
+        """Items ``("good", row)`` or ``("flaw", row, kind)`` -> their patches, in order."""
+        missing = [item for item in items if item[0] == "flaw" and (item[1], item[2], resolution) not in self._flaws]
+        if missing:
+            flawed = [synthetic_flaw(self.train_paths[row], kind, row) for _, row, kind in missing]
+            encoded = encode_dense(self.encoder, flawed, resolution=resolution)
+            for i, (_, row, kind) in enumerate(missing):
+                self._flaws[(row, kind, resolution)] = take_patches(encoded, [i])
+        pieces = [take_patches(self.train(resolution), [item[1]]) if item[0] == "good" else self._flaws[(item[1], item[2], resolution)]
+                  for item in items]  # fmt: skip
+        joint = np.concatenate([p.joint for p in pieces]) if pieces[0].joint is not None else None
+        return DensePatches(np.concatenate([p.local for p in pieces]), joint, [s for p in pieces for s in p.sizes])
+
+    def choose(self, check_rows, fit_rows, candidates, seed, name):
+        """The fused detector (working resolution and members) chosen on synthetic flaws in the
+        validation rows, uncalibrated."""
+        goods = [("good", int(row)) for row in check_rows]
+        flawed = [("flaw", int(row), kind) for kind in FLAWS for row in check_rows]
+        kinds = [kind for kind in FLAWS for _ in check_rows]
+        has_joint = self.train(candidates[0]).joint is not None
+        options = [m for m in MEMBERS if m != "zeroshot" or has_joint]
+        detector, _ = choose_settings(self.encoder, self._encode, [("good", int(r)) for r in fit_rows], goods, flawed,
+                                      kinds, candidates, options, seed, name)  # fmt: skip
+        return detector
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:

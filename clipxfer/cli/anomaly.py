@@ -27,20 +27,31 @@ def anomaly():
               help="Good images the detector learns from; all others set the threshold. 0 = zero-shot (text only).")
 @click.option("--false-alarm-rate", default=0.05, show_default=True, type=float,
               help="Share of good parts that may be flagged (split-conformal guarantee).")
-@click.option("--method", type=click.Choice(["auto", "patchcore", "zeroshot", "combined"]), default="auto", show_default=True,
-              help="auto: combined for open_clip ViTs with shots, patchcore for lite, zeroshot with --shots 0.")
+@click.option("--method", type=click.Choice(["auto", "fused", "patchcore", "gaussian", "zeroshot", "combined"]), default="auto",
+              show_default=True, help="auto: fused (calibrated fusion of the detectors validation picks) with shots, "
+                                      "zeroshot with --shots 0.")
+@click.option("--members", default=None, metavar="LIST",
+              help="Fused detectors, e.g. patchcore,gaussian (default: chosen by validation from patchcore, gaussian, "
+                   "zeroshot).")
+@click.option("--resolution", default="auto", show_default=True, metavar="N|native|auto",
+              help="Working size parts are squashed to (tiled at the encoder's input above it). auto: the input or "
+                   "~1.7x it, chosen by validation (fused); the input for other methods.")
+@click.option("--defects", "defects_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Real defect images: choose settings on them instead of synthetic flaws (never used to calibrate).")
 @click.option("--object", "object_name", default="object", show_default=True, help="What the part is, for the zero-shot prompts.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw of shots and of the coreset.")
 @click.option("--json", "as_json", is_flag=True, help="Print the detector's metadata as JSON.")
 @model_options
-def fit(good_dir, out, force, shots, false_alarm_rate, method, object_name, seed, as_json, model, device, precision):
+def fit(good_dir, out, force, shots, false_alarm_rate, method, members, resolution, defects_dir, object_name, seed, as_json,
+        model, device, precision):
     """Fit an anomaly detector on the good images in GOOD_DIR.
 
-    PatchCore (Roth et al., 2022): a coreset memory bank of locally aggregated multi-scale patch
-    features from --shots good images, searched with faiss. Zero-shot (WinCLIP state prompts, open_clip
-    ViTs only) needs no shots; combined averages both. The remaining good images are held out to set
-    the threshold by split conformal prediction: at most --false-alarm-rate of good parts are flagged
-    (when good parts are exchangeable with them); a warning says when there are too few.
+    Detectors: patchcore (local: nearest good patch), gaussian (global: Mahalanobis distance of pooled
+    feature statistics), zeroshot (WinCLIP prompts, open_clip ViTs). The default fuses them: each gets
+    a conformal threshold at --false-alarm-rate / members on held-out good images, and a part is a
+    defect when any member is past its threshold, so at most --false-alarm-rate of good parts are
+    flagged (when good parts are exchangeable with the held-out ones). Members and resolution are
+    chosen on a few other held-out goods with synthetic flaws pasted in (or --defects).
 
     Example: clipxfer anomaly fit good/ --shots 16 --out det.safetensors
     """
@@ -51,12 +62,19 @@ def fit(good_dir, out, force, shots, false_alarm_rate, method, object_name, seed
     from ..images import find_images
 
     check_alpha(false_alarm_rate, "--false-alarm-rate")
+    chosen = [m.strip() for m in members.split(",") if m.strip()] if members else None
+    if chosen and method not in ("auto", "fused"):
+        raise ClipxferError(f"--members names the detectors of a fused detector: use it with --method auto or fused, not {method}")
     out = claim_output(out, force, "detector")  # before any fitting
     good = list(find_images(good_dir))
     if not good:
         raise ClipxferError(f"{good_dir}: no images found")
+    defects = list(find_images(defects_dir)) if defects_dir else None
+    if defects_dir and not defects:
+        raise ClipxferError(f"{defects_dir}: no images found")
     encoder = load_model(model, device, precision)
-    detector = fit_detector(encoder, good, shots, false_alarm_rate, method, object_name, seed, progress=True)
+    detector = fit_detector(encoder, good, shots, false_alarm_rate, method, object_name, seed, progress=True,
+                            resolution=resolution, defects=defects, members=chosen)  # fmt: skip
     path = detector.save(out)
     if as_json:
         emit_json({"detector": str(path), **detector.metadata()})
@@ -64,7 +82,8 @@ def fit(good_dir, out, force, shots, false_alarm_rate, method, object_name, seed
     config = detector.config
     threshold = "none (too few held-out good images)" if config["threshold"] is None else f"{config['threshold']:.4g}"
     click.echo(
-        f"{path}: {config['method']} detector, {config['shots']} shots, model {detector.model_id}\n"
+        f"{path}: {config['method']} detector ({'+'.join(detector.members)}, {detector.map_size} px), "
+        f"{config['shots']} shots, model {detector.model_id}\n"
         f"threshold {threshold} for a false-alarm rate of {config['false_alarm_rate']:g}, "
         f"calibrated on {config['calibration_size']} held-out good images"
         + (f"; memory bank {config['bank_size']} patches" if "bank_size" in config else "")

@@ -42,7 +42,7 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
     Example: clipxfer bench benchmarks/configs/fashion-mnist-lite.toml --out bench-out
     """
     if task == "anomaly":
-        return _anomaly_bench(data, shots, seeds, model, out_dir, as_json)
+        return _anomaly_bench(data, shots, seeds, model, out_dir, as_json, methods)
     from ..bench.config import (  # fmt: skip
         DEFAULT_MAX_TEST,
         BenchConfig,
@@ -84,20 +84,22 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
         click.echo(f"wrote {out_dir}/results.csv, summary.md, plot.png")
 
 
-def _anomaly_bench(data, shots, seeds, model, out_dir, as_json):
+def _anomaly_bench(data, shots, seeds, model, out_dir, as_json, methods=None):
     from ..bench.anomaly import DEFAULT_SEEDS, DEFAULT_SHOTS, run_anomaly_bench, summarize
     from ..bench.config import parse_int_list
     from ..errors import ClipxferError
 
     if not data:
         raise ClipxferError("--task anomaly needs --data PATH (an anomaly set: train/good + test/, or folders of them)")
+    # --methods for this task: anomaly methods (auto = calibrated fusion, patchcore, gaussian, ...).
     for source in data:
-        table = run_anomaly_bench(
-            source, out_dir,
-            shots=parse_int_list(shots, "--shots") if shots else DEFAULT_SHOTS,
-            seeds=parse_int_list(seeds, "--seeds") if seeds else DEFAULT_SEEDS,
-            model=model,
-        )  # fmt: skip
+        for method in (methods or "auto").split(","):
+            table = run_anomaly_bench(
+                source, out_dir,
+                shots=parse_int_list(shots, "--shots") if shots else DEFAULT_SHOTS,
+                seeds=parse_int_list(seeds, "--seeds") if seeds else DEFAULT_SEEDS,
+                model=model, method=method.strip(),
+            )  # fmt: skip
     if as_json:
         summary = summarize(table)
         summary.columns = [f"{name}_{stat}" for name, stat in summary.columns]

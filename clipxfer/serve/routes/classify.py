@@ -22,7 +22,7 @@ def detector_score(detector, encoder, image) -> dict[str, Any]:
     decoded image, like a row of ``clipxfer anomaly score --json``."""
     from ...anomaly.patches import encode_dense
 
-    result = detector.score(encode_dense(encoder, [image]))
+    result = detector.score(encode_dense(encoder, [image], resolution=detector.map_size))
     threshold = float(detector.threshold)
     return {
         "score": round(float(result.scores[0]), 6),
