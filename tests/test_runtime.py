@@ -175,6 +175,7 @@ def test_a_tampered_bundle_is_refused_in_one_line(tip_bundle, tmp_path):
     (copy / "classifier.json").write_text(json.dumps(info))
     with pytest.raises(ClipxferError, match="classifier.json: SHA-256 does not match the manifest"):
         Bundle.load(copy)
+    shutil.copy(folder / "classifier.json", copy / "classifier.json")
     (copy / "model.bin").unlink()
     done = subprocess.run([sys.executable, "-m", "clipxfer.runtime.cli", str(copy), str(copy)], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)  # fmt: skip
