@@ -317,3 +317,47 @@ def test_server_predicts_and_refuses_in_one_line(tip_bundle, tinted):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------- real data, lite
+
+
+@pytest.mark.slow
+def test_lite_bundles_agree_with_predict_on_fashion_mnist(tmp_path):
+    """A probe on 40 Fashion-MNIST images, exported fp32 and int8, against ``predict`` on 60 others:
+    fp32 top-1 agreement 100% and probabilities within 1e-4; int8 at least 99% agreement."""
+    from clipxfer.calibrate.sets import calibrate_on
+    from clipxfer.datasets.prompts import load_templates
+    from clipxfer.encoders import cached_encoder
+    from clipxfer.export import ExportSettings, export_artifact
+    from clipxfer.fewshot.predict import predict
+    from clipxfer.heads.base import FewShotData
+    from clipxfer.heads.probe import ProbeHead
+    from clipxfer.heads.zeroshot import fit_zeroshot
+    from clipxfer.runtime import Bundle
+
+    from .conftest import fashion_mnist_or_skip
+
+    images = fashion_mnist_or_skip().split("test")
+    lite = cached_encoder("lite", "cpu", "fp32")
+    train, val, test = images.subset(range(40)), images.subset(range(40, 80)), images.subset(range(80, 140))
+    folder = tmp_path / "test"
+    folder.mkdir()
+    for i, pixels in enumerate(test.sources):
+        Image.fromarray(np.asarray(pixels)).save(folder / f"{i:03d}.png")
+    train_enc, val_enc = lite.embed_images(list(train.sources)), lite.embed_images(list(val.sources))
+    zeroshot = fit_zeroshot(lite, images.classnames, load_templates("simple"))
+    head = ProbeHead.fit(FewShotData(lite, images.classnames, train_enc, train.labels, val_enc, val.labels, zeroshot, 4, 0))
+    head.config["calibration"] = calibrate_on(head, val_enc, val.labels, "val").to_config()
+    head_path = head.save(tmp_path / "probe.safetensors")
+    _, table, probs = predict(head_path, folder, encoder=lite)
+    paths = sorted(folder.glob("*.png"))
+    for precision in ("fp32", "int8"):
+        export_artifact(ExportSettings(head_path, tmp_path / precision, precision=precision))
+        answer = Bundle.load(tmp_path / precision).predict(paths)
+        agreement = float(np.mean(np.array(answer.labels) == table.label.values))
+        if precision == "fp32":
+            assert agreement == 1.0
+            np.testing.assert_allclose(answer.probs, probs, atol=1e-4)
+        else:
+            assert agreement >= 0.99, agreement
