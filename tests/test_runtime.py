@@ -21,6 +21,7 @@ from PIL import Image
 
 from clipxfer.encoders.base import ImageEncoding
 from clipxfer.errors import ClipxferError
+
 from .conftest import random_images, write_tinted_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,3 +362,20 @@ def test_lite_bundles_agree_with_predict_on_fashion_mnist(tmp_path):
             np.testing.assert_allclose(answer.probs, probs, atol=1e-4)
         else:
             assert agreement >= 0.99, agreement
+
+
+def test_the_clipxfer_commands_export_and_watch(tip_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from clipxfer.cli import main
+
+    head_path, bundle = tip_bundle
+    runner = CliRunner()
+    refused = runner.invoke(main, ["export", str(head_path), "--out", str(tmp_path / "b"), "--format", "onnx"])
+    assert refused.exit_code == 2 and "--format onnx is not supported" in refused.output
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    _write_parts(hot, 0, 2)
+    done = runner.invoke(main, ["watch", str(hot), "--bundle", str(bundle), "--settle", "0", "--once"])
+    assert done.exit_code == 0, done.output
+    assert sorted(row["file"] for row in _ledger(hot / "results.jsonl")) == ["part000.png", "part001.png"]

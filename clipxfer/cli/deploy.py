@@ -44,16 +44,28 @@ def export(artifact, out, fmt, precision, alpha, conformal_score, reject, calibr
                f"{size / 1e6:.1f} MB; run it with: clipxfer-run {out} IMAGES...")  # fmt: skip
 
 
-@main.command("watch", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command("watch")
 @click.argument("folder", type=click.Path(file_okay=False))
-@click.argument("options", nargs=-1, type=click.UNPROCESSED)
-def watch(folder, options):
-    """Inspect each image landing in FOLDER with a bundle, one JSON line per part (the same as
-    'clipxfer-run watch', which needs no torch): --bundle DIR [--out results.jsonl]
-    [--move-to OK_DIR NG_DIR] [--ok-class NAME] [--settle S] [--polling] [--once].
+@click.option("--bundle", required=True, type=click.Path(file_okay=False), help="A folder made by 'clipxfer export'.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Results JSON lines (default FOLDER/results.jsonl).")
+@click.option("--move-to", nargs=2, type=click.Path(file_okay=False), default=None, help="OK_DIR NG_DIR for answered parts.")
+@click.option("--ok-class", multiple=True, help="A classifier's good class, for --move-to (repeatable).")
+@click.option("--settle", type=float, default=0.5, show_default=True, help="Seconds a file's size must hold still.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between scans without events.")
+@click.option("--polling", is_flag=True, help="Scan only, no inotify.")
+@click.option("--once", is_flag=True, help="Inspect what is there, then stop.")
+def watch(folder, bundle, out, move_to, ok_class, settle, interval, polling, once):
+    """Inspect each image landing in FOLDER with an exported bundle, one JSON line per part; restart-safe
+    (the same as 'clipxfer-run watch', which needs no torch).
 
     Example: clipxfer watch incoming/ --bundle det-bundle/ --move-to ok/ ng/
     """
     from ..runtime.cli import main as run_main
 
-    run_main(["watch", folder, *options])
+    argv = ["watch", folder, "--bundle", bundle, "--settle", str(settle), "--interval", str(interval)]
+    argv += ["--out", out] if out else []
+    argv += ["--move-to", *move_to] if move_to else []
+    argv += [item for name in ok_class for item in ("--ok-class", name)]
+    argv += ["--polling"] if polling else []
+    argv += ["--once"] if once else []
+    run_main(argv)
