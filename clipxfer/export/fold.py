@@ -115,23 +115,38 @@ def head_logits(head: Head) -> Logits:
     raise ClipxferError(f"a {method} head cannot be exported yet (exportable: {', '.join(sorted(FOLDING))})")
 
 
-class ClassifierGraph(torch.nn.Module):
-    """Normalised NCHW pixels -> class logits: the encoder's image tower, the encoding step
-    (:meth:`Encoder._image_outputs`, L2 normalisation) and the head."""
+class HeadGraph(torch.nn.Module):
+    """The image tower's raw outputs -> class logits: the encoding step (:meth:`Encoder._image_outputs`,
+    L2 normalisation) and the head. An int8 bundle runs it as a second, float graph behind the
+    quantized tower, as the toolkit's int8 runtime does."""
 
     def __init__(self, encoder: Encoder, head: Head):
         super().__init__()
         self.encoder = encoder
-        self.tower = encoder.image_graph()
         self.logits = head_logits(head)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        outputs = self.tower(pixels)
-        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
-        embeddings, features = self.encoder._image_outputs(outputs)
+    def forward(self, *outputs: torch.Tensor) -> torch.Tensor:
+        embeddings, features = self.encoder._image_outputs(tuple(outputs))
         embeddings = _normalize(embeddings.float())
         features = embeddings if features is None else features.float()
         return self.logits(embeddings, features)
+
+
+def tower_outputs(tower: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    outputs = tower(pixels)
+    return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+
+
+class ClassifierGraph(torch.nn.Module):
+    """Normalised NCHW pixels -> class logits: the image tower and :class:`HeadGraph` in one graph."""
+
+    def __init__(self, encoder: Encoder, head: Head):
+        super().__init__()
+        self.tower = encoder.image_graph()
+        self.head = HeadGraph(encoder, head)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(*tower_outputs(self.tower, pixels))
 
 
 # --------------------------------------------------------------------------- detectors

@@ -71,7 +71,7 @@ def _pixels_whole(item, size: int) -> np.ndarray:
 class Bundle:
     """An exported classifier or detector; see the module docstring."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], info: dict[str, Any], compiled):
+    def __init__(self, folder: Path, manifest: dict[str, Any], info: dict[str, Any], compiled, head=None):
         self.folder = folder
         self.manifest = manifest
         self.info = info
@@ -83,6 +83,7 @@ class Bundle:
         self.classes: list[str] = list(info.get("classes", []))
         self._compiled = compiled
         self._request = compiled.create_infer_request()
+        self._head = head.create_infer_request() if head is not None else None
         self._lock = threading.Lock()  # one request, shared: the server calls from several threads
 
     @classmethod
@@ -101,10 +102,13 @@ class Bundle:
             # fp32 means fp32: without the hint a CPU with bf16 would run the float layers in bf16.
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
             compiled = ov.Core().compile_model(model, "CPU", config)
+            head = None
+            if manifest.get("head_graph"):  # int8: the quantized tower, then the head in float
+                head = ov.Core().compile_model(ov.Core().read_model(str(folder / manifest["head_graph"])), "CPU", config)
         except Exception as exc:  # a graph this OpenVINO cannot read: say which and stop
             raise ClipxferError(f"{folder}: OpenVINO {ov.get_version()} cannot load this graph ({exc}); "
                                 "export the bundle again") from None
-        return cls(folder, manifest, info, compiled)
+        return cls(folder, manifest, info, compiled, head)
 
     # ------------------------------------------------------------------ inputs
 
@@ -119,7 +123,11 @@ class Bundle:
     def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
         with self._lock:
             self._request.infer({0: np.ascontiguousarray(pixels, dtype=np.uint8)})
-            return [self._request.get_output_tensor(i).data.copy() for i in range(len(self._compiled.outputs))]
+            outputs = [self._request.get_output_tensor(i).data.copy() for i in range(len(self._compiled.outputs))]
+            if self._head is not None:
+                self._head.infer(dict(enumerate(outputs)))
+                outputs = [self._head.get_output_tensor(0).data.copy()]
+            return outputs
 
     def outputs(self, images: Sequence) -> list[np.ndarray]:
         """The graph's raw outputs for ``images``, decoded and run :data:`BATCH` at a time."""
