@@ -137,7 +137,7 @@ class Watcher:
                 self.seen[entry.name] = (*size_time, now)
                 if self.settings.settle > 0:
                     continue
-            if now - self.seen[entry.name][2] >= self.settings.settle and stat.st_size > 0:
+            if now - self.seen[entry.name][2] >= self.settings.settle:
                 ready.append((path, stat))
         self.seen = {name: value for name, value in self.seen.items() if name in present}
         return ready
