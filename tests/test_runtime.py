@@ -353,8 +353,13 @@ def test_lite_bundles_agree_with_predict_on_fashion_mnist(tmp_path):
     head_path = head.save(tmp_path / "probe.safetensors")
     _, table, probs = predict(head_path, folder, encoder=lite)
     paths = sorted(folder.glob("*.png"))
+    calibration = tmp_path / "calibration"  # int8 calibrates on the training and validation images, never test
+    calibration.mkdir()
+    for i, pixels in enumerate([*train.sources, *val.sources]):
+        Image.fromarray(np.asarray(pixels)).save(calibration / f"{i:03d}.png")
     for precision in ("fp32", "int8"):
-        export_artifact(ExportSettings(head_path, tmp_path / precision, precision=precision))
+        export_artifact(ExportSettings(head_path, tmp_path / precision, precision=precision,
+                                       calibration_images=calibration))
         answer = Bundle.load(tmp_path / precision).predict(paths)
         agreement = float(np.mean(np.array(answer.labels) == table.label.values))
         if precision == "fp32":
