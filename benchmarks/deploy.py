@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["probe", "tip", "lpp", "clap", "mix", "zeroshot"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--test", type=int, default=200, help="test images compared with clipxfer predict")
+    parser.add_argument("--calibration", choices=["photos", "data"], default="photos",
+                        help="int8 calibration images: scikit-image's sample photos, or the 80 fitting images")
     parser.add_argument("--speed", action="store_true", help="also cold start and latency (quiet machine only)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--runtime-venv", type=Path, default=None, help="a venv with only the runtime installed")
@@ -119,14 +121,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
     encoder, heads, folder = fit_heads(args.model, args.methods, work, args.test)
     paths = sorted(folder.glob("*.png"))
+    calibration = None
+    if args.calibration == "data":  # the training and validation rows, never the test rows
+        from clipxfer.datasets.labelled import fashion_mnist
+
+        calibration = work / "calibration"
+        calibration.mkdir()
+        for i, pixels in enumerate(fashion_mnist().split("test").subset(range(80)).sources):
+            Image.fromarray(np.asarray(pixels)).save(calibration / f"{i:03d}.png")
     rows = []
     for method, head in heads.items():
         _, table, probs = predict(head, folder, encoder=encoder)
         for precision in args.precisions:
             bundle_dir = work / f"{method}-{precision}"
-            export_artifact(ExportSettings(head, bundle_dir, precision=precision))
+            export_artifact(ExportSettings(head, bundle_dir, precision=precision, calibration_images=calibration))
             answer = Bundle.load(bundle_dir).predict(paths)
-            row = {"model": encoder.id, "method": method, "precision": precision,
+            row = {"model": encoder.id, "method": method, "precision": precision, "int8_calibration": args.calibration,
                    "bundle_mb": round(folder_size(bundle_dir) / 1e6, 2), "images": len(paths),
                    "top1_agreement": round(float(np.mean(np.array(answer.labels) == table.label.values)), 4),
                    "max_prob_diff": float(np.abs(answer.probs - probs).max())}  # fmt: skip
