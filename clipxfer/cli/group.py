@@ -14,6 +14,7 @@ PANELS = {
     "Classify": ["classify", "predict", "prompts", "models"],
     "Adapt": ["probe", "tip", "coop", "mix", "lpp", "clap", "finetune", "adapt", "meta-train"],
     "Inspect": ["anomaly"],
+    "Deploy": ["export", "watch"],
     "Benchmark": ["bench", "bench-episodes"],
     "Serve": ["serve", "suggest"],
 }

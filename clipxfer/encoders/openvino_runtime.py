@@ -109,7 +109,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_transformer(module: torch.nn.Module) -> bool:
+def is_transformer(module: torch.nn.Module) -> bool:
     """True for attention models (ViTs), which nncf quantizes with its transformer recipe."""
     return any("Attention" in type(m).__name__ for m in module.modules())
 
@@ -165,12 +165,18 @@ def calibration_set(paths: Sequence[Path] | None, size: int) -> tuple[list[np.nd
 def _convert(encoder: "Encoder", kind: str = "image"):
     """The encoder's image (or patch) graph as an OpenVINO model taking uint8 NHWC batches;
     returns it, whether it is a transformer, and whether its last output is joint-space patches."""
-    ov = import_openvino()
-    from openvino.preprocess import PrePostProcessor
-
     module = encoder.image_graph() if kind == "image" else encoder.patch_graph()
     has_joint = bool(getattr(module, "has_joint", False))
     graph = module.float().eval().requires_grad_(False)
+    return convert_graph(graph, encoder), is_transformer(graph), has_joint
+
+
+def convert_graph(graph: torch.nn.Module, encoder: "Encoder"):
+    """``graph`` (normalised fp32 NCHW pixels of ``encoder``'s input size -> tensors) as an OpenVINO
+    model taking uint8 NHWC batches, the scaling and normalisation built in (also used by ``export/``)."""
+    ov = import_openvino()
+    from openvino.preprocess import PrePostProcessor
+
     size = encoder.input_size
     example = torch.zeros(2, 3, size, size)
     # Tracing needs requires_grad off under no_grad; torch's tracer warns that it is deprecated.
@@ -184,10 +190,11 @@ def _convert(encoder: "Encoder", kind: str = "image"):
     ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(
         [255.0 * m for m in encoder.mean]
     ).scale([255.0 * s for s in encoder.std])
-    return ppp.build(), _is_transformer(graph), has_joint
+    return ppp.build()
 
 
-def _quantize(model, transformer: bool, images: list[np.ndarray]):
+def quantize_model(model, transformer: bool, images: list[np.ndarray]):
+    """``model`` quantized to int8 by nncf on ``images`` with this module's recipe (also used by ``export/``)."""
     nncf = import_nncf()
     batches = [np.stack(images[i : i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
     if transformer:
@@ -248,7 +255,7 @@ def build_model(encoder: "Encoder", precision: str, folder: Path, calibration_pa
     if precision == "int8":
         images, meta["calibration"] = calibration_set(calibration_paths, encoder.input_size)
         meta["nncf"] = {"version": import_nncf().__version__, **nncf_recipe(transformer)}
-        model = _quantize(model, transformer, images)
+        model = quantize_model(model, transformer, images)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
