@@ -19,7 +19,7 @@ LAYERS = [
     ("encoders", ["encoders"]),
     ("datasets", ["datasets"]),
     ("parts", ["heads", "index", "calibrate"]),
-    ("tasks", ["classify", "fewshot", "metalearn", "finetune", "anomaly", "embed"]),
+    ("tasks", ["classify", "fewshot", "metalearn", "finetune", "anomaly", "embed", "autofit"]),
     ("benchmarks", ["bench"]),
     ("server", ["serve"]),
     ("command line", ["cli", "__main__"]),
