@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipxfer"
 #: Bottom to top. A unit is a subpackage or a module at the package root; a unit may import units of
 #: its own layer or below, never above, and units never import each other in a loop.
 LAYERS = [
-    ("foundations", ["clipxfer", "errors", "paths", "extras", "images", "device", "sample_photos",
+    ("foundations", ["clipxfer", "errors", "paths", "csvcells", "extras", "images", "device", "sample_photos",
                      "metrics", "plots"]),
     ("encoders", ["encoders"]),
     ("datasets", ["datasets"]),

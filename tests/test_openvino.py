@@ -254,3 +254,61 @@ def test_patch_features_run_in_openvino_fp32_and_match_torch(spec, tmp_path, mon
         np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
     if expected.joint is not None:
         np.testing.assert_allclose(ours.joint, expected.joint, atol=1e-3)
+
+
+def _unwritable_folder(tmp_path):
+    """A cache folder no file can be created in: read-only by its mode, or (root ignores modes) /proc's."""
+    from pathlib import Path
+
+    folder = tmp_path / "read-only-cache"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").write_text("x")
+    except OSError:
+        return folder
+    (folder / "probe").unlink()
+    return Path("/proc/self/fdinfo")
+
+
+def test_a_read_only_cache_builds_in_a_temporary_folder_with_one_warning(tmp_path, monkeypatch, sample_photos_dir):
+    from click.testing import CliRunner
+
+    from clipxfer.cli import main
+
+    cache = _unwritable_folder(tmp_path)
+    monkeypatch.setenv("CLIPXFER_CACHE", str(cache))
+    result = CliRunner().invoke(main, ["index", str(sample_photos_dir), "--index", str(tmp_path / "idx"),
+                                       "--model", "tiny", "--device", "cpu", "--runtime", "openvino",
+                                       "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "cannot write the OpenVINO model cache" in warnings[0], result.stderr
+    assert not (cache / "openvino").exists()
+
+
+def test_an_adapted_encoder_runs_its_own_weights_in_openvino_and_a_tampered_adapter_is_refused(tmp_path, monkeypatch,
+                                                                                                  tiny_torch):
+    from clipxfer.encoders.artifacts import read_artifact_metadata
+    from clipxfer.finetune.run import run_finetune
+
+    from .conftest import write_tinted_folder
+    from .test_finetune_hardening import tampered_copy
+
+    monkeypatch.setenv("CLIPXFER_CACHE", str(tmp_path / "cache"))
+    adapter = tmp_path / "adapted.safetensors"
+    run_finetune(write_tinted_folder(tmp_path / "data", ["a", "b"], per_class=4), 2, 1, encoder=tiny_torch, out=adapter,
+                 epochs=1, lr=1e-2)
+    adapted_id = read_artifact_metadata(adapter, "adapter")["model_id"]
+    pixels = _pixels(tiny_torch, 4)
+    in_torch = load_encoder(f"tiny+{adapter}", "cpu", "torch:fp32")
+    in_openvino = load_encoder(f"tiny+{adapter}", "cpu", "openvino:fp32")
+    assert in_openvino.runtime == "openvino" and in_openvino.id == adapted_id
+    got = in_openvino.encode_pixels(pixels).embeddings
+    assert _min_cosine(got, in_torch.encode_pixels(pixels).embeddings) > 0.999
+    assert _min_cosine(got, tiny_torch.encode_pixels(pixels).embeddings) < 0.999  # the adapter's graph, not the base's
+    meta = in_openvino.image_runtime.metadata
+    assert meta["encoder_id"] == adapted_id  # cached under the id, whose hash is checked against the tensors
+    bad = tampered_copy(adapter, tmp_path / "tampered.safetensors")
+    with pytest.raises(ClipxferError, match="do not match its model id"):
+        load_encoder(f"tiny+{bad}", "cpu", "openvino:fp32")

@@ -54,13 +54,16 @@ def test_label_store_is_atomic_and_undoable(tmp_path):
     store.set_label(1, "/a/1.jpg", "dog")
     with pytest.raises(ClipxferError, match="unknown class"):
         store.set_label(3, "/a/3.jpg", "bird")
+    store.close()  # one process writes a label file at a time
     reopened = LabelStore(path)
     assert reopened.labels == {1: ("/a/1.jpg", "dog"), 2: ("/a/<b>,2.jpg", "dog")}
     assert reopened.undo() == 1 and reopened.labels[1][1] == "cat"
     assert LabelStore(path).labels[1][1] == "cat"
     assert reopened.undo() == 2 and 2 not in reopened.labels
-    assert reopened.undo() == 1 and reopened.undo() is None
+    assert reopened.undo() == 1 and reopened.undo() == "classes" and reopened.classes == []
+    assert reopened.undo() is None
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+    reopened.set_classes(["cat", "dog"])
     reopened.set_label(2, "/a/<b>,2.jpg", "dog")
     assert reopened.manifest_csv() == 'path,label\n"/a/<b>,2.jpg",dog\n'  # CSV-quoted
     with pytest.raises(ClipxferError, match="still have labels"):

@@ -22,14 +22,35 @@ import torch.nn.functional as F
 
 from ..calibrate import check_alpha, false_alarm_threshold, min_calibration_size
 from ..encoders import Encoder
-from ..encoders.artifacts import check_model_id, read_artifact_metadata, read_artifact_tensors, write_artifact
+from ..encoders.artifacts import (
+    DETECTOR_FORMAT,
+    check_model_id,
+    read_artifact_metadata,
+    read_artifact_tensors,
+    write_artifact,
+)  # fmt: skip
 from ..errors import ClipxferError
 from .coreset import coreset_size, greedy_coreset
 from .patches import DensePatches
 from .zeroshot import anomalous_probability, state_text_vectors
 
-FORMAT = "clipxfer-anomaly/1"
 METHODS = ("patchcore", "zeroshot", "combined")
+#: What a detector of each method holds, checked when a file is loaded (:func:`check_detector`):
+#: its arrays (each 2-D, finite) and the positive config numbers its scoring divides or scales by.
+#: A new method adds its entry to both.
+METHOD_ARRAYS = {
+    "patchcore": ("memory_bank",),
+    "zeroshot": ("text_states",),
+    "combined": ("memory_bank", "text_states"),
+}
+METHOD_SCALES = {
+    "patchcore": (),
+    "zeroshot": ("logit_scale",),
+    "combined": ("logit_scale", "patchcore_scale", "zeroshot_scale"),
+}
+#: Model input sizes a detector file may name (pixels per side): every encoder clipxfer runs is within;
+#: a tampered size far outside would allocate maps of size**2 floats per image.
+INPUT_SIZE_RANGE = (8, 1024)
 #: Share of the shot patches the coreset keeps (PatchCore's default), and the floor below which
 #: a bank is not thinned at all (a 4-shot lite bank, 3,136 patches, stays whole).
 CORESET_RATIO = 0.1
@@ -102,12 +123,27 @@ class AnomalyDetector:
         value = self.config.get("threshold")
         return math.inf if value is None else float(value)
 
+    @property
+    def calibrated(self) -> bool:
+        """False when the detector has no threshold (too few held-out good images): it can score
+        and draw maps, but its ok/defect decisions mean nothing (:meth:`decision_names` says ``unknown``)."""
+        return self.config.get("threshold") is not None
+
+    def decision_names(self, scores: np.ndarray) -> list[str]:
+        """``defect`` or ``ok`` per score; ``unknown`` for all when the detector is not calibrated."""
+        if not self.calibrated:
+            return ["unknown"] * len(scores)
+        return ["defect" if flagged else "ok" for flagged in self.decide(scores)]
+
     def check_model(self, model_id: str) -> None:
         """Refuse images encoded by another encoder than the one this detector was fitted with."""
         check_model_id(self.model_id, model_id, "this detector was fitted")
 
     def _patchcore_grid(self, patches: DensePatches) -> np.ndarray:
         n, h, w, c = patches.local.shape
+        if c != self.arrays["memory_bank"].shape[1]:
+            raise ClipxferError(f"this detector's memory bank holds {self.arrays['memory_bank'].shape[1]}-d patches, "
+                                f"the encoder gives {c}-d ones: use the detector's own model")
         distances = nearest_distances(patches.local.reshape(-1, c), self.arrays["memory_bank"])[:, 0]
         return distances.reshape(n, h, w)
 
@@ -159,7 +195,7 @@ class AnomalyDetector:
         return self
 
     def metadata(self) -> dict[str, Any]:
-        return {"format": FORMAT, "model_id": self.model_id, "config": self.config}
+        return {"format": DETECTOR_FORMAT, "model_id": self.model_id, "config": self.config}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the detector to ``path`` (``.safetensors`` added if missing), atomically."""
@@ -167,14 +203,70 @@ class AnomalyDetector:
 
 
 def load_detector(path: str | os.PathLike, model_id: str | None = None) -> AnomalyDetector:
-    """Load a saved detector; with ``model_id`` given, refuse one fitted with another encoder."""
+    """Load a saved detector, checked (:func:`check_detector`); with ``model_id`` given, refuse one
+    fitted with another encoder. A detector without a threshold loads with one warning line."""
     meta = read_artifact_metadata(path, "detector", "make one with 'clipxfer anomaly fit'")
-    if meta.get("format") != FORMAT:
-        raise ClipxferError(f"{path}: not a clipxfer anomaly detector (format {meta.get('format')!r}, expected {FORMAT!r})")
-    detector = AnomalyDetector(meta["model_id"], read_artifact_tensors(path, "detector"), meta["config"])
+    detector = check_detector(path, meta, read_artifact_tensors(path, "detector"))
     if model_id is not None:
         detector.check_model(model_id)
+    if not detector.calibrated:
+        _warn(f"{path}: this detector has no calibrated threshold (fitted with too few held-out good images): "
+              "scores and maps only, every decision is 'unknown'; refit it with more good images")
     return detector
+
+
+# --------------------------------------------------------------------------- checking a detector file
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_detector(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> AnomalyDetector:
+    """The detector a file's metadata and arrays describe, or one line naming the file and the first
+    thing wrong with it: every field scoring reads is checked here, before any image is touched.
+    Per-method needs are :data:`METHOD_ARRAYS` and :data:`METHOD_SCALES`."""
+
+    def bad(what: str) -> ClipxferError:
+        return ClipxferError(f"{path}: damaged anomaly detector: {what}; fit it again with 'clipxfer anomaly fit'")
+
+    if meta.get("format") != DETECTOR_FORMAT:
+        raise ClipxferError(f"{path}: not a clipxfer anomaly detector (format {meta.get('format')!r}, "
+                            f"expected {DETECTOR_FORMAT!r})")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise bad("no config")
+    if not isinstance(meta.get("model_id"), str) or not meta["model_id"]:
+        raise bad("no model id")
+    method = config.get("method")
+    if method not in METHODS:
+        raise bad(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    size = config.get("input_size")
+    low, high = INPUT_SIZE_RANGE
+    if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+        raise bad(f"input_size {size!r} is not a whole number of pixels in [{low}, {high}]")
+    threshold = config.get("threshold")
+    if threshold is not None and not (_is_number(threshold) and math.isfinite(threshold)):
+        raise bad(f"threshold {threshold!r} is not a finite number (a detector without one stores null)")
+    rate = config.get("false_alarm_rate")
+    if not (_is_number(rate) and 0 < rate < 1):
+        raise bad(f"false_alarm_rate {rate!r} is not a number in (0, 1)")
+    median = config.get("calibration_score_median")
+    if median is not None and not (_is_number(median) and math.isfinite(median)):
+        raise bad(f"calibration_score_median {median!r} is not a finite number")
+    for name in METHOD_SCALES[method]:
+        value = config.get(name)
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise bad(f"{name} {value!r} is not a positive finite number")
+    for name in METHOD_ARRAYS[method]:
+        array = arrays.get(name)
+        if array is None or array.ndim != 2 or not array.shape[0] or not array.shape[1]:
+            raise bad(f"array '{name}' is missing or not a non-empty matrix")
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise bad(f"array '{name}' holds values that are not finite numbers")
+    if method in ("zeroshot", "combined") and arrays["text_states"].shape[0] != 2:
+        raise bad("array 'text_states' must hold two rows (normal, anomalous)")
+    return AnomalyDetector(meta["model_id"], arrays, config)
 
 
 def resolve_method(method: str, shots: int, has_joint: bool) -> str:

@@ -23,7 +23,7 @@ from .evaluate import (
     plot_roc,
     read_mask,
 )
-from .heatmap import write_overlay
+from .heatmap import check_heatmap_folder, write_overlay
 from .patches import DensePatches, encode_pixels_dense, whole_image
 
 BATCH_SIZE = 16
@@ -43,12 +43,15 @@ class FolderScores:
     metrics: dict | None = None
     heatmaps: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: False when the detector has no threshold: every decision is ``unknown``.
+    calibrated: bool = True
 
     def rows(self) -> list[dict]:
-        """One dict per image: path, score, decision (ok|defect)[, label]."""
+        """One dict per image: path, score, decision (ok|defect, or unknown without a threshold)[, label]."""
         rows = []
         for i, path in enumerate(self.paths):
-            row = {"path": str(path), "score": round(float(self.scores[i]), 6), "decision": "defect" if self.decisions[i] else "ok"}
+            decision = ("defect" if self.decisions[i] else "ok") if self.calibrated else "unknown"
+            row = {"path": str(path), "score": round(float(self.scores[i]), 6), "decision": decision}
             if self.kinds is not None:
                 row["label"] = self.kinds[i]
             rows.append(row)
@@ -76,7 +79,9 @@ def score_folder(
 
     A labelled folder is also evaluated (:func:`~clipxfer.anomaly.evaluate.detection_metrics`,
     pixel metrics when masks exist) and, with ``roc``, its ROC curve is drawn there. With
-    ``heatmaps``, an overlay PNG per image is written under that folder, mirroring the layout.
+    ``heatmaps``, an overlay PNG per image is written under that folder, mirroring the layout and
+    named after the whole file name (``part.jpg`` -> ``part.jpg.png``); a folder that would mix
+    overlays with the images is refused before any work (:func:`~.heatmap.check_heatmap_folder`).
     """
     detector.check_model(encoder.id)
     root = Path(folder)
@@ -86,7 +91,11 @@ def score_folder(
     paths = labelled.paths if labelled else list(find_images(root))
     if not paths:
         raise ClipxferError(f"{root}: no images found")
+    targets = dict(zip(paths, check_heatmap_folder(heatmaps, root, paths))) if heatmaps is not None else {}
     size = detector.config["input_size"]
+    if size != encoder.input_size:
+        raise ClipxferError(f"this detector was fitted at {size} px, the encoder takes {encoder.input_size} px: "
+                            "use the detector's own model")
     keep_maps = labelled is not None and any(m is not None for m in labelled.masks)
     kept, scores, maps, skipped, written = [], [], [], [], []
     bar = progress_bar(len(paths), progress)
@@ -101,8 +110,7 @@ def score_folder(
             if heatmaps is not None:
                 low, high = display_range(detector, result.maps)
                 for path, anomaly_map in zip(batch, result.maps):
-                    target = Path(heatmaps) / path.relative_to(root).with_suffix(".png")
-                    written.append(write_overlay(path, anomaly_map, low, high, target))
+                    written.append(write_overlay(path, anomaly_map, low, high, targets[path]))
             kept.extend(batch)
         if bar:
             bar.update(len(paths[start : start + BATCH_SIZE]))
@@ -111,7 +119,8 @@ def score_folder(
     if not kept:
         raise ClipxferError(f"{root}: none of the {len(paths)} images could be read")
     all_scores = np.concatenate(scores)
-    out = FolderScores(root, kept, all_scores, detector.decide(all_scores), detector.threshold, heatmaps=written, skipped=skipped)
+    out = FolderScores(root, kept, all_scores, detector.decide(all_scores), detector.threshold, heatmaps=written,
+                       skipped=skipped, calibrated=detector.calibrated)
     if labelled is not None:
         _evaluate_labelled(out, labelled, maps, keep_maps, size, roc)
     elif roc is not None:

@@ -71,7 +71,9 @@ def fit(good_dir, out, shots, false_alarm_rate, method, object_name, seed, as_js
 @anomaly.command("score")
 @click.argument("folder", type=click.Path(file_okay=False, exists=True))
 @click.option("--detector", "detector_path", required=True, type=click.Path(dir_okay=False), help="Detector file (anomaly fit).")
-@click.option("--heatmaps", type=click.Path(file_okay=False), help="Write an overlay PNG per image here (same layout).")
+@click.option("--heatmaps", type=click.Path(file_okay=False),
+              help="Write an overlay PNG per image here (same layout, NAME.EXT.png); a new or empty folder when it "
+                   "overlaps FOLDER.")
 @click.option("--roc", type=click.Path(dir_okay=False), help="Labelled FOLDER: write the ROC figure here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV rows: path,score,decision[,label].")
@@ -88,8 +90,9 @@ def score(folder, detector_path, heatmaps, roc, as_json, as_csv, model, device, 
     \b
     --json prints an object with the keys:
       detector, model, method, threshold, false_alarm_rate   the detector's settings
-      n, n_defect                   images scored, images decided defect
-      results                       [{path, score, decision[, label]}]
+      n, n_defect                   images scored, images decided defect (null without a threshold)
+      results                       [{path, score, decision[, label]}]; decision is ok, defect, or
+                                    unknown for every image when the detector has no threshold
       metrics                       labelled only (else null): image_auroc, image_ap, pixel_auroc, aupro,
                                     false_alarm_rate, miss_rate, threshold, n_good, n_defect, per_kind_image_auroc
       heatmaps, roc, skipped        folder and figure written (or null), unreadable files
@@ -108,11 +111,12 @@ def score(folder, detector_path, heatmaps, roc, as_json, as_csv, model, device, 
     encoder = load_model(model or spec_for_id(detector.model_id), device, precision_for_id(detector.model_id, precision))
     result = score_folder(detector, encoder, folder, heatmaps, roc, progress=True)
     rows = result.rows()
+    n_defect = int(result.decisions.sum()) if result.calibrated else None
     if as_json:
         emit_json({
             "detector": detector_path, "model": detector.model_id, "method": detector.method,
             "threshold": detector.config["threshold"], "false_alarm_rate": detector.config["false_alarm_rate"],
-            "n": len(rows), "n_defect": int(result.decisions.sum()), "results": rows, "metrics": result.metrics,
+            "n": len(rows), "n_defect": n_defect, "results": rows, "metrics": result.metrics,
             "heatmaps": heatmaps, "roc": roc, "skipped": result.skipped,
         })  # fmt: skip
         return
@@ -123,7 +127,10 @@ def score(folder, detector_path, heatmaps, roc, as_json, as_csv, model, device, 
         return
     for row in rows:
         click.echo(f"{row['decision']:<6} {row['score']:10.4f}  {row['path']}" + (f"  [{row['label']}]" if "label" in row else ""))
-    click.echo(f"{len(rows)} images, {int(result.decisions.sum())} defect at threshold {result.threshold:.4g}")
+    if result.calibrated:
+        click.echo(f"{len(rows)} images, {n_defect} defect at threshold {result.threshold:.4g}")
+    else:
+        click.echo(f"{len(rows)} images, decisions unknown: the detector has no calibrated threshold")
     if result.metrics:
         m = result.metrics
         fields = ["image_auroc", "image_ap", "pixel_auroc", "aupro", "false_alarm_rate", "miss_rate"]

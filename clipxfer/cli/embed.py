@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..paths import path_text
 from .common import emit_json, model_options
 from .group import main
 
@@ -13,17 +14,28 @@ from .group import main
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the shards and manifest.json.")
 @model_options
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="This process, or Ray Data.")
-@click.option("--ray-address", default=None, metavar="ADDR", help="Ray cluster to join (default: start a local Ray instance).")
+@click.option(
+    "--ray-address", default=None, metavar="ADDR",
+    help="Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto (default: start a local Ray instance).",
+)
+@click.option(
+    "--ray-timeout", type=float, default=30, show_default=True, metavar="SECONDS",
+    help="Give up on an unreachable --ray-address after this long.",
+)
 @click.option("--num-gpus-per-worker", type=float, default=0, show_default=True, help="GPUs per encoder actor (--engine ray).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--shard-size", type=int, default=10_000, show_default=True, help="Items per shard for folders and HF datasets.")
 @click.option("--workers", type=int, default=None, help="Decoding processes for --engine local (0: decode in this process).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and failed items as JSON.")
-def embed(source, out, model, device, precision, engine, ray_address, num_gpus_per_worker, batch_size, shard_size, workers, as_json):
+def embed(
+    source, out, model, device, precision, engine, ray_address, ray_timeout, num_gpus_per_worker, batch_size, shard_size,
+    workers, as_json,
+):
     """Embed SOURCE (a folder, webdataset .tar shards, parquet, a saved HF dataset) into parquet shards.
 
-    A re-run skips finished shards. --engine ray runs on Ray Data: at --ray-address, or on a
-    local Ray instance using this machine's cores.
+    A re-run skips finished shards; for a folder it embeds exactly the files added or changed
+    since. --engine ray runs on Ray Data: at --ray-address, or on a local Ray instance using this
+    machine's cores.
 
     Example: clipxfer embed 'shards/{000000..000099}.tar' --out emb/ --engine ray --num-gpus-per-worker 1
     """
@@ -35,6 +47,7 @@ def embed(source, out, model, device, precision, engine, ray_address, num_gpus_p
         model,
         engine=engine,
         ray_address=ray_address,
+        ray_timeout=ray_timeout,
         num_gpus_per_worker=num_gpus_per_worker,
         batch_size=batch_size,
         shard_size=shard_size,
@@ -51,7 +64,7 @@ def embed(source, out, model, device, precision, engine, ray_address, num_gpus_p
         f"{len(report.failed)} failed; {report.total_embedded} in {report.out}"
     )
     for failure in report.failed:
-        click.echo(f"failed: {failure.path}: {failure.reason}")
+        click.echo(f"failed: {path_text(failure.path)}: {failure.reason}")
 
 
 @main.command("export-embeddings")

@@ -5,6 +5,8 @@ and fine-tuned accuracy on the same test set; ``--json`` prints the object of
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .common import emit_json, model_options, unit_or_auto
@@ -46,17 +48,26 @@ def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wi
              no_save, as_json, model, device, precision):
     """Fine-tune the encoder on DATA with K shots per class; write an adapter for --model BASE+ADAPTER.
 
+    Ctrl-C saves the best epoch so far (marked interrupted); running the command again starts over.
+
     Example: clipxfer finetune fashion-mnist --model lite --shots 16 --out adapted.safetensors
     """
     from ..datasets.prompts import load_classnames
     from ..finetune.run import run_finetune
 
-    result = run_finetune(
-        data, shots, seed, model=model, out=out, templates=templates, max_test=max_test, device=device,
-        precision=precision, save=not no_save, progress=not as_json,
-        classes=load_classnames(classes) if classes else None,
-        strategy=method, epochs=epochs, lr=lr, blocks=blocks, l2sp=l2sp, augment=not no_augment, wise=wise,
-    )
+    try:
+        result = run_finetune(
+            data, shots, seed, model=model, out=out, templates=templates, max_test=max_test, device=device,
+            precision=precision, save=not no_save, progress=not as_json,
+            classes=load_classnames(classes) if classes else None,
+            strategy=method, epochs=epochs, lr=lr, blocks=blocks, l2sp=l2sp, augment=not no_augment, wise=wise,
+        )
+    except KeyboardInterrupt:
+        # Training state (optimiser, epoch) is not kept between runs: say so rather than the generic "resume".
+        kept = ("nothing was saved (--no-save)" if no_save
+                else "the best epoch so far is saved in the adapter (marked interrupted)")
+        click.echo(f"\ninterrupted: {kept}; running the same command again starts training over from epoch 0", err=True)
+        sys.exit(130)
     if as_json:
         emit_json(result)
         return

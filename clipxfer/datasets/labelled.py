@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..csvcells import cell_text
 from ..errors import ClipxferError
 from ..images import ImageLike, find_images
 
@@ -157,6 +158,8 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise ClipxferError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}; expected path,label[,split]")
+    for column in ("path", "label"):  # cells marked as text against spreadsheet formulas (csvcells)
+        table[column] = table[column].map(cell_text)
     if classnames is None:
         classnames = sorted(set(table["label"]))
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..csvcells import safe_cell
 from ..errors import ClipxferError
 from ..paths import atomic_write_bytes
 from .labelled import LabelledImages
@@ -50,7 +51,10 @@ class FewShotSplit:
         """Write the drawn manifest as CSV (atomically), so the run can be repeated exactly."""
         path = Path(path)
         buffer = io.StringIO()
-        self.manifest(dataset).to_csv(buffer, index=False)
+        table = self.manifest(dataset)
+        for column in ("path", "label"):  # read back by datasets.labelled.from_csv, which undoes this
+            table[column] = table[column].map(safe_cell)
+        table.to_csv(buffer, index=False)
         try:
             atomic_write_bytes(path, buffer.getvalue().encode())
         except OSError as exc:

@@ -7,6 +7,10 @@ a first pass, and vectors are added batch by batch in the second, so memory hold
 the compressed codes, never all float32 vectors. Keys become the index's paths (relative to the
 source root recorded in the manifest); an item whose key is already indexed with the same
 SHA-256 is skipped, with another SHA-256 replaced.
+
+Nothing is written before every shard has been checked against the manifest (its own encoder id,
+vector widths, row count, keys) and the manifest against the target index (encoder id, widths,
+root), so a foreign or damaged shard is one line and the index is left as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ClipxferError
-from .shards import iter_embeddings, open_embeddings
+from .shards import FORMAT, iter_embeddings, keys_of, need, open_embeddings, shard_metadata, unsafe_key
 
 # faiss: at least 39 training points per IVF centroid (fewer triggers its warning).
 TRAIN_POINTS_PER_LIST = 40
@@ -57,12 +61,14 @@ def ingest(embeddings: str | os.PathLike, index_path=None, index_type: str | Non
     manifest = open_embeddings(embeddings)
     if index_type is not None:
         vectors.resolve_index_type(index_type, 0, 1)  # validate early
+    check_shards(embeddings, manifest)
     folder = resolve_index_path(index_path)
     folder.mkdir(parents=True, exist_ok=True)
-    root = manifest["source"].get("root", "")
+    root = str(manifest["source"].get("root", ""))
     with WriterLock(folder):
         conn = store.connect(folder / DB_FILE, create=True)
         try:
+            _check_target(store.get_metadata(conn), folder, manifest, root)
             meta = _open_metadata(conn, store, folder, manifest, root, index_type)
             report = IngestReport(str(folder), str(embeddings), manifest["model_id"])
             existing = {row.path: (row.id, row.sha256) for row in store.rows(conn)}
@@ -92,15 +98,79 @@ def ingest(embeddings: str | os.PathLike, index_path=None, index_type: str | Non
             conn.close()
 
 
+def check_shards(embeddings: str | os.PathLike, manifest: dict) -> None:
+    """Each shard the manifest lists, read from its own footer and key column: a clipxfer shard
+    of the manifest's encoder, vectors ``dim`` (and ``feature_dim``) wide, as many rows as it
+    says, keys that are names below the source root. One line naming the shard otherwise."""
+    pa = need("pyarrow")
+    pq = need("pyarrow.parquet")
+
+    folder = Path(embeddings)
+    dim, feature_dim, model_id = manifest["dim"], manifest["feature_dim"], manifest["model_id"]
+    if manifest["features"] != (feature_dim != dim):
+        raise ClipxferError(
+            f"{folder}/manifest.json: 'features' is {manifest['features']} with dim {dim} and feature_dim {feature_dim} "
+            "(features are stored exactly when the two differ): the manifest was edited; rebuild it with 'clipxfer embed'"
+        )
+    for entry in manifest["shards"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise ClipxferError(f"{path}: listed in the manifest but missing; run 'clipxfer embed' again to redo it")
+        meta = shard_metadata(path)
+        if meta.get("format") != FORMAT:
+            raise ClipxferError(f"{path}: not a clipxfer embedding shard; remove it or use another --from-embeddings")
+        if meta.get("model_id") != model_id:
+            raise ClipxferError(
+                f"{path} holds embeddings of {meta.get('model_id')}, the manifest says {model_id}: "
+                "shards of different encoders cannot share an index; embed them again or use another folder"
+            )
+        schema = pq.read_schema(path)
+        widths = {}
+        for column in ("embedding", "features"):
+            if column in schema.names:
+                kind = schema.field(column).type
+                widths[column] = kind.list_size if pa.types.is_fixed_size_list(kind) else None
+        wanted = {"embedding": dim, **({"features": feature_dim} if manifest["features"] else {})}
+        if widths != wanted:
+            raise ClipxferError(
+                f"{path}: vectors {_widths(widths)}, the manifest says {_widths(wanted)} ({model_id}): "
+                "the shard is from another encoder or the manifest was edited; embed again into a new folder"
+            )
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows != meta.get("count"):
+            raise ClipxferError(f"{path}: {rows} rows, its metadata says {meta.get('count')}: a damaged shard; embed it again")
+        columns = [c for c in ("key", "key_bytes") if c in schema.names]
+        for key in keys_of(pq.read_table(path, columns=columns)):
+            reason = unsafe_key(key) if isinstance(key, str) else "missing"
+            if reason:
+                raise ClipxferError(f"{path}: key {key!r} {reason}: keys name items below the source root, not other files")
+
+
+def _widths(widths: dict) -> str:
+    return ", ".join(f"{name} {width}" for name, width in widths.items()) or "missing"
+
+
+def _check_target(meta: dict, folder: Path, manifest: dict, root: str) -> None:
+    """The existing index at ``folder`` (its metadata ``meta``) must hold this encoder, widths and root."""
+    if "model_id" not in meta:
+        return
+    if meta["model_id"] != manifest["model_id"]:
+        raise ClipxferError(
+            f"index {folder} was built with {meta['model_id']}, the shards with {manifest['model_id']}: use another --index"
+        )
+    for name in ("dim", "feature_dim"):
+        if str(meta.get(name)) != str(manifest[name]):
+            raise ClipxferError(
+                f"index {folder} has {name} {meta.get(name)}, the shards {manifest[name]} (same id {meta['model_id']}): "
+                "the manifest was edited; use another --index or embed again"
+            )
+    if meta["root"] != root:
+        raise ClipxferError(f"index {folder} holds {meta['root']}, the shards {root}: use another --index")
+
+
 def _open_metadata(conn, store, folder: Path, manifest: dict, root: str, index_type: str | None) -> dict:
     meta = store.get_metadata(conn)
     if "model_id" in meta:
-        if meta["model_id"] != manifest["model_id"]:
-            raise ClipxferError(
-                f"index {folder} was built with {meta['model_id']}, the shards with {manifest['model_id']}: use another --index"
-            )
-        if meta["root"] != root:
-            raise ClipxferError(f"index {folder} holds {meta['root']}, the shards {root}: use another --index")
         if index_type and index_type != meta["index_type"]:
             store.set_metadata(conn, index_type=index_type)
     else:

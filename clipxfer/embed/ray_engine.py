@@ -49,19 +49,112 @@ def worker_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to the cluster at ``address``, or start a local instance with ``num_cpus`` (the
-    machine's cores by default). Returns True when this call started or joined Ray (and the
-    caller should shut it down), False when Ray was already initialised."""
+def _parse_address(address: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of a ``--ray-address`` (``auto``: scheme ``auto``, no host), or
+    one line saying which forms are accepted."""
+    forms = "give HOST:PORT (the head's GCS port, e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client) or auto"
+    if address == "auto":
+        return "auto", "", None
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    if scheme not in ("", "ray"):
+        raise ClipxferError(f"--ray-address {address}: unknown scheme '{scheme}://'; {forms}")
+    host, colon, port = rest.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not colon or not host or "/" in rest:
+        raise ClipxferError(f"--ray-address {address}: not HOST:PORT; {forms}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ClipxferError(f"--ray-address {address}: the port must be a number from 1 to 65535; {forms}")
+    return scheme, host, int(port)
+
+
+def check_ray_address(address: str | None, timeout: float = 30) -> None:
+    """Refuse a malformed ``address``, a ``ray://`` one without the Ray Client extra, or one
+    that cannot be reached within ``timeout`` seconds, each with one line, before any work (Ray
+    itself retries an unreachable address for many minutes, then fails with a traceback)."""
+    import importlib.util
+    import socket
+    import threading
+
+    if address is None:
+        return
+    if not timeout > 0:
+        raise ClipxferError(f"--ray-timeout must be a positive number of seconds, not {timeout}")
+    scheme, host, port = _parse_address(address)
+    if scheme == "ray" and importlib.util.find_spec("grpc") is None:
+        raise ClipxferError(f"--ray-address {address} uses Ray Client, which is not installed: pip install 'ray[client]'")
+    if scheme == "auto":
+        return  # Ray finds the running cluster itself (RAY_ADDRESS or this machine's)
+
+    outcome: list[BaseException | None] = []
+
+    def connect():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    # Name resolution has no timeout of its own, so the attempt runs in a daemon thread that is
+    # waited on for at most ``timeout`` seconds (left behind, it does not hold the exit).
+    thread = threading.Thread(target=connect, name="ray-address-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise ClipxferError(f"--ray-address {address}: no answer within {timeout:g} s (--ray-timeout); is the Ray head running there?")
+    error = outcome[0]
+    if isinstance(error, socket.gaierror):
+        raise ClipxferError(f"--ray-address {address}: cannot resolve host '{host}' ({error.strerror or error})")
+    if error is not None:
+        reason = "timed out" if isinstance(error, TimeoutError) else error.strerror or type(error).__name__
+        raise ClipxferError(f"--ray-address {address}: cannot connect ({reason}); is the Ray head running there?")
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, timeout: float = 30) -> bool:
+    """Connect to the cluster at ``address`` (checked by :func:`check_ray_address` within
+    ``timeout`` seconds), or start a local instance with ``num_cpus`` (the machine's cores by
+    default). Returns True when this call started or joined Ray (and the caller should shut it
+    down), False when Ray was already initialised."""
     ray = import_ray()
     if ray.is_initialized():
         return False
     options = dict(runtime_env=worker_runtime_env(), log_to_driver=False, configure_logging=False)
     if address:
-        ray.init(address=address, **options)
+        check_ray_address(address, timeout)
+        _join_within(ray, address, timeout, options)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **options)
     return True
+
+
+def _join_within(ray, address: str, timeout: float, options: dict) -> None:
+    """``ray.init(address)``, given up after ``timeout`` seconds: something that answers on the
+    port but is not a Ray head makes Ray retry for many minutes. The attempt runs in a daemon
+    thread, which does not hold the process's exit when it is abandoned."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def join():
+        try:
+            ray.init(address=address, **options)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=join, name="ray-init", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise ClipxferError(
+            f"--ray-address {address}: something answers there, but no Ray cluster joined within {timeout:g} s "
+            "(--ray-timeout); is it the head's GCS port (ray start --head --port PORT)?"
+        )
+    if outcome[0] is not None:
+        text = str(outcome[0]).strip()
+        first = text.splitlines()[0] if text else type(outcome[0]).__name__
+        raise ClipxferError(f"--ray-address {address}: Ray could not join the cluster ({first})")
 
 
 def _read_rows(row: dict, units: Sequence[Unit]) -> list[dict]:

@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..encoders.pipeline import DEFAULT_BATCH_SIZE, Failure
 from ..errors import ClipxferError
+from ..paths import path_text
 from . import shards
 from .shards import EncoderInfo, ShardData
 from .sources import DEFAULT_SHARD_SIZE, open_source
@@ -40,7 +41,7 @@ class EmbedReport:
             "embedded": self.embedded,
             "total_embedded": self.total_embedded,
             "failed_count": len(self.failed),
-            "failed": [{"key": str(f.path), "reason": f.reason} for f in self.failed],
+            "failed": [{"key": path_text(f.path), "reason": f.reason} for f in self.failed],
         }
 
 
@@ -50,6 +51,7 @@ def embed(
     model=None,
     engine: str = "local",
     ray_address: str | None = None,
+    ray_timeout: float = 30,
     num_gpus_per_worker: float = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -65,8 +67,10 @@ def embed(
     ``source``: a folder of images, webdataset ``.tar`` shards (a folder, one file or a brace
     pattern), parquet files with image bytes or paths (img2dataset's layout), or a Hugging Face
     dataset saved with ``save_to_disk``. One shard per input unit (see :mod:`.sources`); units
-    whose shard exists are skipped, so a re-run resumes a killed job. ``engine`` ``ray`` runs the
-    same decode and encode code on Ray Data (at ``ray_address``, or a local instance).
+    whose shard exists are skipped, so a re-run resumes a killed job; for a folder, a re-run
+    embeds exactly the files added or changed since. ``engine`` ``ray`` runs the same decode and
+    encode code on Ray Data (at ``ray_address``, or a local instance; ``ray_timeout`` seconds to
+    reach it).
     ``on_shard`` is called after each shard is written (progress reporting).
     """
     from ..encoders.registry import load_encoder
@@ -76,11 +80,12 @@ def embed(
     if batch_size < 1:
         raise ClipxferError(f"--batch-size must be at least 1, not {batch_size}")
     if engine == "ray":
-        from .ray_engine import import_ray
+        from .ray_engine import check_ray_address, import_ray
 
-        import_ray()  # a missing extra is reported before any work
-    src = open_source(source, shard_size)
+        import_ray()  # a missing extra or a malformed address is reported before any work
+        check_ray_address(ray_address, ray_timeout)
     out = Path(out).expanduser()
+    src = open_source(source, shard_size, lambda: shards.embedded_items(out))
     out.mkdir(parents=True, exist_ok=True)
     shards.remove_partial_files(out)
     encoder = model if model is not None and not isinstance(model, str) else load_encoder(
@@ -90,27 +95,58 @@ def embed(
     source_info = {**src.describe(), "spec": str(source)}
     _check_existing(out, info, source_info)
     done = [u.name for u in src.units if shards.shard_path(out, u.name).is_file()]
+    todo = [u for u in src.units if u.name not in set(done)]
+    if src.kind == "folder":
+        # Every shard there holds files of this folder, and the units are exactly the files not in
+        # one (a unit named as an old shard holds that shard's files, all changed: it replaces it).
+        done, todo = shards.shard_names(out), list(src.units)
     for name in done:
         meta = shards.shard_metadata(shards.shard_path(out, name))
         if meta.get("model_id") != info.model_id:
             raise ClipxferError(f"{shards.shard_path(out, name)} was made with {meta.get('model_id')}, not {info.model_id}: use another --out")
-    todo = [u for u in src.units if u.name not in set(done)]
     report = EmbedReport(str(out), engine, info.model_id, shards_skipped=len(done))
     written = list(done)
-    order = {u.name: i for i, u in enumerate(src.units)}
+    order = {name: i for i, name in enumerate(done + [u.name for u in src.units if u.name not in set(done)])}
     if todo:
-        for shard in _run(engine, todo, encoder, info, batch_size, workers, ray_address, num_gpus_per_worker, precision, actors, progress):
+        run = _run(engine, todo, encoder, info, batch_size, workers, ray_address, ray_timeout, num_gpus_per_worker, precision, actors, progress)
+        for shard in run:
             shards.write_shard(out, info, shard, {"source_kind": src.kind})
-            written.append(shard.name)
+            if shard.name not in written:
+                written.append(shard.name)
             report.shards_written += 1
             report.embedded += len(shard)
             report.failed.extend(shard.failed)
             shards.write_manifest(out, info, source_info, sorted(written, key=order.__getitem__))
             if on_shard:
                 on_shard(shard)
+    if src.kind == "folder" and report.shards_written:
+        written = _drop_superseded(out, info, done, written, {u.name for u in todo})
     manifest = shards.write_manifest(out, info, source_info, sorted(written, key=order.__getitem__))
     report.total_embedded = manifest["count"]
     return report
+
+
+def _drop_superseded(out: Path, info: EncoderInfo, done: list[str], written: list[str], new: set[str]) -> list[str]:
+    """Changed files were embedded again in this run's shards: their old rows leave the older
+    shards (each rewritten atomically after the new one exists, so every file is always in a
+    shard). Returns the shard names still present."""
+    pq = shards.need("pyarrow.parquet")
+
+    again: set[str] = set()
+    for name in new:
+        path = shards.shard_path(out, name)
+        if path.is_file():
+            again.update(shards.keys_of(pq.read_table(path, columns=_key_columns(path))))
+    for name in written:
+        if name in done and name not in new:
+            shards.drop_keys(out, info, name, again)
+    return [name for name in written if shards.shard_path(out, name).is_file()]
+
+
+def _key_columns(path: Path) -> list[str]:
+    pq = shards.need("pyarrow.parquet")
+
+    return [c for c in ("key", "key_bytes") if c in pq.read_schema(path).names]
 
 
 def _check_existing(out: Path, info: EncoderInfo, source_info: dict) -> None:
@@ -126,7 +162,7 @@ def _check_existing(out: Path, info: EncoderInfo, source_info: dict) -> None:
         raise ClipxferError(f"{out} holds embeddings of {manifest['source'].get('root')}: use another --out for this source")
 
 
-def _run(engine, todo, encoder, info, batch_size, workers, ray_address, num_gpus_per_worker, precision, actors, progress):
+def _run(engine, todo, encoder, info, batch_size, workers, ray_address, ray_timeout, num_gpus_per_worker, precision, actors, progress):
     if engine == "local":
         from .local import run_local
 
@@ -134,7 +170,7 @@ def _run(engine, todo, encoder, info, batch_size, workers, ray_address, num_gpus
         return
     from .ray_engine import run_ray, start_ray
 
-    started = start_ray(ray_address)
+    started = start_ray(ray_address, timeout=ray_timeout)
     try:
         yield from run_ray(
             todo,

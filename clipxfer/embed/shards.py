@@ -5,7 +5,10 @@ Layout of an embeddings folder (see docs/scale-out.md for how other tools read i
     manifest.json          encoder id and spec, dims, counts, source, the list of shards
     <unit>.parquet         one per input unit (tar shard, parquet file, run of folder files)
 
-Columns of a shard: ``key`` (string), ``sha256`` (string), ``width``/``height`` (int32, as
+Columns of a shard: ``key`` (string: a name inside the source, never a file-system path to open;
+file names that are not valid UTF-8 show their odd bytes as ``\\xff`` here), ``key_bytes``
+(binary, null unless the key is not valid UTF-8: then its raw bytes, the key readers must use),
+``sha256`` (string), ``width``/``height`` (int32, as
 displayed), ``size`` (int64, bytes of the encoded image),
 ``embedding`` (fixed_size_list<float32>[dim], L2-normalised, in the image-text space) and, for
 encoders whose probe features differ from the embedding (``lite``), ``features``
@@ -14,7 +17,8 @@ encoder id, the unit and the items that failed ({key, reason}), so a shard descr
 the manifest can always be rebuilt from the shards.
 
 Each shard is written to a temporary name and renamed into place, so a killed job leaves no
-half-written shard visible; a re-run skips the shards already there.
+half-written shard visible; a re-run skips the shards already there. A folder's file that changed
+between runs is embedded again into a new shard and its old row then dropped (:func:`drop_keys`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 from ..encoders.pipeline import Failure
 from ..errors import ClipxferError
 from ..extras import import_extra
-from ..paths import atomic_write_bytes
+from ..paths import atomic_write_bytes, path_text
 
 FORMAT = "clipxfer-embeddings"
 FORMAT_VERSION = 1
@@ -91,6 +95,7 @@ def _schema(info: EncoderInfo, metadata: dict):
 
     fields = [
         pa.field("key", pa.string()),
+        pa.field("key_bytes", pa.binary()),
         pa.field("sha256", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -120,12 +125,13 @@ def write_shard(folder: Path, info: EncoderInfo, shard: ShardData, extra: dict |
         "model_id": info.model_id,
         "unit": shard.name,
         "count": len(shard),
-        "failed": [{"key": str(f.path), "reason": f.reason} for f in shard.failed],
+        "failed": [{"key": path_text(f.path), "reason": f.reason} for f in shard.failed],
         **(extra or {}),
     }
     schema = _schema(info, metadata)
     columns = [
-        pa.array(shard.keys, pa.string()),
+        pa.array([path_text(k) for k in shard.keys], pa.string()),
+        pa.array([_key_bytes(k) for k in shard.keys], pa.binary()),
         pa.array(shard.sha256, pa.string()),
         pa.array(shard.widths, pa.int32()),
         pa.array(shard.heights, pa.int32()),
@@ -146,6 +152,75 @@ def write_shard(folder: Path, info: EncoderInfo, shard: ShardData, extra: dict |
         os.close(fd)
     os.replace(tmp, target)
     return target
+
+
+def _key_bytes(key: str) -> bytes | None:
+    """None for a UTF-8 key; the raw bytes of a file name that is not (held as surrogate escapes)."""
+    try:
+        key.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return os.fsencode(key)
+
+
+def keys_of(table) -> list[str]:
+    """The keys of a shard table or batch, ``key_bytes`` taking precedence (shards of earlier
+    versions have no such column): the same text as the file name they came from."""
+    names = table.schema.names
+    keys = table.column(names.index("key")).to_pylist()
+    if "key_bytes" in names:
+        raw = table.column(names.index("key_bytes")).to_pylist()
+        keys = [key if data is None else os.fsdecode(data) for key, data in zip(keys, raw)]
+    return keys
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why ``key`` cannot name an item (it would read as a path outside the source), or None.
+    Keys become paths relative to the source root in an index, so they must stay below it."""
+    if not key or "\0" in key:
+        return "empty or holds a NUL character"
+    if key.startswith("/"):
+        return "an absolute path"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "has empty, '.' or '..' parts"
+    return None
+
+
+def drop_keys(folder: Path, info: EncoderInfo, name: str, keys: set[str]) -> int:
+    """Rewrite shard ``name`` without the rows of ``keys`` (items embedded again in a later shard),
+    atomically; a shard that had rows and has none left is removed. Returns the rows left."""
+    pq = need("pyarrow.parquet")
+
+    path = shard_path(folder, name)
+    table = pq.read_table(path)
+    own = keys_of(table)
+    keep = [row for row, key in enumerate(own) if key not in keys]
+    if len(keep) == len(own):
+        return len(own)
+    if not keep:
+        path.unlink()
+        return 0
+    meta = shard_metadata(path)
+    table = table.take(keep)
+    names = table.schema.names
+    column = {n: table.column(n) for n in names}
+    features = None
+    if "features" in names:
+        features = column["features"].combine_chunks().flatten().to_numpy().reshape(-1, info.feature_dim).astype(np.float32)
+    shard = ShardData(
+        name,
+        keys_of(table),
+        column["sha256"].to_pylist(),
+        column["width"].to_pylist(),
+        column["height"].to_pylist(),
+        column["size"].to_pylist(),
+        column["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, info.dim),
+        features,
+        [Failure(f["key"], f["reason"]) for f in meta.get("failed", [])],
+    )
+    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "model_id", "unit", "count", "failed")}
+    write_shard(folder, info, shard, extra)
+    return len(keep)
 
 
 def shard_metadata(path: Path) -> dict:
@@ -173,9 +248,39 @@ def read_manifest(folder: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ClipxferError(f"{path}: unreadable manifest ({exc}); remove it and run again to rebuild it")
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ClipxferError(f"{path}: not a clipxfer embeddings manifest")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """Every field readers use, of the right type: one line naming the first that is not."""
+    def positive_int(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    checks = {
+        "model_id": lambda v: isinstance(v, str) and v != "",
+        "model_spec": lambda v: isinstance(v, str) and v != "",
+        "dim": positive_int,
+        "feature_dim": positive_int,
+        "features": lambda v: isinstance(v, bool),
+        "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "source": lambda v: isinstance(v, dict),
+        "shards": lambda v: isinstance(v, list),
+    }
+    for name, valid in checks.items():
+        if name not in manifest:
+            raise ClipxferError(f"{path}: no '{name}'; remove the manifest and run 'clipxfer embed' again to rebuild it")
+        if not valid(manifest[name]):
+            raise ClipxferError(
+                f"{path}: '{name}' is {json.dumps(manifest[name])[:60]}, not a valid value; remove the manifest and run "
+                "'clipxfer embed' again to rebuild it"
+            )
+    for entry in manifest["shards"]:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or unsafe_key(name) or "/" in name or entry.get("file") != f"{name}.parquet":
+            raise ClipxferError(f"{path}: shard entry {json.dumps(entry)[:80]} is not {{name, file: NAME.parquet}}")
 
 
 def write_manifest(folder: Path, info: EncoderInfo, source: dict, shard_names: list[str]) -> dict:
@@ -203,6 +308,32 @@ def write_manifest(folder: Path, info: EncoderInfo, source: dict, shard_names: l
     }
     atomic_write_bytes(Path(folder) / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def shard_names(folder: Path) -> list[str]:
+    """The shards in ``folder``: the manifest's order, then any written after it (by name)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    listed = [entry["name"] for entry in manifest["shards"]] if manifest else []
+    on_disk = {path.stem for path in folder.glob("*.parquet")} if folder.is_dir() else set()
+    return [name for name in listed if name in on_disk] + sorted(on_disk - set(listed))
+
+
+def embedded_items(folder: Path) -> dict[str, tuple[int, str]]:
+    """key -> (size, sha256) of every item in the shards of ``folder``, later shards winning."""
+    pq = need("pyarrow.parquet")
+
+    items: dict[str, tuple[int, str]] = {}
+    for name in shard_names(folder):
+        path = shard_path(folder, name)
+        try:
+            schema = pq.read_schema(path)
+            table = pq.read_table(path, columns=[c for c in ("key", "key_bytes", "size", "sha256") if c in schema.names])
+        except Exception as exc:
+            raise ClipxferError(f"{path}: not a clipxfer embedding shard ({type(exc).__name__}); remove it or use another --out")
+        for key, size, sha256 in zip(keys_of(table), table.column("size").to_pylist(), table.column("sha256").to_pylist()):
+            items[key] = (size, sha256)
+    return items
 
 
 def open_embeddings(folder: str | os.PathLike) -> dict:
@@ -247,7 +378,7 @@ def iter_embeddings(folder: str | os.PathLike, batch_rows: int = 65_536) -> Iter
                 features = column.flatten().to_numpy().reshape(-1, feature_dim).astype(np.float32)
             yield EmbeddingBatch(
                 entry["name"],
-                batch.column(names.index("key")).to_pylist(),
+                keys_of(batch),
                 batch.column(names.index("sha256")).to_pylist(),
                 batch.column(names.index("width")).to_numpy(),
                 batch.column(names.index("height")).to_numpy(),

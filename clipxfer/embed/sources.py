@@ -1,11 +1,14 @@
 """Where images come from: a folder, webdataset tar shards, parquet files, a saved HF dataset.
 
 A source is split into :class:`Unit` s, the grain of work and of output: one tar shard, one
-parquet file, or a run of ``shard_size`` files (folder) or rows (HF dataset). Each unit becomes
-one embedding shard, so a re-run skips the units whose shard is written. Reading a unit gives
+parquet file, a run of ``shard_size`` rows (HF dataset), or a run of ``shard_size`` files not yet
+embedded (folder). Each unit becomes one embedding shard, so a re-run skips the units whose shard
+is written; a folder's units are its files not yet in a shard by path and content (size, then
+SHA-256), so files added or changed since are embedded and nothing twice. Reading a unit gives
 ``(key, payload)`` items: the key is stable (``path`` relative to the folder, ``shard/key`` for
 tars, the ``key`` column or ``file/row`` for parquet, the row number for HF datasets) and the
-payload is the image's bytes, a local file path, or None when the item has no image.
+payload is the image's bytes, a local file path, or None when the item has no image. Keys are
+names, never paths to open: one that would leave the source (absolute, ``..``) is a failure.
 
 Reading uses the ``webdataset``, ``pyarrow`` and ``datasets`` libraries; decoding is
 :func:`clipxfer.encoders.pipeline.decode_bytes`, shared with the folder indexer.
@@ -13,15 +16,16 @@ Reading uses the ``webdataset``, ``pyarrow`` and ``datasets`` libraries; decodin
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from ..encoders.pipeline import Failure, decode_bytes
+from ..encoders.pipeline import Failure, decode_bytes, file_sha256
 from ..errors import ClipxferError
 from ..images import IMAGE_EXTENSIONS, find_images
-from .shards import need
+from .shards import need, unsafe_key
 
 DEFAULT_SHARD_SIZE = 10_000  # items per unit for folders and HF datasets (clip-retrieval's default)
 # Columns that hold image bytes (img2dataset writes "jpg"), a path, or a key, in order of preference.
@@ -35,14 +39,15 @@ Item = tuple[str, "bytes | str | None"]
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work (and one output shard): ``location`` is a file, or the source folder
-    with rows ``start:stop``."""
+    """One unit of work (and one output shard): ``location`` is a file, the source folder with
+    ``files`` (paths relative to it), or a saved HF dataset with rows ``start:stop``."""
 
     kind: str  # folder | tar | parquet | hf
     name: str  # the output shard's name, stable across runs
     location: str
     start: int = 0
     stop: int = 0
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,12 @@ class Source:
         return {"kind": self.kind, "root": str(self.root), "units": len(self.units)}
 
 
-def open_source(spec: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE) -> Source:
+def open_source(
+    spec: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE, embedded: Callable[[], dict] | None = None
+) -> Source:
     """Resolve SOURCE: a folder of images, a saved HF dataset folder, a folder of ``.tar`` or
-    ``.parquet`` files, one such file, or a brace pattern ``shards/{000000..000099}.tar``."""
+    ``.parquet`` files, one such file, or a brace pattern ``shards/{000000..000099}.tar``.
+    ``embedded`` (read for folders only): key -> (size, sha256) of the items already in shards."""
     text = str(spec)
     if "{" in text:
         braceexpand = need("braceexpand").braceexpand
@@ -80,7 +88,7 @@ def open_source(spec: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE) -
         files = sorted(path.glob(f"*{suffix}"))
         if files:
             return _file_source(files, path)
-    return _folder_source(path, shard_size)
+    return _folder_source(path, shard_size, embedded() if embedded else {})
 
 
 def _file_source(files: list[Path], root: Path) -> Source:
@@ -106,11 +114,38 @@ def _unit_name(path: Path, root: Path) -> str:
     return rel.as_posix().replace("/", "__")
 
 
-def _folder_source(root: Path, shard_size: int) -> Source:
-    count = sum(1 for _ in find_images(root))
-    if not count:
+def _folder_source(root: Path, shard_size: int, done: dict) -> Source:
+    if shard_size < 1:
+        raise ClipxferError(f"--shard-size must be at least 1, not {shard_size}")
+    files = list(find_images(root))
+    if not files:
         raise ClipxferError(f"{root}: no images, tar or parquet shards found")
-    return Source("folder", root.resolve(), _row_units("folder", root, count, shard_size))
+    todo = [path.relative_to(root).as_posix() for path in files if not _embedded(path, root, done)]
+    units = []
+    for start in range(0, len(todo), shard_size):
+        keys = tuple(todo[start : start + shard_size])
+        units.append(Unit("folder", _folder_unit_name(keys), str(root.resolve()), files=keys))
+    return Source("folder", root.resolve(), units)
+
+
+def _embedded(path: Path, root: Path, done: dict) -> bool:
+    """Whether the file at ``path`` is in a shard already: same key and content. The size is
+    compared first so that only files that may be unchanged are hashed."""
+    found = done.get(path.relative_to(root).as_posix())
+    if found is None:
+        return False
+    size, sha256 = found
+    try:
+        return path.stat().st_size == size and file_sha256(path) == sha256
+    except OSError:
+        return False  # unreadable now: embedding it again reports why
+
+
+def _folder_unit_name(keys: tuple[str, ...]) -> str:
+    """A name given by the unit's files, so that the same files not yet embedded (a killed
+    run) get the same shard again, and new files never land on another unit's shard."""
+    digest = hashlib.sha256("\0".join(keys).encode("utf-8", "surrogateescape")).hexdigest()
+    return f"part-{digest[:16]}"
 
 
 def _row_units(kind: str, root: Path, count: int, shard_size: int) -> list[Unit]:
@@ -139,7 +174,10 @@ def read_unit(unit: Unit) -> list[Item | Failure]:
     seen: set[str] = set()
     for item in readers[unit.kind](unit):
         if isinstance(item, tuple):
-            if item[0] in seen:
+            reason = unsafe_key(item[0])
+            if reason:
+                item = Failure(item[0], f"key {reason}: keys name items inside the source, they are not paths")
+            elif item[0] in seen:
                 item = Failure(item[0], "repeated key (the first item with this key is kept)")
             else:
                 seen.add(item[0])
@@ -164,11 +202,8 @@ def decode_item(item: Item, size: int):
 
 def _read_folder(unit: Unit) -> Iterator[Item]:
     root = Path(unit.location)
-    for index, path in enumerate(find_images(root)):
-        if index >= unit.stop:
-            break
-        if index >= unit.start:
-            yield path.relative_to(root).as_posix(), str(path)
+    for key in unit.files:
+        yield key, str(root / key)
 
 
 def _read_tar(unit: Unit) -> Iterator[Item | Failure]:

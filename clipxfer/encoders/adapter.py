@@ -6,7 +6,9 @@ An adapter is a head file (``clipxfer-head/1``, method ``finetune``, see
 ``partial``, ``full``), or, under ``lora/<module>.A`` / ``.B``, LoRA factors merged into the
 frozen weights at load time (``W + scaling * B @ A``). Its config names the base encoder id; its
 model id is ``<base id>+ft-<hash of those tensors>`` (:func:`clipxfer.encoders.ids.adapted_id`), so
-indexes and heads made with the adapted encoder refuse the plain one and the other way round.
+indexes and heads made with the adapted encoder refuse the plain one and the other way round. The hash is
+recomputed from the tensors on every load and a file whose tensors do not match its id is refused: the id
+(and the OpenVINO graph cached under it, :mod:`.openvino_runtime`) always means these weights.
 This module reads the file itself (:mod:`.artifacts`); the head side of it is loaded by ``heads/``.
 """
 
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 
 from ..errors import ClipxferError
-from .artifacts import HEAD_FORMAT, read_artifact_metadata, read_artifact_tensors
+from .artifacts import DETECTOR_FORMAT, HEAD_FORMAT, read_artifact_metadata, read_artifact_tensors
 from .base import Encoder
-from .ids import ENCODER_PREFIX, LORA_PREFIX, spec_for_id
+from .ids import ENCODER_PREFIX, LORA_PREFIX, adapted_id, spec_for_id
 
 
 @dataclass(frozen=True)
@@ -99,19 +101,40 @@ def apply_tensors(encoder: Encoder, tensors: dict[str, np.ndarray]) -> None:
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
 
+def _not_an_adapter(path: Path, meta: dict[str, Any]) -> ClipxferError:
+    """One line saying what the file at ``path`` is instead of an adapter, and how it is used."""
+    if meta.get("format") == DETECTOR_FORMAT:
+        return ClipxferError(f"{path}: an anomaly detector (made by 'clipxfer anomaly fit'), not a fine-tuning "
+                             f"adapter: use it with 'clipxfer anomaly score FOLDER --detector {path}'")
+    if meta.get("format") == HEAD_FORMAT and meta.get("method") != "finetune":
+        return ClipxferError(f"{path}: a clipxfer {meta.get('method')} head, not a fine-tuning adapter: use it with "
+                             f"'clipxfer predict {path} IMAGES'; --model BASE+ADAPTER takes a file made by "
+                             "'clipxfer finetune'")
+    return ClipxferError(f"{path}: not a fine-tuning adapter (format {meta.get('format')!r}): --model BASE+ADAPTER "
+                         "takes a file made by 'clipxfer finetune'")
+
+
 def read_adapter(path: str | os.PathLike) -> Adapter:
     """The adapter at ``path``, checked: a clipxfer head file of method ``finetune`` that names its base
-    model, with finite tensors; anything else is one line naming the file."""
+    model, with finite tensors whose hash is the one its model id carries (:func:`~.ids.adapted_id`),
+    so an id always stands for the weights that are applied (and the OpenVINO graph cached for it);
+    anything else is one line naming the file."""
     path = Path(path)
     meta = read_artifact_metadata(path, "adapter", "make one with 'clipxfer finetune'")
+    if meta.get("format") != HEAD_FORMAT or meta.get("method") != "finetune":
+        raise _not_an_adapter(path, meta)
     config = meta.get("config")
-    if meta.get("format") != HEAD_FORMAT or meta.get("method") != "finetune" or not isinstance(config, dict) \
-            or not isinstance(config.get("base_model_id"), str) or not isinstance(meta.get("model_id"), str):
-        raise ClipxferError(f"{path}: a clipxfer {meta.get('method')} head, not an adapter made by 'clipxfer finetune'")
+    if not isinstance(config, dict) or not isinstance(config.get("base_model_id"), str) \
+            or not isinstance(meta.get("model_id"), str):
+        raise ClipxferError(f"{path}: damaged fine-tuning adapter (no base model or model id): "
+                            "make it again with 'clipxfer finetune'")
     tensors = read_artifact_tensors(path, "adapter")
     for name, value in tensors.items():
         if not np.isfinite(value).all():
             raise ClipxferError(f"{path}: tensor '{name}' holds values that are not finite (NaN or infinity)")
+    if adapted_id(config["base_model_id"], tensors) != meta["model_id"]:
+        raise ClipxferError(f"{path}: the adapter's tensors do not match its model id {meta['model_id']} "
+                            "(changed after 'clipxfer finetune' wrote it): make it again with 'clipxfer finetune'")
     return Adapter(path, meta["model_id"], config, tensors)
 
 

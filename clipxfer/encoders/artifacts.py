@@ -22,6 +22,8 @@ from .ids import spec_for_id
 
 #: The format tag of heads (and of fine-tuning adapters, which are heads).
 HEAD_FORMAT = "clipxfer-head/1"
+#: The format tag of anomaly detectors (:mod:`clipxfer.anomaly.detector`).
+DETECTOR_FORMAT = "clipxfer-anomaly/1"
 #: The safetensors header key that holds an artifact's JSON metadata.
 METADATA_KEY = "clipxfer"
 SUFFIX = ".safetensors"

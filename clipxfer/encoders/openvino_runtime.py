@@ -3,8 +3,11 @@
 An encoder's image tower (:meth:`Encoder.image_graph`) is converted to OpenVINO once, with the
 uint8 -> normalised-float step built into the graph, optionally quantized to int8 by nncf
 (post-training, static), and cached on disk under ``cache_dir()/openvino/`` keyed by encoder id,
-precision, OpenVINO version and this module's format version. Later loads reuse the files after
-checking their SHA-256 (a damaged or stale cache is rebuilt, never trusted).
+precision, OpenVINO version and this module's format version (an adapted encoder's id carries the
+hash of its adapter's tensors, checked on load, so its graph is keyed by the weights themselves). Later
+loads reuse the files after checking their SHA-256 (a damaged or stale cache is rebuilt, never trusted);
+a cache that cannot be written (read-only ``CLIPXFER_CACHE``) gives one warning line and a model built
+in a temporary folder for the run.
 
 int8 calibration uses the images about to be encoded when there are enough of them
 (:meth:`OpenVinoImageTower.expect_images`, called by the indexing pipeline), else a small set
@@ -319,12 +322,19 @@ class OpenVinoImageTower:
             return self._queue
         ov = import_openvino()
         key = cache_key(weights_id(self.encoder.id), self.precision, self.kind)
-        folder = cache_folder(key)
+        try:
+            folder = cache_folder(key)
+        except OSError as exc:  # the cache root cannot even be created
+            folder = self._temporary_folder(key, exc)
         cached = read_cached(folder, key)
         if cached is None:
             if (folder / "meta.json").exists():
                 print(f"warning: the cached OpenVINO model in {folder} is stale or damaged; rebuilding", file=sys.stderr)
-            build_model(self.encoder, self.precision, folder, self.calibration_paths, self.kind)
+            try:
+                build_model(self.encoder, self.precision, folder, self.calibration_paths, self.kind)
+            except OSError as exc:  # a read-only cache: build this run's copy elsewhere
+                folder = self._temporary_folder(key, exc, folder)
+                build_model(self.encoder, self.precision, folder, self.calibration_paths, self.kind)
             cached = read_cached(folder, key)
             if cached is None:
                 raise ClipxferError(f"could not build a usable OpenVINO model in {folder}: delete it and retry")
@@ -344,6 +354,19 @@ class OpenVinoImageTower:
         self.requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._queue = ov.AsyncInferQueue(compiled, self.requests)
         return self._queue
+
+    def _temporary_folder(self, key: dict, error: OSError, folder: Path | None = None) -> Path:
+        """A folder in a temporary directory (removed when this tower is) for a model the cache cannot
+        hold, with one warning line: the run goes on, the model is built again next time."""
+        import tempfile
+
+        where = folder or os.environ.get("CLIPXFER_CACHE") or "the cache folder"
+        print(f"warning: cannot write the OpenVINO model cache in {where} ({error.strerror or error}); building it in "
+              "a temporary folder for this run only (set CLIPXFER_CACHE to a writable folder to keep it)",
+              file=sys.stderr)
+        self._temporary = tempfile.TemporaryDirectory(prefix="clipxfer-openvino-")
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return Path(self._temporary.name) / digest
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         with self._lock:

@@ -3,6 +3,7 @@ setting is not given; why ``top`` differs from the others is in :mod:`clipxfer.f
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ..errors import ClipxferError
@@ -49,28 +50,25 @@ class FinetuneSettings:
     refit_l2: float = 1e-3
 
     def check(self) -> "FinetuneSettings":
-        """Fill the method's recipe into unset fields; raise ClipxferError on the first bad value."""
+        """Fill the method's recipe into unset fields; raise ClipxferError on the first bad value. Every
+        number is checked (finite, in range, :data:`NUMBERS`) before any loading or training."""
         if self.strategy not in METHODS:
             raise ClipxferError(f"--method {self.strategy}: use one of {', '.join(METHODS)}")
         recipe = {**GENERIC, **RECIPES.get(self.strategy, {})}
         for name, value in recipe.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.epochs < 0:
-            raise ClipxferError(f"--epochs {self.epochs}: must be 0 or more")
-        if not self.lr > 0:
-            raise ClipxferError(f"--lr {self.lr}: must be positive")
+        for name, (kind, low, high, closed) in NUMBERS.items():
+            setattr(self, name, _checked_number(name, getattr(self, name), kind, low, high, closed))
         if self.wise != "auto":
             try:
                 self.wise = float(self.wise)
-            except ValueError:
+            except (TypeError, ValueError):
                 raise ClipxferError(f"--wise {self.wise}: a number in [0, 1] or auto") from None
             if not 0.0 <= self.wise <= 1.0:
                 raise ClipxferError(f"--wise {self.wise}: a number in [0, 1] or auto")
         if self.keep not in ("best", "last"):
             raise ClipxferError(f"keep={self.keep!r}: use best or last")
-        if self.blocks < 1:
-            raise ClipxferError(f"--blocks {self.blocks}: at least 1")
         if self.fit_on not in ("train", "all"):
             raise ClipxferError(f"fit_on={self.fit_on!r}: use train or all")
         if self.head not in ("trained", "refit"):
@@ -78,9 +76,45 @@ class FinetuneSettings:
         if self.fit_on == "all" and self.wise == "auto":
             raise ClipxferError(f"--wise auto chooses on validation images, which --method {self.strategy} trains on: "
                                 "give --wise a number")
-        if not self.refit_l2 > 0:
-            raise ClipxferError(f"refit_l2={self.refit_l2}: must be positive")
         return self
+
+
+#: The numeric settings and what each accepts: ``(int or float, low, high, closed)``, where a bound of
+#: None is open-ended and ``closed`` says whether ``low`` itself is allowed (``high`` always is).
+NUMBERS = {
+    "epochs": (int, 0, None, True),
+    "lr": (float, 0.0, None, False),
+    "head_lr_scale": (float, 0.0, None, False),
+    "weight_decay": (float, 0.0, None, True),
+    "l2sp": (float, 0.0, None, True),
+    "batch_size": (int, 1, None, True),
+    "blocks": (int, 1, None, True),
+    "lora_rank": (int, 1, None, True),
+    "lora_alpha": (float, 0.0, None, False),
+    "crop_scale": (float, 0.0, 1.0, False),
+    "label_smoothing": (float, 0.0, 0.99, True),
+    "patience": (int, 1, None, True),
+    "refit_l2": (float, 0.0, None, False),
+}
+#: Settings that are command-line options, named as such in errors.
+OPTIONS = {"epochs", "lr", "l2sp", "blocks"}
+
+
+def _checked_number(name: str, value, kind: type, low, high, closed: bool):
+    """``value`` as ``kind`` when it is a finite number in range, else one line naming the setting."""
+    label = f"--{name.replace('_', '-')} {value}" if name in OPTIONS else f"{name}={value!r}"
+    low_text = "" if low is None else f"{'at least' if closed else 'more than'} {low:g}"
+    rule = " and ".join(part for part in (low_text, "" if high is None else f"at most {high:g}") if part)
+    what = "a whole number" if kind is int else "a finite number"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or (kind is int and number != int(number)):
+        raise ClipxferError(f"{label}: must be {what}, {rule}")
+    if (low is not None and (number < low or (number == low and not closed))) or (high is not None and number > high):
+        raise ClipxferError(f"{label}: must be {what}, {rule}")
+    return int(number) if kind is int else number
 
 
 def make_settings(**options) -> FinetuneSettings:

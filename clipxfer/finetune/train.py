@@ -222,7 +222,7 @@ def _train(model: _Trainee, pixels: _Pixels, settings: FinetuneSettings, optimiz
     try:
         for epoch in range(1, settings.epochs + 1):
             run.epoch = epoch
-            train_loss = _train_epoch(model, pixels, settings, optimizer, schedule, steps_per_epoch, generator)
+            train_loss = _train_epoch(model, pixels, settings, optimizer, schedule, steps_per_epoch, generator, epoch)
             val_acc, val_loss = evaluate(model.work, model.head, pixels.val, pixels.val_labels)
             record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_acc, "val_loss": val_loss}
             run.history.append(record)
@@ -262,8 +262,9 @@ def _show_epoch(bar, record: dict, run: _Run, num_val: int) -> None:
 
 
 def _train_epoch(model: _Trainee, pixels: _Pixels, settings: FinetuneSettings, optimizer, schedule,
-                 steps_per_epoch: int, generator: torch.Generator) -> float:
-    """One pass over the training images in a fresh order, augmented; the mean training loss."""
+                 steps_per_epoch: int, generator: torch.Generator, epoch: int) -> float:
+    """One pass over the training images in a fresh order, augmented; the mean training loss. A loss
+    that is not finite stops the fine-tune with one line (every later step would be NaN too)."""
     order = torch.randperm(len(pixels.train), generator=generator).numpy()
     losses = []
     for step in range(steps_per_epoch):
@@ -274,6 +275,10 @@ def _train_epoch(model: _Trainee, pixels: _Pixels, settings: FinetuneSettings, o
         if settings.l2sp and model.moving:
             drift = sum((model.root.get_parameter(n) - w0).pow(2).sum() for n, w0 in model.start.items())
             loss = loss + settings.l2sp * drift
+        if not torch.isfinite(loss.detach()):
+            raise ClipxferError(f"finetune: the training loss became {float(loss.detach())} in epoch {epoch}, so "
+                                f"training cannot go on; nothing was saved: lower --lr (now {settings.lr:g}) "
+                                "and try again")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

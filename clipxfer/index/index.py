@@ -133,6 +133,12 @@ class Index:
     def __len__(self) -> int:
         return store.count(self._conn)
 
+    @reports_damage
+    def sha256_of(self, item_id: int) -> str | None:
+        """SHA-256 of the bytes item ``item_id`` was indexed from (None for an unknown id)."""
+        row = self._conn.execute("SELECT sha256 FROM items WHERE id = ?", (int(item_id),)).fetchone()
+        return None if row is None else row[0]
+
     # -- the FAISS cache -----------------------------------------------------------------
     def _vectors(self):
         """The FAISS index for the committed rows: the saved file if current, else rebuilt."""

@@ -18,6 +18,8 @@ STRATEGIES = ("margin", "entropy", "least-confident")
 #: Candidates considered per proposed image: the most uncertain ``POOL_FACTOR * n`` items are
 #: re-ranked for diversity; beyond that the uncertainty has fallen off anyway.
 POOL_FACTOR = 10
+#: The largest diversity weight: uncertainty is in [0, 1], so beyond this only diversity counts.
+MAX_DIVERSITY = 10.0
 
 
 def uncertainty(probs: np.ndarray, strategy: str = "margin") -> np.ndarray:
@@ -44,8 +46,11 @@ def diverse_top(scores: np.ndarray, vectors: np.ndarray, n: int, diversity: floa
     """Indices of ``n`` rows chosen greedily by ``score - diversity * max cosine similarity to the
     rows already chosen`` (maximal marginal relevance) among the ``POOL_FACTOR * n`` best scores.
 
-    ``vectors`` are unit rows; ``diversity=0`` gives the plain top-``n`` by score.
+    ``vectors`` are unit rows; ``diversity=0`` gives the plain top-``n`` by score; it must be
+    finite, in [0, MAX_DIVERSITY] (an infinite weight would pick one image ``n`` times).
     """
+    if not (np.isfinite(diversity) and 0 <= diversity <= MAX_DIVERSITY):
+        raise ClipxferError(f"diversity must be a number from 0 to {MAX_DIVERSITY:g}, not {diversity}")
     scores = np.asarray(scores, dtype=np.float64)
     n = min(int(n), len(scores))
     if n <= 0:

@@ -9,6 +9,7 @@ label is stored with its item id and path, so an export needs nothing but the fi
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..csvcells import safe_cell
 from ..errors import ClipxferError
+from ..paths import path_text
 
 LABEL_FILE = "labels.json"
 FORMAT = "clipxfer-labels/1"
@@ -27,17 +30,86 @@ LABEL_METHODS = ("probe", "tip")
 MAX_HISTORY = 1000
 
 
+class LabelsNotWritable(ClipxferError):
+    """The label file cannot be changed (a read-only folder, or another server writes it); nothing changed."""
+
+
+# Label-file lock descriptors held by this process; a forked child closes its copies at once, so
+# it can never keep the labels locked after its server is gone (as clipxfer.index.lock does).
+_HELD_LABEL_LOCKS: set[int] = set()
+
+
+def _close_inherited_label_locks() -> None:
+    for fd in list(_HELD_LABEL_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LABEL_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_label_locks)
+
+
+class LabelFileLock:
+    """Exclusive right to write one label file, held from this process's first change until
+    :meth:`release`: a second ``clipxfer serve`` on the same labels gets a clear refusal instead
+    of overwriting acknowledged labels. An ``flock`` dies with its process, so a killed server
+    never leaves a stale lock."""
+
+    def __init__(self, labels_path: Path):
+        self.path = labels_path.with_name(labels_path.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock if not held; True when it was taken just now. Raises LabelsNotWritable."""
+        if self.fd is not None:
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LabelsNotWritable(
+                f"{self.path.parent} cannot be written ({exc.strerror or exc}): labels are read-only here; "
+                "start clipxfer serve with --labels FILE in a writable folder"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LabelsNotWritable(
+                f"{self.path.with_suffix('')} is being written by another clipxfer serve (pid {holder}); "
+                "label there, stop it, or start this one with another --labels"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        _HELD_LABEL_LOCKS.add(fd)
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD_LABEL_LOCKS.discard(self.fd)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 class LabelStore:
     """Class names, ``{item id: (path, label)}`` and an undo history, persisted to ``path``.
 
-    Every change is written before the call returns (temp file, fsync, rename), so a crash at
-    any moment leaves the previous or the new file: at most the label being written is lost.
-    Methods are thread-safe.
+    Every change is written before the call returns (temp file, fsync, rename), and memory changes
+    only once the file has: a crash at any moment leaves the previous or the new file, and a write
+    that fails (read-only folder) leaves both as they were. One process writes a label file at a
+    time (:class:`LabelFileLock`); it re-reads the file when it takes the lock, so labels another
+    server wrote before are kept. The undo history holds label changes and class-list changes, so
+    undo never brings back a label whose class is gone. Methods are thread-safe.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._file_lock = LabelFileLock(self.path)
         self.classes: list[str] = []
         self.labels: dict[int, tuple[str, str]] = {}
         self.history: list[dict[str, Any]] = []
@@ -55,58 +127,91 @@ class LabelStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise ClipxferError(f"{self.path}: not a clipxfer label file ({exc}); move it away or pass another --labels") from None
 
-    def _write(self) -> None:
+    def _begin_change(self) -> None:
+        """Before any change: hold the file lock; when just taken, start from what is on disk."""
+        if self._file_lock.acquire() and self.path.is_file():
+            self._read()
+
+    def _commit(self, classes: list[str], labels: dict[int, tuple[str, str]], history: list[dict[str, Any]]) -> None:
+        """Write the new state, then adopt it (memory is untouched when the write fails)."""
         from ..paths import atomic_write_bytes
 
+        history = history[-MAX_HISTORY:]
         data = {
             "format": FORMAT,
-            "classes": self.classes,
-            "labels": [{"id": i, "path": p, "label": lab} for i, (p, lab) in sorted(self.labels.items())],
-            "history": self.history[-MAX_HISTORY:],
+            "classes": classes,
+            "labels": [{"id": i, "path": p, "label": lab} for i, (p, lab) in sorted(labels.items())],
+            "history": history,
         }
-        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode("utf-8"))
+        try:
+            atomic_write_bytes(self.path, json.dumps(data, indent=1).encode("utf-8"))
+        except OSError as exc:
+            raise LabelsNotWritable(
+                f"{self.path} cannot be written ({exc.strerror or exc}); the label was not changed: "
+                "start clipxfer serve with --labels FILE in a writable folder"
+            ) from None
+        self.classes, self.labels, self.history = classes, labels, history
+
+    def close(self) -> None:
+        """Let another process write the label file."""
+        with self._lock:
+            self._file_lock.release()
 
     # -- changes --------------------------------------------------------------------------
     def set_classes(self, classes: list[str]) -> None:
-        """Replace the class list; a class that still has labels cannot be dropped."""
+        """Replace the class list; a class that still has labels cannot be dropped. Undoable."""
         cleaned = [c.strip() for c in classes if c.strip()]
         if len(set(cleaned)) != len(cleaned):
             raise ClipxferError("class names repeat; name each class once")
         if any(len(c) > 100 for c in cleaned):
             raise ClipxferError("class names are at most 100 characters")
         with self._lock:
+            self._begin_change()
             used = {lab for _, lab in self.labels.values()}
             dropped = sorted(used - set(cleaned))
             if dropped:
                 raise ClipxferError(f"class(es) {', '.join(dropped)} still have labels; relabel or undo them first")
-            self.classes = cleaned
-            self._write()
+            if cleaned == self.classes:
+                return
+            step = {"classes_before": list(self.classes)}
+            self._commit(cleaned, self.labels, [*self.history, step])
 
     def set_label(self, item_id: int, path: str, label: str | None) -> None:
         """Label an item (``None``: remove its label); recorded for :meth:`undo`."""
         with self._lock:
+            self._begin_change()
             if label is not None and label not in self.classes:
                 raise ClipxferError(f"unknown class '{label}': name it first (classes: {', '.join(self.classes)})")
             before = self.labels.get(item_id)
+            labels = dict(self.labels)
             if label is None:
-                self.labels.pop(item_id, None)
+                labels.pop(item_id, None)
             else:
-                self.labels[item_id] = (str(path), label)
-            self.history.append({"id": item_id, "path": str(path), "before": before[1] if before else None})
-            self._write()
+                labels[item_id] = (str(path), label)
+            step = {"id": item_id, "path": str(path), "before": before[1] if before else None}
+            self._commit(self.classes, labels, [*self.history, step])
 
-    def undo(self) -> int | None:
-        """Revert the last label change; returns the item id, or None when there is nothing to undo."""
+    def undo(self) -> int | str | None:
+        """Revert the last change: returns the item id of a label change, ``"classes"`` for a
+        class-list change, or None when there is nothing to undo."""
         with self._lock:
+            self._begin_change()
             if not self.history:
                 return None
-            step = self.history.pop()
+            step, history = self.history[-1], self.history[:-1]
+            if "classes_before" in step:
+                # The class edit is the latest step, so every label now is in the list it replaced.
+                self._commit([str(c) for c in step["classes_before"]], self.labels, history)
+                return "classes"
             item_id = int(step["id"])
+            labels = dict(self.labels)
             if step["before"] is None:
-                self.labels.pop(item_id, None)
-            else:
-                self.labels[item_id] = (step["path"], step["before"])
-            self._write()
+                labels.pop(item_id, None)
+            elif step["before"] in self.classes:
+                labels[item_id] = (step["path"], step["before"])
+            else:  # a history written before class edits were recorded
+                raise ClipxferError(f"cannot undo: class '{step['before']}' was removed since; name it again first")
+            self._commit(self.classes, labels, history)
             return item_id
 
     # -- reading --------------------------------------------------------------------------
@@ -123,13 +228,16 @@ class LabelStore:
         return counts
 
     def manifest_csv(self) -> str:
-        """The labels as a CSV manifest (``path,label``) that ``clipxfer probe`` and friends read."""
+        """The labels as a CSV manifest (``path,label``) that ``clipxfer probe`` and friends read.
+
+        Cells a spreadsheet would run as formulas are marked as text (:mod:`clipxfer.csvcells`);
+        file names that are not UTF-8 are shown with ``\\xff`` escapes (:func:`clipxfer.paths.path_text`)."""
         _, labels = self.snapshot()
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["path", "label"])
         for _, (path, label) in sorted(labels.items()):
-            writer.writerow([path, label])
+            writer.writerow([safe_cell(path_text(path)), safe_cell(path_text(label))])
         return buffer.getvalue()
 
 

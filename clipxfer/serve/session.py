@@ -84,11 +84,12 @@ class LabellingSession:
         self.store.set_label(int(item_id), str(path), label)
         self._changed()
 
-    def undo(self) -> int | None:
-        item_id = self.store.undo()
-        if item_id is not None:
+    def undo(self) -> int | str | None:
+        """Revert the last label or class-list change (see :meth:`LabelStore.undo`)."""
+        undone = self.store.undo()
+        if undone is not None:
             self._changed()
-        return item_id
+        return undone
 
     def _changed(self) -> None:
         with self._lock:
@@ -106,6 +107,7 @@ class LabellingSession:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
+        self.store.close()
 
     # -- the background fit ---------------------------------------------------------------
     def _training_set(self):

@@ -1,20 +1,31 @@
-"""Thumbnails of indexed images, made once and cached next to the index (``thumbnails/<id>.jpg``).
+"""Thumbnails of indexed images, made once and cached next to the index (``thumbnails/<id>-<key>.jpg``).
 
-A cached thumbnail older than its source file is made again, so an edited image shows its new
-content. Files are written atomically: concurrent requests for one thumbnail are harmless.
+The key is a hash of the source file's path, size and modification time (exactly, not "newer
+than"), so a re-indexed or edited file gets a new thumbnail even when its modification time went
+back. Files are written atomically under unique temporary names: concurrent requests for one
+thumbnail are harmless. When the index folder cannot be written (a read-only index), thumbnails
+go to a temporary folder instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import os
+import tempfile
+import threading
 from pathlib import Path
 
+from ..errors import ImageDecodeError
 from ..images import open_image
 
 THUMBNAIL_FOLDER = "thumbnails"
 THUMBNAIL_SIZE = 256
 #: The large view: big enough to look at, small enough never to ship a 100-megapixel original.
 LARGE_SIZE = 1024
+
+log = logging.getLogger(__name__)
 
 
 def render_jpeg(source: Path, size: int) -> bytes:
@@ -27,22 +38,60 @@ def render_jpeg(source: Path, size: int) -> bytes:
     return buffer.getvalue()
 
 
+def source_key(source: Path) -> str:
+    """A short hash of ``source``'s path, size and modification time (ns): it changes whenever the
+    file is replaced or edited, whichever way its clock moved. Raises OSError for a missing file."""
+    stat = Path(source).stat()
+    identity = b"\0".join([os.fsencode(source), str(stat.st_size).encode(), str(stat.st_mtime_ns).encode()])
+    return hashlib.sha256(identity).hexdigest()[:16]
+
+
 class ThumbnailCache:
     """``thumbnail(item_id, source)`` -> path of a cached JPEG for that item."""
 
     def __init__(self, index_folder: Path, size: int = THUMBNAIL_SIZE):
         self.folder = Path(index_folder) / THUMBNAIL_FOLDER
         self.size = size
+        self._fallback_lock = threading.Lock()
+        self._temporary = False
 
     def thumbnail(self, item_id: int, source: Path) -> Path:
-        """The cached thumbnail of ``source`` (made now if missing or stale). Raises ImageDecodeError."""
+        """The cached thumbnail of ``source`` (made now if missing or made from another version of
+        the file). Raises ImageDecodeError, or OSError for a vanished source."""
         from ..paths import atomic_write_bytes
 
-        target = self.folder / f"{int(item_id)}.jpg"
         try:
-            if target.stat().st_mtime_ns >= Path(source).stat().st_mtime_ns:
-                return target
-        except FileNotFoundError:
-            pass
-        atomic_write_bytes(target, render_jpeg(source, self.size))
+            key = source_key(source)
+        except OSError as exc:
+            raise ImageDecodeError(source, exc.strerror or str(exc)) from None
+        name = f"{int(item_id)}-{key}.jpg"
+        target = self.folder / name
+        if target.is_file():
+            return target
+        data = render_jpeg(source, self.size)
+        try:
+            atomic_write_bytes(target, data)
+        except OSError as exc:
+            target = self._use_temporary_folder(exc) / name
+            atomic_write_bytes(target, data)
+        self._drop_other_versions(item_id, keep=target)
         return target
+
+    def _use_temporary_folder(self, exc: OSError) -> Path:
+        """Switch to a private temporary folder (once) when the index folder cannot be written."""
+        with self._fallback_lock:
+            if not self._temporary:
+                log.warning("thumbnails: %s cannot be written (%s); caching them in a temporary folder",
+                            self.folder, exc.strerror or exc)
+                self.folder = Path(tempfile.mkdtemp(prefix="clipxfer-thumbnails-"))
+                self._temporary = True
+            return self.folder
+
+    def _drop_other_versions(self, item_id: int, keep: Path) -> None:
+        """Remove thumbnails of earlier versions of the item's file (best effort)."""
+        for old in keep.parent.glob(f"{int(item_id)}-*.jpg"):
+            if old != keep:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass

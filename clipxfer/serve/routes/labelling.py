@@ -3,15 +3,27 @@ label next, and the exports (a CSV manifest, the fitted head)."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, HTTPException
 from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ClipxferError
+from ..active import MAX_DIVERSITY
+from ..labels import LabelsNotWritable
 from ..state import ServeState
+
+
+async def change_labels(change, *args):
+    """Run a label-file change in the thread pool; a label file that cannot be written (read-only
+    folder, another server writing it) is a 409 with the reason, and nothing changed."""
+    try:
+        return await run_in_threadpool(change, *args)
+    except LabelsNotWritable as exc:
+        raise HTTPException(409, str(exc)) from None
 
 
 def add_labelling_routes(router: APIRouter, state: ServeState) -> None:
@@ -24,7 +36,7 @@ def add_labelling_routes(router: APIRouter, state: ServeState) -> None:
     @router.put("/api/labels/classes")
     async def set_classes(classes: list[str] = Body(..., embed=True)):
         """Name the classes (in order: key 1 is the first)."""
-        await run_in_threadpool(state.session.set_classes, classes)
+        await change_labels(state.session.set_classes, classes)
         return state.session.state()
 
     @router.put("/api/labels/method")
@@ -38,13 +50,13 @@ def add_labelling_routes(router: APIRouter, state: ServeState) -> None:
     async def set_label(item_id: int, label: str | None = Body(..., embed=True)):
         """Label indexed image ``item_id`` (``null`` removes its label); written before the reply."""
         state.item_path(item_id)
-        await run_in_threadpool(state.session.label, item_id, label)
+        await change_labels(state.session.label, item_id, label)
         return state.session.state()
 
     @router.post("/api/labels/undo")
     async def undo():
         """Revert the last label change."""
-        item_id = await run_in_threadpool(state.session.undo)
+        item_id = await change_labels(state.session.undo)
         return {"undone": item_id, **state.session.state()}
 
     @router.get("/api/labels/suggest")
@@ -52,6 +64,8 @@ def add_labelling_routes(router: APIRouter, state: ServeState) -> None:
         """The next images to label: least certain under the current head, diversified."""
         if not 1 <= n <= 200:
             raise ClipxferError(f"n must be between 1 and 200, not {n}")
+        if not (math.isfinite(diversity) and 0 <= diversity <= MAX_DIVERSITY):
+            raise HTTPException(422, f"diversity must be a number from 0 to {MAX_DIVERSITY:g}, not {diversity}")
         return await run_in_threadpool(state.session.suggest, n, strategy, diversity)
 
     @router.get("/api/labels/manifest.csv")

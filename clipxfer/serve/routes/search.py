@@ -3,16 +3,25 @@ and large views (images by id only, never by path)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+from pathlib import Path
+
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ClipxferError, ImageDecodeError
+from ...images import open_image_bytes
+from ...paths import path_text
 from ..state import NotFound, ServeState
-from ..thumbnails import LARGE_SIZE, render_jpeg
+from ..thumbnails import LARGE_SIZE
 from ..uploads import decode_upload, read_upload
 
 MAX_K = 1000
+# Larger files are not read whole into memory to be shown (a 16k x 16k PNG is well below this).
+MAX_IMAGE_BYTES = 512 << 20
 
 
 def check_k(k: int) -> int:
@@ -83,7 +92,34 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
 
     @router.get("/api/image/{item_id}")
     async def image(item_id: int):
-        """Indexed image ``item_id`` as a JPEG at most 1024 pixels on a side."""
+        """Indexed image ``item_id`` as a JPEG at most 1024 pixels on a side: only the bytes the
+        index was built from (same SHA-256, below the index's root), never another file."""
         path = state.item_path(item_id)
-        data = await run_in_threadpool(unreadable_is_404, render_jpeg, path, LARGE_SIZE)
+        index = state.index()
+        expected = index.sha256_of(item_id)
+        data = await run_in_threadpool(indexed_image_jpeg, path, index.root, expected, LARGE_SIZE)
         return Response(data, media_type="image/jpeg")
+
+
+def indexed_image_jpeg(path: Path, root: Path, sha256: str | None, size: int) -> bytes:
+    """The file at ``path`` as JPEG if it lies below ``root`` and still holds the indexed bytes;
+    NotFound otherwise. An index built from shards (tar, parquet) records names, not files: its
+    items are refused here, as is a key that pointed elsewhere or a file changed since."""
+    inside = os.path.normpath(path)
+    if not inside.startswith(os.path.join(os.path.normpath(root), "")):
+        raise NotFound("indexed image can no longer be read: its name is not a file below the index's root")
+    try:
+        with open(inside, "rb") as handle:
+            data = handle.read(MAX_IMAGE_BYTES + 1)
+    except OSError:
+        raise NotFound("indexed image can no longer be read: no such file (moved, deleted, or indexed from shards)") from None
+    if len(data) > MAX_IMAGE_BYTES or hashlib.sha256(data).hexdigest() != sha256:
+        raise NotFound("indexed image can no longer be read: the file changed since indexing; index again")
+    try:
+        img = open_image_bytes(data, path_text(path.name), draft_size=size)
+    except ImageDecodeError as exc:
+        raise NotFound(f"indexed image can no longer be read: {exc.reason}") from None
+    img.thumbnail((size, size))
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
