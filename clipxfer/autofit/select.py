@@ -147,14 +147,21 @@ def fit_auto(
     budget_s: float | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    pick: str | None = None,
 ) -> AutoResult:
     """Choose among ``candidates`` (default: every method of :data:`~.candidates.CANDIDATES` and the
     ensemble) by stratified ``folds``-fold cross-validation on ``data``'s training and validation
     images (leave-one-out per class when a class has fewer images than folds), then refit the best
     on all of them. ``images``: the (train, val) images, needed by ``finetune`` (skipped without).
     ``budget_s``: wall seconds for the whole choice and refit; candidates that cannot finish are
-    skipped (cheapest run first). Ties go to the cheaper candidate."""
+    skipped (cheapest run first). Ties go to the cheaper candidate. ``pick``: refit this candidate
+    whatever the cross-validation says (``ensemble``: the calibrated ensemble, by default of
+    :data:`~.candidates.ENSEMBLE_MEMBERS` only); the table is still computed."""
+    if pick == ENSEMBLE and candidates is None:
+        candidates = [*ENSEMBLE_MEMBERS, ENSEMBLE]
     names = parse_candidates(candidates)
+    if pick is not None and pick not in names:
+        raise ClipxferError(f"auto: pick {pick!r} is not among the candidates ({', '.join(names)})")
     log = log or (lambda line: print(line, file=sys.stderr))
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     fold_list = make_folds(data, folds, seed)
@@ -180,6 +187,10 @@ def fit_auto(
                             + "; ".join(f"{s.name}: {s.detail}" for s in scores) + "); raise --budget")
     order = {s.name: i for i, s in enumerate(scores)}
     best = max(ran, key=lambda s: (s.accuracy, -order[s.name]))
+    if pick is not None:
+        best = next((s for s in ran if s.name == pick), None)
+        if best is None:
+            raise ClipxferError(f"auto: {pick} did not finish its cross-validation")
     if best.name == ENSEMBLE:
         members = [fit_candidate(CANDIDATES[name], data) for name in plan]
         head = EnsembleHead.combine(members, [t for t, _ in plan.values()], [w for _, w in plan.values()])
