@@ -150,7 +150,7 @@ def app_client():
     from clipxfer.serve import ServeConfig, create_app
 
     def make(index: Path):
-        return TestClient(create_app(ServeConfig(index=index)))
+        return TestClient(create_app(ServeConfig(index=index)), base_url="http://127.0.0.1")
 
     return make
 

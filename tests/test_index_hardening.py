@@ -414,3 +414,13 @@ def test_permission_denied_is_not_called_corrupt(tmp_path, monkeypatch):
     assert err.value.reason.startswith("permission denied") and "corrupt" not in err.value.reason
     failure = pipeline.decode_file(path, 32)
     assert failure.reason.startswith("permission denied")
+
+
+def test_model_mismatch_names_the_precision_when_only_that_differs():
+    from clipxfer.encoders.ids import INT8_SUFFIX, LITE_ID, TINY_MODEL
+    from clipxfer.index.errors import model_mismatch
+
+    precision_only = str(model_mismatch(Path("idx"), LITE_ID + INT8_SUFFIX, "lite", LITE_ID))
+    assert "--precision int8" in precision_only and "--model" not in precision_only.split("use ")[1].split(" (")[0]
+    other_model = str(model_mismatch(Path("idx"), LITE_ID, "lite", f"open_clip:{TINY_MODEL}:random-seed0"))
+    assert "use --model lite " in other_model

@@ -1,8 +1,9 @@
 """The files around the code that users and CI rely on: licence, Makefile, the results page."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,8 @@ from clipxfer.errors import ClipxferError  # noqa: E402
 from clipxfer.serve import ServeConfig, check_host, create_app, is_loopback  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the lite model over the sample photos
+#: Without a token the server answers only requests addressed to this machine (TestClient's default is "testserver").
+LOCAL = "http://127.0.0.1"
 
 
 def jpeg_bytes(array: np.ndarray) -> bytes:
@@ -55,7 +57,7 @@ def labelled_head(sample_photo_index, lite, tmp_path_factory):
 def client(sample_photo_index, labelled_head, tmp_path):
     config = ServeConfig(index=sample_photo_index, heads=[labelled_head], labels=tmp_path / "labels.json",
                          max_upload_bytes=200_000, refit_every=2)
-    with TestClient(create_app(config)) as test_client:
+    with TestClient(create_app(config), base_url=LOCAL) as test_client:
         yield test_client
 
 
@@ -272,7 +274,7 @@ def test_vanished_file_is_a_404_not_a_500(tmp_path, sample_photos_dir, lite):
         shutil.copy(sample_photos_dir / name, photos / name)
     Index.update(photos, lite, path=tmp_path / "index", workers=0)
     (photos / "coffee.jpg").write_bytes(b"damaged since indexing")
-    with TestClient(create_app(ServeConfig(index=tmp_path / "index"))) as client:
+    with TestClient(create_app(ServeConfig(index=tmp_path / "index")), base_url=LOCAL) as client:
         ids = ids_by_name(client)
         for route in ("/api/thumb/", "/api/image/"):
             response = client.get(f"{route}{ids['coffee']}")
@@ -293,12 +295,12 @@ def test_calibrated_head_gives_a_prediction_set(sample_photo_index, labelled_hea
     path = head.save(tmp_path / "calibrated.safetensors")
     assert sets.head_calibration(load_head(path), "x") is not None
     config = ServeConfig(index=sample_photo_index, heads=[path], labels=tmp_path / "l.json")
-    with TestClient(create_app(config)) as client:
+    with TestClient(create_app(config), base_url=LOCAL) as client:
         data = (sample_photos_dir / "chelsea.jpg").read_bytes()
         result = client.post("/api/classify", files={"file": ("c.jpg", data, "image/jpeg")},
                              params={"alpha": 0.2}).json()
     prediction = result["predictions"][0]
-    assert prediction["label"] in prediction["prediction_set"]
+    assert prediction["label"] in prediction["set"]  # the key of predict --conformal --json
     assert result["conformal"]["alpha"] == 0.2
 
 
@@ -308,7 +310,7 @@ def test_anomaly_score_with_a_loaded_detector(sample_photo_index, sample_photos_
     good = sorted(str(p) for p in sample_photos_dir.glob("*.jpg"))[:12]
     detector = anomaly.fit_detector(lite, good, shots=4, false_alarm_rate=0.2).save(tmp_path / "det.safetensors")
     config = ServeConfig(index=sample_photo_index, detector=detector, labels=tmp_path / "l.json")
-    with TestClient(create_app(config)) as client:
+    with TestClient(create_app(config), base_url=LOCAL) as client:
         data = (sample_photos_dir / "brick.jpg").read_bytes()
         result = client.post("/api/anomaly", files={"file": ("brick.jpg", data, "image/jpeg")}).json()
         assert result["path"] == "brick.jpg" and result["decision"] in ("ok", "defect")

@@ -27,6 +27,8 @@ from clipxfer.serve.active import diverse_top
 from clipxfer.serve.labels import LabelsNotWritable, LabelStore
 from clipxfer.serve.thumbnails import ThumbnailCache, render_jpeg
 
+LOCAL = "http://127.0.0.1"  # the server refuses foreign Host names (TestClient says "testserver") without a token
+
 FORMULAS = ['=HYPERLINK("http://evil.example","x")', "+1+1", "-2+3", "@SUM(A1)", "\tcmd", "\rcmd", "'quoted", "''x"]
 
 
@@ -310,7 +312,7 @@ def test_server_labels_on_a_read_only_index_two_servers_and_bad_input(sample_pho
     index = tmp_path / "index"
     shutil.copytree(sample_photo_index, index, ignore=shutil.ignore_patterns("thumbnails", "labels.json*"))
     config = ServeConfig(index=index)
-    with TestClient(create_app(config)) as first, TestClient(create_app(config)) as second:
+    with TestClient(create_app(config), base_url=LOCAL) as first, TestClient(create_app(config), base_url=LOCAL) as second:
         ids = [hit["id"] for hit in first.get("/api/search", params={"q": "a", "k": 3}).json()]
         assert first.put("/api/labels/classes", json={"classes": ["=HYPERLINK(\"x\")", "b"]}).status_code == 200
         assert first.put(f"/api/labels/{ids[0]}", json={"label": "b"}).status_code == 200
@@ -346,7 +348,7 @@ def test_server_exports_labels_of_file_names_that_are_not_utf8(tmp_path, lite):
     write_photo(Path(os.fsdecode(bytes(photos) + b"/caf\xe9.jpg")), (200, 10, 10))
     write_photo(photos / "plain.jpg", (10, 10, 200))
     Index.update(photos, lite, path=tmp_path / "index", workers=0)
-    with TestClient(create_app(ServeConfig(index=tmp_path / "index"))) as client:
+    with TestClient(create_app(ServeConfig(index=tmp_path / "index")), base_url=LOCAL) as client:
         with Index.open(tmp_path / "index") as idx:
             ids, paths, _ = idx.load_items()
         odd = int(ids[[p.name.startswith("caf") and p.name != "plain.jpg" for p in paths].index(True)])

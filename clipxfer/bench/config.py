@@ -11,6 +11,20 @@ from pathlib import Path
 
 from ..errors import ClipxferError
 
+
+class ConfigMistakes(ClipxferError):
+    """Every mistake found in a benchmark config, one line each (``lines``), so one run reports them all."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = list(lines)
+        super().__init__("; ".join(self.lines))
+
+
+def raise_mistakes(lines: list[str]) -> None:
+    """Raise :class:`ConfigMistakes` when ``lines`` names any mistake."""
+    if lines:
+        raise ConfigMistakes(lines)
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -73,18 +87,24 @@ class DatasetSpec:
         """The dataset's name in results and summaries (file names use ``safe_filename(label)``)."""
         return self.name or Path(self.source).stem or self.source
 
-    def validate(self, where: str) -> None:
-        """Types and ranges of every field, or one clear error naming ``where``."""
+    def mistakes(self, where: str) -> list[str]:
+        """One line per bad field (types and ranges), each naming ``where``."""
+        found = []
         if not isinstance(self.source, str) or not self.source:
-            raise ClipxferError(f"{where}: source must be a built-in name, folder or CSV path, got {self.source!r}")
+            found.append(f"{where}: source must be a built-in name, folder or CSV path, got {self.source!r}")
         if not isinstance(self.name, str):
-            raise ClipxferError(f"{where}: name must be a string, got {self.name!r}")
+            found.append(f"{where}: name must be a string, got {self.name!r}")
         if not _is_list_of(self.classes, str):
-            raise ClipxferError(f"{where}: classes must be a list of class names (strings), got {_show(self.classes)}")
+            found.append(f"{where}: classes must be a list of class names (strings), got {_show(self.classes)}")
         if not isinstance(self.templates, str) or not self.templates:
-            raise ClipxferError(f"{where}: templates must be a template set name or file, got {self.templates!r}")
+            found.append(f"{where}: templates must be a template set name or file, got {self.templates!r}")
         if self.max_test is not None and (not _is_int(self.max_test) or self.max_test < 1):
-            raise ClipxferError(f"{where}: max_test must be a whole number >= 1, got {self.max_test!r}")
+            found.append(f"{where}: max_test must be a whole number >= 1, got {self.max_test!r}")
+        return found
+
+    def validate(self, where: str) -> None:
+        """Raise :class:`ConfigMistakes` listing every bad field."""
+        raise_mistakes(self.mistakes(where))
 
 
 @dataclass(frozen=True)
@@ -98,31 +118,40 @@ class BenchConfig:
     model: str | None = None
     method_options: dict = field(default_factory=dict)
 
-    def validate(self) -> "BenchConfig":
-        """Raise ClipxferError on the first bad value (types, ranges, unknown names) before any
-        work starts; return self for chaining."""
-        if not self.datasets:
-            raise ClipxferError("no dataset given: pass --data NAME|PATH or list [[datasets]] in the config file")
+    def mistakes(self, need_datasets: bool = True) -> list[str]:
+        """One line per bad value (types, ranges, unknown names); ``need_datasets=False`` while the
+        command line may still add ``--data``."""
+        found = []
+        if need_datasets and not self.datasets:
+            found.append("no dataset given: pass --data NAME|PATH or list [[datasets]] in the config file")
         for number, spec in enumerate(self.datasets, 1):
-            spec.validate(f"dataset {number}")
+            found.extend(spec.mistakes(f"dataset {number}"))
         if not _is_list_of(self.methods, str):
-            raise ClipxferError(f"methods must be a list of method names, got {self.methods!r}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ClipxferError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-        if not self.methods:
-            raise ClipxferError("no methods given: use --methods zeroshot,probe,...")
+            found.append(f"methods must be a list of method names, got {self.methods!r}")
+        else:
+            unknown = [m for m in self.methods if m not in METHODS]
+            if unknown:
+                found.append(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+            if not self.methods:
+                found.append("no methods given: use --methods zeroshot,probe,...")
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
-            raise ClipxferError(f"model must be a model name such as \"lite\" or \"tiny\", got {self.model!r}")
-        check_method_options(self.method_options)
-        no_init = [m for m in self.methods if m.startswith("meta-") and not self.method_options.get(m, {}).get("init")]
-        if no_init:
-            raise ClipxferError(f"method(s) {', '.join(no_init)} need a meta-trained head: pass --meta PATH "
-                                "(made by 'clipxfer meta-train')")
+            found.append(f"model must be a model name such as \"lite\" or \"tiny\", got {self.model!r}")
+        found.extend(method_option_mistakes(self.method_options))
+        if _is_list_of(self.methods, str) and isinstance(self.method_options, dict):
+            no_init = [m for m in self.methods if m.startswith("meta-")
+                       and not (self.method_options.get(m) or {}).get("init")]
+            if no_init:
+                found.append(f"method(s) {', '.join(no_init)} need a meta-trained head: pass --meta PATH "
+                             "(made by 'clipxfer meta-train')")
         if not _is_list_of(self.shots, int) or not self.shots or any(k < 0 for k in self.shots):
-            raise ClipxferError(f"shots must be whole numbers >= 0, got {_show(self.shots)}")
+            found.append(f"shots must be whole numbers >= 0, got {_show(self.shots)}")
         if not _is_list_of(self.seeds, int) or not self.seeds:
-            raise ClipxferError(f"seeds must be whole numbers, got {_show(self.seeds)}")
+            found.append(f"seeds must be whole numbers, got {_show(self.seeds)}")
+        return found
+
+    def validate(self) -> "BenchConfig":
+        """Raise :class:`ConfigMistakes` listing every bad value before any work starts; return self."""
+        raise_mistakes(self.mistakes())
         return self
 
 
@@ -186,17 +215,24 @@ def fit_function(head_method: str):
 
 def check_method_options(method_options) -> None:
     """``{bench method: {option: value}}`` with known methods and, for methods whose ``fit``
-    names its options, known option names of the right types."""
+    names its options, known option names of the right types; :class:`ConfigMistakes` lists every one wrong."""
+    raise_mistakes(method_option_mistakes(method_options))
+
+
+def method_option_mistakes(method_options) -> list[str]:
+    """One line per unknown method, unknown option or option of the wrong type (see :func:`check_method_options`)."""
     import inspect
 
-
     if not isinstance(method_options, dict):
-        raise ClipxferError(f"method_options must be a table of tables, got {method_options!r}")
+        return [f"method_options must be a table of tables, got {method_options!r}"]
+    found = []
     for method, options in method_options.items():
         if method not in METHODS:
-            raise ClipxferError(f"method_options.{method}: unknown method; choose from {', '.join(METHODS)}")
+            found.append(f"method_options.{method}: unknown method; choose from {', '.join(METHODS)}")
+            continue
         if not isinstance(options, dict):
-            raise ClipxferError(f"method_options.{method} must be a table of options, got {options!r}")
+            found.append(f"method_options.{method} must be a table of options, got {options!r}")
+            continue
         fit = fit_function(METHODS[method][0])
         parameters = {name: p for name, p in inspect.signature(fit).parameters.items() if name not in _NOT_OPTIONS}
         try:
@@ -208,17 +244,17 @@ def check_method_options(method_options) -> None:
         for option, value in options.items():
             if option == "init":  # a meta-trained head, for any method (see transfer.fit_head)
                 if not isinstance(value, str):
-                    raise ClipxferError(f"method_options.{method}.init must be a file path, got {value!r}")
+                    found.append(f"method_options.{method}.init must be a file path, got {value!r}")
                 continue
             if option not in named:
-                if takes_any:
-                    continue
-                raise ClipxferError(
-                    f"method_options.{method}: unknown option '{option}'; known: {', '.join(sorted(named))}"
-                )
+                if not takes_any:
+                    known = ", ".join(sorted(named))
+                    found.append(f"method_options.{method}: unknown option '{option}'; known: {known}")
+                continue
             if option in hints and not _type_matches(value, hints[option]):
                 wanted = getattr(hints[option], "__name__", str(hints[option]))
-                raise ClipxferError(f"method_options.{method}.{option} must be {wanted}, got {value!r}")
+                found.append(f"method_options.{method}.{option} must be {wanted}, got {value!r}")
+    return found
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
@@ -242,18 +278,22 @@ def load_config(path: str | Path) -> BenchConfig:
         raise ClipxferError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ClipxferError(f"{path}: not valid TOML ({exc})") from None
+    found = []  # every mistake in the file, reported together
     unknown = set(raw) - _TOP_KEYS
     if unknown:
-        raise ClipxferError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_TOP_KEYS))}")
-    if not isinstance(raw.get("datasets", []), list):
-        raise ClipxferError(f"{path}: datasets must be [[datasets]] tables, each with a 'source'")
+        found.append(f"unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_TOP_KEYS))}")
+    entries = raw.get("datasets", [])
+    if not isinstance(entries, list):
+        found.append("datasets must be [[datasets]] tables, each with a 'source'")
+        entries = []
     datasets = []
-    for number, entry in enumerate(raw.get("datasets", []), 1):
+    for number, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or "source" not in entry:
-            raise ClipxferError(f"{path}: [[datasets]] entry {number} needs a 'source' (built-in name, folder or CSV)")
+            found.append(f"[[datasets]] entry {number} needs a 'source' (built-in name, folder or CSV)")
+            continue
         extra = set(entry) - _DATASET_KEYS
         if extra:
-            raise ClipxferError(f"{path}: [[datasets]] entry {number}: unknown key(s) {', '.join(sorted(extra))}")
+            found.append(f"[[datasets]] entry {number}: unknown key(s) {', '.join(sorted(extra))}")
         source = entry["source"]
         if isinstance(source, str) and not Path(source).is_absolute() and (path.parent / source).exists():
             source = str(path.parent / source)  # relative to the config file
@@ -266,10 +306,7 @@ def load_config(path: str | Path) -> BenchConfig:
             templates=entry.get("templates", "simple"),
             max_test=entry.get("max_test", DEFAULT_MAX_TEST),
         )
-        try:
-            spec.validate(f"[[datasets]] entry {number}")
-        except ClipxferError as exc:
-            raise ClipxferError(f"{path}: {exc}") from None
+        found.extend(spec.mistakes(f"[[datasets]] entry {number}"))
         datasets.append(spec)
     config = BenchConfig(
         datasets=tuple(datasets),
@@ -279,10 +316,10 @@ def load_config(path: str | Path) -> BenchConfig:
         model=raw.get("model"),
         method_options=raw.get("method_options", {}),
     )
-    try:  # what options on the command line cannot change; run_bench validates the rest
-        check_method_options(config.method_options)
-    except ClipxferError as exc:
-        raise ClipxferError(f"{path}: {exc}") from None
+    # The file's own values, all checked now (the command line may still add --data; run_bench
+    # validates the merged config again).
+    found.extend(replace(config, datasets=()).mistakes(need_datasets=False))
+    raise_mistakes([f"{path}: {line}" for line in found])
     return config
 
 

@@ -27,6 +27,14 @@ def calibrate_on(head, encoding: ImageEncoding, labels: np.ndarray, source: str)
     return ClassifierCalibration.from_probs(head.predict_proba(encoding), labels, source)
 
 
+def check_calibration_data(spec, classnames: list[str]) -> None:
+    """Refuse calibration images whose classes are not ``classnames`` before anything is encoded
+    (the files are only listed here)."""
+    from ..datasets.labelled import load_dataset
+
+    load_dataset(spec, classnames)
+
+
 def calibrate_on_dataset(encoder, head, spec) -> ClassifierCalibration:
     """Calibration on a labelled folder or CSV manifest whose classes are the head's."""
     from ..datasets.features import encode_dataset

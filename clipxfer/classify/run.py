@@ -7,7 +7,7 @@ subfolders gets metrics; any other folder of images gets predictions only.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -16,10 +16,11 @@ import pandas as pd
 
 from ..calibrate.conformal import ClassifierCalibration, check_alpha
 from ..calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, split_for_calibration
-from ..datasets.features import encode_dataset, encode_folder
-from ..datasets.labelled import from_image_folder
+from ..datasets.features import encode_folder, encode_readable
+from ..datasets.labelled import from_image_folder, match_classes
 from ..datasets.prompts import check_classes, check_template, classes_from_folder, load_descriptions, load_templates
 from ..encoders.base import Encoder, ImageEncoding
+from ..encoders.pipeline import Failure
 from ..errors import ClipxferError
 from ..heads.zeroshot import ZeroShotHead, fit_zeroshot
 from ..images import find_images, is_image_path
@@ -47,6 +48,8 @@ class Classification:
     templates: str = ""
     #: Prediction sets, once :func:`conformalize` has run.
     conformal: ConformalSets | None = None
+    #: Unreadable images left out (path and reason), as ``clipxfer index`` skips them.
+    skipped: list[Failure] = field(default_factory=list)
 
     @property
     def classnames(self) -> list[str]:
@@ -99,6 +102,7 @@ class Classification:
             "num_descriptions": sum(len(v) for v in self.head.config.get("descriptions", {}).values()),
             "n": len(self.paths),
             "labelled": self.labelled,
+            "skipped": [{"path": path_text(f.path), "reason": f.reason} for f in self.skipped],
         }
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "ece", "mean_confidence",
                     "per_class_recall", "support", "confusion_matrix"):  # fmt: skip
@@ -181,7 +185,7 @@ def _is_class_layout(folder: Path) -> bool:
     return bool(subfolders) and not loose
 
 
-def _layout_classes(folder: Path) -> list[str]:
+def layout_classes(folder: Path) -> list[str]:
     """Class folder names, looking through a train/test level, exactly as :func:`from_image_folder`
     reads them (so a labelled folder's classes always map onto the given ones)."""
     top = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -198,8 +202,10 @@ def classify_folder(
     descriptions: str | os.PathLike | dict | None = None,
     progress: bool = False,
     transductive: bool = False,
+    fail_fast: bool = False,
 ) -> Classification:
     """Classify every image below ``folder`` (with ``transductive``: TransCLIP over all of them).
+    Unreadable images are left out and listed in ``skipped`` (``fail_fast``: the first one is an error).
 
     Without ``classes`` the folder must be an ImageFolder and its subfolder names are the classes.
     With ``classes``, a folder whose class subfolders are all among them is evaluated as labelled;
@@ -208,7 +214,9 @@ def classify_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipxferError(f"{folder}: not a folder; give a folder of images or --index PATH")
-    labelled = _is_class_layout(folder) and (classes is None or set(_layout_classes(folder)) <= set(classes))
+    if classes is not None:
+        check_classes(list(classes), "--classes")
+    labelled = _is_class_layout(folder) and (classes is None or not match_classes(layout_classes(folder), classes)[1])
     if classes is None and not labelled:
         if next(find_images(folder), None) is None:
             raise ClipxferError(f"{folder}: no images found (looked for .jpg, .png, .webp, ... recursively)")
@@ -220,15 +228,19 @@ def classify_folder(
     if labelled:
         dataset = from_image_folder(folder)
         classnames = list(classes) if classes is not None else dataset.classnames
-        index = {name: i for i, name in enumerate(classnames)}
-        labels = np.array([index[dataset.classnames[label]] for label in dataset.labels], dtype=np.int64)
-        paths = [str(p) for p in dataset.sources]
-        encoding = encode_dataset(encoder, dataset, progress=progress)
+        index, _ = match_classes(dataset.classnames, classnames)  # 'ankle_boot' is the class 'ankle boot'
+        kept, encoding, skipped = encode_readable(encoder, dataset, progress, fail_fast)
+        labels = np.array([index[dataset.classnames[label]] for label in dataset.labels[kept]], dtype=np.int64)
+        paths = [str(dataset.sources[i]) for i in kept]
     else:
-        paths, encoding = encode_folder(encoder, folder, progress, why="looked for .jpg, .png, .webp, ... recursively")
+        skipped = None if fail_fast else []
+        paths, encoding = encode_folder(encoder, folder, progress, why="looked for .jpg, .png, .webp, ... recursively",
+                                        skipped=skipped)
         classnames, labels = list(classes), None
     head = build_head(encoder, classnames, templates, descriptions, progress)
-    return _finish(folder, paths, encoding, head, labels, templates, transductive)
+    result = _finish(folder, paths, encoding, head, labels, templates, transductive)
+    result.skipped = list(skipped or [])
+    return result
 
 
 def folder_label(path: str | os.PathLike, root: str | os.PathLike | None) -> str | None:
@@ -281,8 +293,8 @@ def classify_index(
         if len(classes) < 2:
             raise ClipxferError(f"index {where}: its images are in {len(classes)} class folder(s); give --classes")
     labels = None
-    if all(f is not None and f in classes for f in folders):
-        index_of = {name: i for i, name in enumerate(classes)}
+    index_of, outside = match_classes(sorted({f for f in folders if f is not None}), classes)
+    if not outside and all(f is not None for f in folders):
         labels = np.array([index_of[f] for f in folders], dtype=np.int64)
     head = build_head(encoder, list(classes), templates, descriptions, progress)
     return _finish(where, paths, encoding, head, labels, templates, transductive)

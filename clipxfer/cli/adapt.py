@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from .common import emit_json, model_options
+from .common import emit_json, force_option, model_options
 from .group import main
 
 
@@ -21,6 +21,7 @@ from .group import main
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the K-shot draw.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
               help="Head file to write (default transductive-DATA-Kshot-seedS.safetensors here).")
+@force_option
 @click.option("--templates", default="simple", show_default=True, help="Prompt template set for the zero-shot prior.")
 @click.option("--prior-weight", type=float, default=None,
               help="Weight of the zero-shot prior (default 1, or chosen on validation with shots).")
@@ -30,18 +31,18 @@ from .group import main
 @click.option("--no-save", is_flag=True, help="Score only; write no head or manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @model_options
-def adapt(data, unlabelled, index_path, shots, seed, out, templates, prior_weight, kappa, max_test, no_save, as_json,
-          model, device, precision):
+def adapt(data, unlabelled, index_path, shots, seed, out, force, templates, prior_weight, kappa, max_test, no_save,
+          as_json, model, device, precision):
     """Adapt the zero-shot head of DATA's classes to unlabelled target images (EM over prototypes).
 
-    Example: clipxfer adapt fashion-mnist --unlabelled target_photos/ --model lite --out adapted.safetensors
+    Example: clipxfer adapt fashion-mnist --unlabelled target_photos/ --model lite --out target-head.safetensors
     """
     from ..fewshot.unlabelled import run_adapt
 
     options = {k: v for k, v in (("prior_weight", prior_weight), ("kappa", kappa)) if v is not None}
     result = run_adapt(
         data, unlabelled, index_path, shots, seed, model=model, out=out, templates=templates, max_test=max_test,
-        device=device, precision=precision, save=not no_save, progress=not as_json, **options,
+        device=device, precision=precision, save=not no_save, progress=not as_json, force=force, **options,
     )
     if as_json:
         emit_json(result)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .common import emit_json, load_model, model_options
+from .common import emit_json, force_option, load_model, model_options
 from .group import main
 
 
@@ -22,6 +22,7 @@ def anomaly():
 @anomaly.command("fit")
 @click.argument("good_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (.safetensors).")
+@force_option
 @click.option("--shots", default=16, show_default=True, type=click.IntRange(min=0),
               help="Good images the detector learns from; all others set the threshold. 0 = zero-shot (text only).")
 @click.option("--false-alarm-rate", default=0.05, show_default=True, type=float,
@@ -32,7 +33,7 @@ def anomaly():
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw of shots and of the coreset.")
 @click.option("--json", "as_json", is_flag=True, help="Print the detector's metadata as JSON.")
 @model_options
-def fit(good_dir, out, shots, false_alarm_rate, method, object_name, seed, as_json, model, device, precision):
+def fit(good_dir, out, force, shots, false_alarm_rate, method, object_name, seed, as_json, model, device, precision):
     """Fit an anomaly detector on the good images in GOOD_DIR.
 
     PatchCore (Roth et al., 2022): a coreset memory bank of locally aggregated multi-scale patch
@@ -45,10 +46,12 @@ def fit(good_dir, out, shots, false_alarm_rate, method, object_name, seed, as_js
     """
     from ..anomaly import fit_detector
     from ..calibrate import check_alpha
+    from ..encoders.artifacts import claim_output
     from ..errors import ClipxferError
     from ..images import find_images
 
     check_alpha(false_alarm_rate, "--false-alarm-rate")
+    out = claim_output(out, force, "detector")  # before any fitting
     good = list(find_images(good_dir))
     if not good:
         raise ClipxferError(f"{good_dir}: no images found")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from .common import conformal_options, emit_json, load_model, model_options
+from .common import (
+    conformal_options,
+    emit_json,
+    fail_fast_option,
+    force_option,
+    load_model,
+    model_options,
+    report_skipped,
+)
 from .group import main
 
 
@@ -18,13 +28,15 @@ from .group import main
 @click.option("--out", type=click.Path(dir_okay=False), help="Write per-image predictions here (CSV).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix figure here (labelled images).")
 @click.option("--save-head", type=click.Path(dir_okay=False), help="Also save the zero-shot head (.safetensors).")
+@force_option
 @click.option("--transductive", is_flag=True,
               help="Refine the predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
+@fail_fast_option
 @conformal_options
 @model_options
-def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, transductive, as_json,
-             conformal, calibrate, conformal_score, reject, model, device, precision):
+def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, force, transductive,
+             as_json, fail_fast, conformal, calibrate, conformal_score, reject, model, device, precision):
     """Zero-shot classify the images in FOLDER, or in an index with --index.
 
     Each class becomes prompts (every template, plus its descriptions if given); an image gets the
@@ -38,6 +50,7 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     --json prints an object with the keys:
       source, model, classes, templates, num_templates, num_descriptions,
       n                  images classified
+      skipped            unreadable images left out: [{path, reason}] (--fail-fast stops instead)
       labelled           true when true labels were known
       accuracy, balanced_accuracy, macro_f1, top5_accuracy (more than 5 classes),
       ece, mean_confidence          null when unlabelled
@@ -67,6 +80,17 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     load_templates(templates)  # a bad set name fails before a model loads
     if conformal is None and (calibrate or reject):
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
+    if save_head:
+        from ..encoders.artifacts import claim_output
+
+        save_head = claim_output(save_head, force)  # before any encoding
+    if conformal is not None and calibrate is not None:  # a class mismatch is found before any encoding
+        from ..calibrate.sets import check_calibration_data
+        from ..classify.run import layout_classes
+
+        known = class_list or (layout_classes(Path(folder)) if folder is not None and Path(folder).is_dir() else None)
+        if known:
+            check_calibration_data(calibrate, known)
     encoder = None
     if index_path is not None:
         result = classify_index(index_path, class_list, templates, descriptions, model, device, precision, progress=True,
@@ -74,7 +98,8 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     else:
         encoder = load_model(model, device, precision)
         result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True,
-                                 transductive=transductive)
+                                 transductive=transductive, fail_fast=fail_fast)
+        report_skipped(result.skipped)
     if conformal is not None:
         conformalize(result, conformal, calibrate, conformal_score, reject, encoder)
     written = {"out": None, "plot": None, "head": None}

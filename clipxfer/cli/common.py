@@ -83,6 +83,28 @@ def conformal_options(func):
     return func
 
 
+def force_option(func):
+    """``--force``: overwrite an existing head, adapter or detector file (refused otherwise, before any work)."""
+    return click.option("--force", is_flag=True,
+                        help="Overwrite the output file if it exists (without it an existing file is refused).")(func)
+
+
+def fail_fast_option(func):
+    """``--fail-fast``: stop at the first unreadable image instead of skipping it (as ``index`` does)."""
+    return click.option("--fail-fast", "fail_fast", is_flag=True,
+                        help="Stop at the first unreadable image instead of skipping it and reporting it.")(func)
+
+
+def report_skipped(skipped) -> None:
+    """One line counting the unreadable images left out, then one per image with its reason (on stderr,
+    so the results on stdout stay clean)."""
+    if not skipped:
+        return
+    click.echo(f"skipped {len(skipped)} unreadable image(s) (--fail-fast stops at the first):", err=True)
+    for failure in skipped:
+        click.echo(f"skipped: {printable(failure.path)}: {printable(failure.reason)}", err=True)
+
+
 def unit_or_auto(ctx, param, value):
     """click callback: ``auto``, or a number in [0, 1] (mixing weights such as --mix and --wise);
     an unset option without a default stays None."""
@@ -137,11 +159,14 @@ class ErrorReportingGroup(RichGroup):
         try:
             return super().invoke(ctx)
         except ClipxferError as exc:
-            click.echo(f"error: {printable(exc)}", err=True)
+            for line in getattr(exc, "lines", None) or [exc]:  # several mistakes: one line each
+                click.echo(f"error: {printable(line)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            # Every command commits or writes atomically, so what finished is already safe.
-            click.echo("\ninterrupted: finished work is kept; run the same command again to resume", err=True)
+            # Every command commits or writes atomically, so what finished is already safe; only some commands
+            # keep partial progress (index, embed, bench skip what is done), the others start over.
+            click.echo("\ninterrupted: finished work is kept; running the same command again skips what index, "
+                       "embed and bench finished, other commands start over", err=True)
             sys.exit(130)
 
 

@@ -11,7 +11,15 @@ import io
 
 import click
 
-from .common import conformal_options, emit_json, model_options, unit_or_auto
+from .common import (
+    conformal_options,
+    emit_json,
+    fail_fast_option,
+    force_option,
+    model_options,
+    report_skipped,
+    unit_or_auto,
+)
 from .group import main
 
 
@@ -24,7 +32,9 @@ def few_shot_options(func):
             click.option("--seed", type=int, default=0, show_default=True, help="Seed of the K-shot draw."),
             click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
                          help="Head file to write; the drawn manifest goes next to it (.manifest.csv). "
-                              "Default: METHOD-DATA-Kshot-seedS.safetensors here."),
+                              "Default: METHOD-DATA-Kshot-seedS.safetensors here (METHOD names the variant: "
+                              "tipf, mix-coop, ...)."),
+            force_option,
             click.option("--templates", default="simple", show_default=True,
                          help="Prompt template set for the zero-shot head (name or text file)."),
             click.option("--index", "index_path", type=click.Path(), default=None,
@@ -45,15 +55,15 @@ def few_shot_options(func):
     return func
 
 
-def _run(method: str, data, shots, seed, out, templates, index_path, max_test, classes, transductive, no_save, as_json,
-         model, device, precision, **options):
+def _run(method: str, data, shots, seed, out, force, templates, index_path, max_test, classes, transductive, no_save,
+         as_json, model, device, precision, **options):
     from ..datasets.prompts import load_classnames
     from ..fewshot.run import run_transfer
 
     result = run_transfer(
         method, data, shots, seed, model=model, out=out, templates=templates, index_path=index_path,
         max_test=max_test, device=device, precision=precision, save=not no_save, progress=not as_json,
-        classes=load_classnames(classes) if classes else None, transductive=transductive, **options,
+        classes=load_classnames(classes) if classes else None, transductive=transductive, force=force, **options,
     )
     if as_json:
         emit_json(result)
@@ -179,10 +189,11 @@ def clap(epochs, lr, space, penalty_temperature, **kwargs):
 @click.option("--transductive", is_flag=True,
               help="Refine the head's predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON.")
+@fail_fast_option
 @conformal_options
 @model_options
-def predict(head, folder, index_path, out, transductive, as_json, conformal, calibrate, conformal_score, reject, model,
-            device, precision):
+def predict(head, folder, index_path, out, transductive, as_json, fail_fast, conformal, calibrate, conformal_score,
+            reject, model, device, precision):
     """Classify the images in FOLDER (or --index PATH) with a saved HEAD.
 
     With --conformal ALPHA each image also gets a prediction set holding its true class with
@@ -194,13 +205,20 @@ def predict(head, folder, index_path, out, transductive, as_json, conformal, cal
     from ..errors import ClipxferError
     from ..fewshot.predict import encoder_for_head, predict_sets
     from ..fewshot.predict import predict as run_predict
-    from ..paths import atomic_write_bytes
+    from ..paths import atomic_write_bytes, path_text
 
     if conformal is None and (calibrate or reject):
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
+    if conformal is not None and calibrate is not None:  # a class mismatch is found before any encoding
+        from ..calibrate.sets import check_calibration_data
+        from ..heads.base import read_head_metadata
+
+        check_calibration_data(calibrate, read_head_metadata(head).get("classes") or [])
     encoder = encoder_for_head(head, model, device, precision)
+    skipped = None if fail_fast else []
     fitted, table, probs = run_predict(head, folder, index_path, encoder=encoder, progress=not as_json,
-                                       transductive=transductive)
+                                       transductive=transductive, skipped=skipped)
+    report_skipped(skipped)
     sets = None
     if conformal is not None:
         sets = predict_sets(fitted, probs, conformal, head, encoder, calibrate, conformal_score, reject)
@@ -227,15 +245,17 @@ def predict(head, folder, index_path, out, transductive, as_json, conformal, cal
         emit_json({
             "head": str(head), "method": fitted.method, "model": fitted.model_id, "classes": fitted.classnames,
             "conformal": sets.summary() if sets is not None else None, "predictions": rows,
+            "skipped": [{"path": path_text(f.path), "reason": f.reason} for f in skipped or []],
         })
         return
-    for row in table.itertuples():
-        extra = f"\t{{{row.set.replace('|', ', ')}}}" if sets is not None else ""
-        decided = f"{row.decision}\t" if reject else ""
-        click.echo(f"{decided}{row.label}\t{row.probability:.3f}{extra}\t{row.path}")
+    if not out:  # as classify: with --out the rows go to the file only
+        for row in table.itertuples():
+            extra = f"\t{{{row.set.replace('|', ', ')}}}" if sets is not None else ""
+            decided = f"{row.decision}\t" if reject else ""
+            click.echo(f"{decided}{row.label}\t{row.probability:.3f}{extra}\t{row.path}")
     if sets is not None:
         summary = sets.summary()
         click.echo(f"conformal sets at alpha {sets.alpha} ({sets.score}, calibrated on {sets.calibration_source}): "
                    f"mean set size {summary['mean_set_size']:.2f}", err=True)
     if out:
-        click.echo(f"wrote {out}", err=True)
+        click.echo(f"wrote predictions to {out}")

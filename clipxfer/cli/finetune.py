@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .common import emit_json, model_options, unit_or_auto
+from .common import emit_json, force_option, model_options, unit_or_auto
 from .group import main
 
 
@@ -36,7 +36,8 @@ from .group import main
                    "Default: top 1, the others auto.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
               help="Adapter file to write; the drawn manifest goes next to it. "
-                   "Default: finetune-DATA-Kshot-seedS.safetensors here.")
+                   "Default: finetune-METHOD-DATA-Kshot-seedS.safetensors here.")
+@force_option
 @click.option("--templates", default="simple", show_default=True, help="Prompt template set for the zero-shot head.")
 @click.option("--max-test", type=int, default=None, help="Score on at most this many test images.")
 @click.option("--classes", default=None, metavar="A,B,C|FILE",
@@ -44,8 +45,8 @@ from .group import main
 @click.option("--no-save", is_flag=True, help="Score only; write no adapter or manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @model_options
-def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wise, out, templates, max_test, classes,
-             no_save, as_json, model, device, precision):
+def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wise, out, force, templates, max_test,
+             classes, no_save, as_json, model, device, precision):
     """Fine-tune the encoder on DATA with K shots per class; write an adapter for --model BASE+ADAPTER.
 
     Ctrl-C saves the best epoch so far (marked interrupted); running the command again starts over.
@@ -58,7 +59,7 @@ def finetune(data, shots, seed, method, epochs, lr, blocks, l2sp, no_augment, wi
     try:
         result = run_finetune(
             data, shots, seed, model=model, out=out, templates=templates, max_test=max_test, device=device,
-            precision=precision, save=not no_save, progress=not as_json,
+            precision=precision, save=not no_save, progress=not as_json, force=force,
             classes=load_classnames(classes) if classes else None,
             strategy=method, epochs=epochs, lr=lr, blocks=blocks, l2sp=l2sp, augment=not no_augment, wise=wise,
         )

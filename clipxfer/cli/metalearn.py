@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import click
 
-from .common import emit_json, model_options
+from .common import emit_json, force_option, model_options
 from .group import main
 
 
 @main.command("meta-train")
 @click.argument("base_data")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Meta head file to write.")
+@force_option
 @click.option("--algo", type=click.Choice(["reptile", "fomaml"]), default="reptile", show_default=True)
 @click.option("--ways", type=int, default=5, show_default=True, help="Classes per episode (N).")
 @click.option("--shots", type=int, default=1, show_default=True, help="Support images per class per episode (K).")
@@ -30,13 +31,16 @@ from .group import main
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @model_options
-def meta_train_command(base_data, out, algo, ways, shots, queries, episodes, inner_steps, meta_lr, hidden, classes,
-                       max_per_class, ctx_episodes, seed, as_json, model, device, precision):
+def meta_train_command(base_data, out, force, algo, ways, shots, queries, episodes, inner_steps, meta_lr, hidden,
+                       classes, max_per_class, ctx_episodes, seed, as_json, model, device, precision):
     """Meta-train on BASE_DATA's training images (N-way K-shot episodes) and write a meta head.
 
     Example: clipxfer meta-train fashion-mnist --model lite --algo reptile --out meta.safetensors
     """
+    from ..encoders.artifacts import claim_output
     from ..metalearn.train import meta_train
+
+    out = claim_output(out, force)  # before any training
 
     _, summary = meta_train(
         base_data, model=model, classes=classes, algo=algo, ways=ways, shots=shots, queries=queries,

@@ -18,9 +18,13 @@ from .index import INDEX_OPTION
 @click.option("--detector", type=click.Path(dir_okay=False), default=None, help="An anomaly detector file.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback also needs --token.")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--token", default=None, envvar="CLIPXFER_TOKEN",
-              help="Require this secret (Authorization: Bearer, or open /?token=...). Env: CLIPXFER_TOKEN.")
+              help="Require this secret (Authorization: Bearer, or open /?token=...); printable ASCII, 8 or more "
+              "characters. Env: CLIPXFER_TOKEN.")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests addressed to this host name (repeatable): without --token only "
+              "localhost, loopback addresses and --host are answered, against DNS rebinding.")
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False), default=None,
               help="Label file of the labelling loop. Default: labels.json in the index folder.")
 @click.option("--method", "label_method", type=click.Choice(["probe", "tip"]), default="probe", show_default=True,
@@ -30,8 +34,8 @@ from .index import INDEX_OPTION
 @click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20, show_default=True,
               help="Largest accepted upload.")
 @click.option("--device", default="auto", show_default=True)
-def serve(index_path, heads, detector, host, port, token, labels_path, label_method, refit_every, max_upload_mb,
-          device):
+def serve(index_path, heads, detector, host, port, token, allowed_hosts, labels_path, label_method, refit_every,
+          max_upload_mb, device):
     """Serve the HTTP API (OpenAPI at /docs) and the web page for searching and labelling an index.
 
     Example: clipxfer serve --index photos-index --head probe.safetensors --port 8000
@@ -45,7 +49,7 @@ def serve(index_path, heads, detector, host, port, token, labels_path, label_met
         index=Path(index_path) if index_path else None, heads=[Path(h) for h in heads],
         detector=Path(detector) if detector else None, token=token,
         labels=Path(labels_path) if labels_path else None, label_method=label_method, refit_every=refit_every,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device, allowed_hosts=list(allowed_hosts),
     )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"clipxfer serve: http://{shown}:{port}/ (API docs at /docs); Ctrl-C stops", err=True)
@@ -72,16 +76,10 @@ def suggest(index_path, head_path, n, strategy, diversity, exclude_csv, as_json)
 
     exclude = None
     if exclude_csv:
-        import pandas as pd
+        from ..datasets.labelled import manifest_paths
 
-        table = pd.read_csv(exclude_csv)
-        if "path" not in table.columns:
-            from ..errors import ClipxferError
-
-            raise ClipxferError(f"{exclude_csv}: no 'path' column; give a CSV manifest (path,label)")
-        base = Path(exclude_csv).resolve().parent
-        exclude = [str(p if Path(p).is_absolute() else base / p) for p in table["path"].astype(str)]
-    picks = run_suggest(index_path, head_path, n, strategy, diversity, exclude)
+        exclude = [str(p) for p in manifest_paths(exclude_csv)]  # resolved as every manifest reader does
+    picks = run_suggest(index_path, head_path, n, strategy, diversity, exclude, exclude_source=exclude_csv)
     if as_json:
         emit_json([p.to_dict() for p in picks])
         return

@@ -11,8 +11,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ..encoders.base import Encoder, ImageEncoding
-from ..errors import ClipxferError
-from ..images import find_images
+from ..encoders.pipeline import Failure
+from ..errors import ClipxferError, ImageDecodeError
+from ..images import find_images, load_model_input
 from ..paths import cache_dir
 from .labelled import LabelledImages
 
@@ -23,7 +24,11 @@ def dataset_fingerprint(encoder_id: str, dataset: LabelledImages) -> str:
     for key, source in zip(dataset.keys, dataset.sources):
         digest.update(key.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
         if isinstance(source, (str, os.PathLike)):
-            stat = Path(source).stat()
+            try:
+                stat = Path(source).stat()
+            except OSError:  # gone or unreadable: decoding it names the file
+                digest.update(b"missing")
+                continue
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:32]
 
@@ -56,6 +61,32 @@ def encode_dataset(encoder: Encoder, dataset: LabelledImages, use_cache: bool = 
     return encoding
 
 
+def encode_readable(
+    encoder: Encoder, dataset: LabelledImages, progress: bool = False, fail_fast: bool = False
+) -> tuple[np.ndarray, ImageEncoding, list[Failure]]:
+    """:func:`encode_dataset` that skips unreadable items, as ``clipxfer index`` does: returns the
+    indices of the items kept, their encoding, and a :class:`Failure` (path, reason) per item skipped.
+    ``fail_fast`` raises the first unreadable item's one-line error instead; so does a set with none readable."""
+    try:
+        return np.arange(len(dataset)), encode_dataset(encoder, dataset, progress=progress), []
+    except ImageDecodeError:
+        if fail_fast:
+            raise
+    # Only a set with a bad file pays for this second look, which finds every bad file at once.
+    kept, failures = [], []
+    for i, source in enumerate(dataset.sources):
+        try:
+            load_model_input(source, encoder.input_size)
+            kept.append(i)
+        except ImageDecodeError as exc:
+            failures.append(Failure(source, exc.reason))
+    if not kept:
+        raise ClipxferError(f"{dataset.name}: none of its {len(dataset)} images can be read (first: "
+                            f"{failures[0].path}: {failures[0].reason})")
+    indices = np.array(kept, dtype=np.int64)
+    return indices, encode_dataset(encoder, dataset.subset(indices), progress=progress), failures
+
+
 def take(encoding: ImageEncoding, indices: np.ndarray) -> ImageEncoding:
     """The rows at ``indices`` of both arrays."""
     embeddings = encoding.embeddings[indices]
@@ -64,10 +95,13 @@ def take(encoding: ImageEncoding, indices: np.ndarray) -> ImageEncoding:
 
 
 def encode_folder(
-    encoder: Encoder, folder: str | os.PathLike, progress: bool = False, why: str = ""
+    encoder: Encoder, folder: str | os.PathLike, progress: bool = False, why: str = "",
+    skipped: list[Failure] | None = None,
 ) -> tuple[list[str], ImageEncoding]:
     """Every image below ``folder`` (no labels), encoded and cached like a labelled set.
-    ``why`` ends the error message for an empty folder (what the images were needed for)."""
+    ``why`` ends the error message for an empty folder (what the images were needed for).
+    With a ``skipped`` list, unreadable images are left out and a :class:`Failure` for each is
+    appended to it; without one, the first unreadable image is an error."""
     root = Path(folder)
     if not root.is_dir():
         raise ClipxferError(f"{root}: not a folder of images")
@@ -75,4 +109,7 @@ def encode_folder(
     if not paths:
         raise ClipxferError(f"{root}: no images found{'; ' + why if why else ''}")
     items = LabelledImages(root.name or "unlabelled", ["?"], paths, np.zeros(len(paths)), paths)
-    return paths, encode_dataset(encoder, items, progress=progress)
+    kept, encoding, failures = encode_readable(encoder, items, progress, fail_fast=skipped is None)
+    if skipped is not None:
+        skipped.extend(failures)
+    return [paths[i] for i in kept], encoding

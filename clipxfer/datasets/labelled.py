@@ -71,12 +71,28 @@ class LabelledImages:
         return self.subset(np.flatnonzero(self.splits == name))
 
 
+def class_key(name: str) -> str:
+    """The spelling-free form two class names are compared by: ``_`` reads as a space (as it does
+    in prompts) and runs of spaces are one, so ``--classes "ankle boot"`` names the folder ``ankle_boot``."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def match_classes(found: Sequence[str], classnames: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+    """``({found name: index into classnames}, [found names outside classnames])``, compared by :func:`class_key`."""
+    index = {class_key(name): i for i, name in enumerate(classnames)}
+    mapping = {name: index[class_key(name)] for name in found if class_key(name) in index}
+    return mapping, [name for name in found if name not in mapping]
+
+
 def check_classes(classnames: Sequence[str], where: str) -> None:
     """At least two distinct, non-empty class names, or one clear error naming ``where``."""
     if len(classnames) < 2:
         raise ClipxferError(f"{where}: found {len(classnames)} class(es); classification needs at least two")
-    if len(set(classnames)) != len(classnames):
-        raise ClipxferError(f"{where}: class names repeat; each class must be named once")
+    keys = [class_key(name) for name in classnames]
+    if len(set(keys)) != len(keys):
+        twice = sorted({name for name, key in zip(classnames, keys) if keys.count(key) > 1})
+        raise ClipxferError(f"{where}: class names repeat ({', '.join(twice[:5])}; '_' reads as a space); "
+                            "each class must be named once")
 
 
 def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
@@ -93,7 +109,8 @@ def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None 
     if classnames is None:
         classnames = found
     else:
-        unknown = sorted(set(found) - set(classnames))
+        check_classes(list(classnames), "the given classes")
+        _, unknown = match_classes(found, classnames)
         if unknown:
             raise ClipxferError(
                 f"{root}: class folder(s) {', '.join(unknown[:5])} are not among the given classes "
@@ -101,7 +118,7 @@ def from_image_folder(root: str | os.PathLike, classnames: Sequence[str] | None 
             )
         classnames = list(classnames)
     check_classes(classnames, str(root))
-    index = {name: i for i, name in enumerate(classnames)}
+    index, _ = match_classes(found, classnames)
     sources, labels, keys, splits = [], [], [], []
     for base, split in layers:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
@@ -141,6 +158,28 @@ def manifest_splits(table: pd.DataFrame, manifest: Path, sources: list[Path]) ->
     return splits
 
 
+def manifest_source(manifest: str | os.PathLike, raw: str) -> Path:
+    """The file a manifest row names: an absolute path as is, a relative one from the manifest's folder.
+    Every reader of manifests (training data, ``suggest --exclude``) resolves them here, and the
+    manifests clipxfer writes (:meth:`~clipxfer.datasets.splits.FewShotSplit.write_manifest`) are made so."""
+    path = Path(raw)
+    return path if path.is_absolute() else Path(manifest).parent / path
+
+
+def manifest_paths(manifest: str | os.PathLike) -> list[Path]:
+    """The files a CSV manifest's ``path`` column names (:func:`manifest_source`), or one clear error."""
+    manifest = Path(manifest)
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ClipxferError(f"{manifest}: manifest not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ClipxferError(f"{manifest}: not a readable CSV ({exc}); expected a 'path' column") from None
+    if "path" not in table.columns:
+        raise ClipxferError(f"{manifest}: no 'path' column; give a CSV manifest (path,label)")
+    return [manifest_source(manifest, cell_text(raw)) for raw in table["path"]]
+
+
 def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
     """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder;
     ``split`` is ``train``, ``val`` or ``test`` in any case (or empty).
@@ -163,14 +202,15 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
     if classnames is None:
         classnames = sorted(set(table["label"]))
     else:
-        unknown = sorted(set(table["label"]) - set(classnames))
+        check_classes(list(classnames), "the given classes")
+        _, unknown = match_classes(sorted(set(table["label"])), classnames)
         if unknown:
             raise ClipxferError(f"{manifest}: unknown class(es) {', '.join(unknown[:5])}; known: {', '.join(classnames)}")
     check_classes(list(classnames), str(manifest))
-    index = {name: i for i, name in enumerate(classnames)}
+    index, _ = match_classes(sorted(set(table["label"])), classnames)
     sources = []
     for raw in table["path"]:
-        path = Path(raw) if Path(raw).is_absolute() else manifest.parent / raw
+        path = manifest_source(manifest, raw)
         if not path.is_file():
             raise ClipxferError(f"{manifest}: listed file {raw} does not exist; fix the path or remove the row")
         sources.append(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,17 @@ class FewShotSplit:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def write_manifest(self, dataset: LabelledImages, path: str | Path) -> Path:
-        """Write the drawn manifest as CSV (atomically), so the run can be repeated exactly."""
+        """Write the drawn manifest as CSV (atomically), so the run can be repeated exactly. Files are
+        written relative to the manifest's own folder, as every manifest reader resolves them
+        (:func:`~clipxfer.datasets.labelled.manifest_source`); built-in items keep their keys."""
         path = Path(path)
-        buffer = io.StringIO()
         table = self.manifest(dataset)
+        where = os.path.abspath(path.parent)
+        table["path"] = [
+            _path_from(dataset.sources[i], where) if isinstance(dataset.sources[i], (str, os.PathLike)) else key
+            for i, key in zip(np.concatenate([self.train, self.val, self.test]), table["path"])
+        ]
+        buffer = io.StringIO()
         for column in ("path", "label"):  # read back by datasets.labelled.from_csv, which undoes this
             table[column] = table[column].map(safe_cell)
         table.to_csv(buffer, index=False)
@@ -61,6 +69,15 @@ class FewShotSplit:
             raise ClipxferError(f"{path}: cannot write the manifest ({exc.strerror or exc}); "
                                 "choose --out in a writable folder") from None
         return path
+
+
+def _path_from(source, folder: str) -> str:
+    """``source`` relative to ``folder`` (absolute when no relative path exists, e.g. another drive)."""
+    absolute = os.path.abspath(source)
+    try:
+        return os.path.relpath(absolute, folder)
+    except ValueError:
+        return absolute
 
 
 def partition_train_test(dataset: LabelledImages) -> tuple[np.ndarray, np.ndarray]:

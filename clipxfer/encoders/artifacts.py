@@ -18,7 +18,7 @@ from safetensors.numpy import save
 
 from ..errors import ClipxferError
 from ..paths import atomic_write_bytes
-from .ids import spec_for_id
+from .ids import switch_hint
 
 #: The format tag of heads (and of fine-tuning adapters, which are heads).
 HEAD_FORMAT = "clipxfer-head/1"
@@ -33,6 +33,18 @@ def artifact_path(path: str | os.PathLike) -> Path:
     """``path`` with ``.safetensors`` added when it has another suffix or none."""
     path = Path(path)
     return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
+
+
+def claim_output(path: str | os.PathLike, force: bool = False, what: str = "head") -> Path:
+    """``path`` (``.safetensors`` added when missing) if nothing is there yet, or with ``force``; else
+    one line saying the file exists. Every command that writes a head, adapter or detector asks here
+    before any work, so none overwrites a file silently."""
+    path = artifact_path(path)
+    if path.exists() and not force:
+        raise ClipxferError(
+            f"{path}: a file of that name exists; pass --force to overwrite it, or choose another --out"
+        )
+    return path
 
 
 def write_artifact(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, Any], what: str) -> Path:
@@ -80,9 +92,10 @@ def read_artifact_tensors(path: str | os.PathLike, what: str) -> dict[str, np.nd
 
 def check_model_id(made_with: str, used: str, what: str) -> None:
     """Refuse features made by encoder ``used`` for an artifact made with ``made_with``, naming the
-    ``--model`` that rebuilds the right encoder. ``what`` starts the line: ``this probe head was made``."""
+    ``--model`` that rebuilds the right encoder (``--precision`` when only the precision differs).
+    ``what`` starts the line: ``this probe head was made``."""
     if used != made_with:
         raise ClipxferError(
             f"{what} with model '{made_with}' but the images were encoded "
-            f"with '{used}': use --model {spec_for_id(made_with)}"
+            f"with '{used}': use {switch_hint(made_with, used)}"
         )

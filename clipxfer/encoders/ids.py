@@ -92,6 +92,14 @@ def remember_adapted_spec(model_id: str, spec: str) -> None:
     _ADAPTED_SPECS[model_id] = spec
 
 
+def switch_hint(made_with: str, used: str) -> str:
+    """The option that makes encoder ``used`` into ``made_with``: ``--precision fp32`` or ``--precision int8``
+    when only the precision differs (the weights are the same), else ``--model SPEC``."""
+    if weights_id(made_with) == weights_id(used) and is_int8(made_with) != is_int8(used):
+        return "--precision int8" if is_int8(made_with) else "--precision fp32"
+    return f"--model {spec_for_id(made_with)}"
+
+
 def spec_for_id(model_id: str) -> str:
     """The ``--model`` value that rebuilds the encoder with this id (best effort for files)."""
     model_id = weights_id(model_id)  # the precision is not part of the spec

@@ -10,20 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..datasets.labelled import LabelledImages, load_dataset
-from ..encoders.artifacts import SUFFIX, artifact_path
+from ..encoders.artifacts import SUFFIX, claim_output
 from ..encoders.base import Encoder
 from ..paths import safe_filename
 from .task import FewShotTask, prepare_task
 
 
-def default_head_path(method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
-    """``<method>-<dataset>-<K>shot-seed<S>.safetensors`` in the current folder."""
-    return Path(f"{safe_filename(method)}-{safe_filename(dataset.name)}-{shots}shot-seed{seed}.safetensors")
+def default_head_path(name: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
+    """``<name>-<dataset>-<K>shot-seed<S>.safetensors`` in the current folder; ``name`` is the method
+    and variant (``tipf``, ``mix-coop``, ``finetune-lora``...), so different runs get different files."""
+    return Path(f"{safe_filename(name)}-{safe_filename(dataset.name)}-{shots}shot-seed{seed}.safetensors")
 
 
-def resolve_head_path(out, method: str, dataset: LabelledImages, shots: int, seed: int) -> Path:
-    """``out`` (``.safetensors`` added when missing), or the default name for this run."""
-    return artifact_path(out if out is not None else default_head_path(method, dataset, shots, seed))
+def resolve_head_path(out, name: str, dataset: LabelledImages, shots: int, seed: int, force: bool = False) -> Path:
+    """``out`` (``.safetensors`` added when missing), or the default name for this run; an existing
+    file is refused unless ``force`` (:func:`~clipxfer.encoders.artifacts.claim_output`)."""
+    return claim_output(out if out is not None else default_head_path(name, dataset, shots, seed), force)
 
 
 def manifest_path_for(head_path: Path) -> Path:
@@ -59,6 +61,8 @@ class TrainingInputs:
     progress: bool = False
     #: The class list and order of a folder or manifest (labels outside it are errors); default the labels found.
     classes: list[str] | None = None
+    #: Overwrite an existing head (or adapter) file; without it an existing file is an error, before any work.
+    force: bool = False
 
     def load(self) -> tuple[LabelledImages, Encoder]:
         """The labelled images and the encoder, each used as given or loaded."""
@@ -70,9 +74,10 @@ class TrainingInputs:
             encoder = load_encoder(self.model, device=self.device, precision=self.precision)
         return dataset, encoder
 
-    def head_path(self, method: str, dataset: LabelledImages) -> Path | None:
-        """Where ``method``'s head for ``dataset`` is saved (:func:`resolve_head_path`); None without ``save``."""
-        return resolve_head_path(self.out, method, dataset, self.shots, self.seed) if self.save else None
+    def head_path(self, name: str, dataset: LabelledImages) -> Path | None:
+        """Where the head of ``name`` (method and variant) for ``dataset`` is saved (:func:`resolve_head_path`);
+        None without ``save``."""
+        return resolve_head_path(self.out, name, dataset, self.shots, self.seed, self.force) if self.save else None
 
     def prepare_task(self, encoder: Encoder, dataset: LabelledImages) -> FewShotTask:
         """Draw the shots, encode train/val/test and build the zero-shot head (:func:`~.task.prepare_task`)."""

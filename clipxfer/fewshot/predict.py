@@ -12,6 +12,7 @@ from ..calibrate.conformal import check_alpha
 from ..calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, head_calibration
 from ..datasets.features import encode_folder
 from ..encoders.base import Encoder
+from ..encoders.pipeline import Failure
 from ..errors import ClipxferError
 from ..heads.base import Head, load_head
 from .task import index_rows
@@ -44,10 +45,12 @@ def predict(
     precision: str | None = None,
     progress: bool = False,
     transductive: bool = False,
+    skipped: list[Failure] | None = None,
 ) -> tuple[Head, pd.DataFrame, np.ndarray]:
     """Classify the images of ``folder`` (or every image of the index) with a saved head; with
     ``transductive``, TransCLIP refines its predictions over all those images together (a head
-    saved with ``--transductive`` always does).
+    saved with ``--transductive`` always does). With a ``skipped`` list, unreadable images of
+    ``folder`` are left out and appended to it (path and reason); without one the first is an error.
 
     Returns the head, a table ``path, label, probability`` (best class per image) and the full
     ``(n, num_classes)`` probability matrix. The model defaults to the one the head was made with.
@@ -69,7 +72,7 @@ def predict(
                 f"{index_path} stores no probe features for {encoder.id}; classify the folder instead of the index"
             )
     else:
-        paths, encoding = encode_folder(encoder, folder, progress)  # type: ignore[arg-type]
+        paths, encoding = encode_folder(encoder, folder, progress, skipped=skipped)  # type: ignore[arg-type]
     probs = head.predict_proba(encoding)
     best = probs.argmax(axis=1)
     table = pd.DataFrame(

@@ -53,6 +53,7 @@ def run_transfer(
     progress: bool = False,
     classes: list[str] | None = None,
     transductive: bool = False,
+    force: bool = False,
     **options,
 ) -> dict[str, Any]:
     """Fit ``method`` on ``shots`` images per class of ``data`` and score it against zero-shot on
@@ -62,8 +63,9 @@ def run_transfer(
     ``options`` go to the method's fit (:func:`~clipxfer.heads.fitting.fit_head`).
 
     The other parameters are the fields of :class:`~clipxfer.fewshot.inputs.TrainingInputs`, documented
-    there (``classes`` fixes the class list and order of a folder or manifest).
-    Returns ``method, shots, seed, accuracy, zeroshot_accuracy, val_accuracy, fit_seconds,
+    there (``classes`` fixes the class list and order of a folder or manifest; ``force`` overwrites an
+    existing head file, which is otherwise refused before any work; the default file name is
+    :func:`output_name`'s). Returns ``method, shots, seed, accuracy, zeroshot_accuracy, val_accuracy, fit_seconds,
     num_classes, num_train, num_val, num_test, model, manifest_hash, head, manifest, options``.
     """
     if method not in FEW_SHOT_METHODS:
@@ -71,9 +73,10 @@ def run_transfer(
     inputs = TrainingInputs(
         data, shots, seed, model=model, encoder=encoder, out=out, templates=templates, index_path=index_path,
         max_test=max_test, device=device, precision=precision, save=save, progress=progress, classes=classes,
+        force=force,
     )
     dataset, encoder = inputs.load()
-    head_path = inputs.head_path(f"{method}-trans" if transductive else method, dataset)
+    head_path = inputs.head_path(output_name(method, options, transductive), dataset)
     task = inputs.prepare_task(encoder, dataset)
 
     start = time.perf_counter()
@@ -85,6 +88,19 @@ def run_transfer(
     fit_seconds = time.perf_counter() - start
 
     return score_and_save(method, head, task, encoder, fit_seconds, head_path, options)
+
+
+def output_name(method: str, options: dict[str, Any], transductive: bool = False) -> str:
+    """The method and variant a default head file is named by: ``tip`` and ``tipf`` (``--finetune``),
+    ``mix-probe`` and ``mix-coop``, ``meta-probe`` (``--init``), ``-trans`` with ``--transductive``."""
+    name = method
+    if method == "tip" and options.get("finetune"):
+        name = "tipf"
+    elif method == "mix":
+        name = f"mix-{options.get('base') or 'probe'}"
+    if options.get("init"):
+        name = f"meta-{name}"
+    return f"{name}-trans" if transductive else name
 
 
 def score_and_save(

@@ -91,6 +91,7 @@ def run_adapt(
     precision: str | None = None,
     save: bool = True,
     progress: bool = False,
+    force: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Adapt the zero-shot head of ``data``'s classes to the unlabelled images (``unlabelled``
@@ -107,9 +108,10 @@ def run_adapt(
         raise ClipxferError(f"--shots {shots}: give 0 (no labels) or more labelled images per class")
     inputs = TrainingInputs(
         data, shots, seed, model=model, encoder=encoder, out=out, templates=templates, max_test=max_test,
-        device=device, precision=precision, save=save, progress=progress,
+        device=device, precision=precision, save=save, progress=progress, force=force,
     )
     dataset, encoder = inputs.load()
+    head_path = inputs.head_path("transductive", dataset)  # an existing file is refused before any work
     target = encode_unlabelled(encoder, unlabelled, index_path, progress)
     if shots == 0:
         task = label_free_task(encoder, dataset, seed, templates, max_test, progress)
@@ -119,7 +121,6 @@ def run_adapt(
     start = time.perf_counter()
     head = TransductiveHead.fit(task.data, unlabelled=target, **options)
     fit_seconds = time.perf_counter() - start
-    head_path = inputs.head_path("transductive", dataset)
     result = score_and_save("transductive", head, task, encoder, fit_seconds, head_path, options)
     result.update(
         num_unlabelled=int(len(target.embeddings)),

@@ -34,6 +34,7 @@ def run_finetune(
     save: bool = True,
     progress: bool = False,
     classes: list[str] | None = None,
+    force: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
     """Fine-tune the encoder on ``shots`` images per class of ``data`` and score it against the
@@ -46,16 +47,16 @@ def run_finetune(
     best_epoch, epochs_run, fit_seconds, num_classes, num_train, num_val, num_test, model,
     base_model, manifest_hash, adapter, manifest``.
     """
-    make_settings(**settings)  # bad settings fail before any loading or encoding
+    checked = make_settings(**settings)  # bad settings fail before any loading or encoding
     inputs = TrainingInputs(
         data, shots, seed, model=model, encoder=encoder, out=out, templates=templates, max_test=max_test,
-        device=device, precision=precision, save=save, progress=progress, classes=classes,
+        device=device, precision=precision, save=save, progress=progress, classes=classes, force=force,
     )
     dataset, encoder = inputs.load()
     check_classes(dataset.classnames, dataset.name)
     if base_of(encoder.id) is not None:
         raise ClipxferError(f"model '{encoder.id}' is already fine-tuned; fine-tune its base model instead")
-    path = inputs.head_path("finetune", dataset)
+    path = inputs.head_path(f"finetune-{checked.strategy}", dataset)  # an existing file is refused here
     task = inputs.prepare_task(encoder, dataset)
     sources = dataset.sources
     images = ([sources[i] for i in task.split.train], [sources[i] for i in task.split.val])

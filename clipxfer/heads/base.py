@@ -101,6 +101,9 @@ class Head(ABC):
     optional_tensors: ClassVar[dict[str, tuple | None]] = {}
     #: config keys :meth:`logits` reads.
     required_config: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``fit`` chooses its settings on validation images (False: it fits on the shots alone,
+    #: so one image per class is enough).
+    needs_validation: ClassVar[bool] = True
 
     def __init__(self, model_id: str, classnames: list[str], weights: dict[str, np.ndarray], config: dict[str, Any]):
         self.model_id = model_id

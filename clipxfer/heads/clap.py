@@ -139,6 +139,7 @@ class CLAPHead(LinearHead):
     """CLAP: a zero-shot-initialised, class-adaptively constrained linear probe; see the module docstring."""
 
     method = "clap"
+    needs_validation = False  # settings come from the shots (module docstring)
 
     @classmethod
     def fit(

@@ -258,9 +258,10 @@ class _Kept:
 
 
 def _train_context(prompts: _PromptTraining, generator: torch.Generator, total: int, steps_per_epoch: int, lr: float,
-                   batch_size: int, eval_every: int, patience: int, progress: bool) -> _Kept:
+                   batch_size: int, eval_every: int, patience: int, progress: bool, keep: str = "best") -> _Kept:
     """Up to ``total`` AdamW steps on the context, a fresh order of the training images each epoch;
-    validation every ``eval_every`` steps keeps the best step and stops after ``patience`` stale scores."""
+    validation every ``eval_every`` steps keeps the best step and stops after ``patience`` stale scores
+    (``keep="last"``: runs every step and keeps the last, scored but not chosen)."""
     learner = prompts.learner
     optimizer = torch.optim.AdamW([learner.ctx], lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
@@ -292,7 +293,7 @@ def _train_context(prompts: _PromptTraining, generator: torch.Generator, total: 
             if step % eval_every == 0 or step == total:
                 score, text, train_loss = prompts.evaluate()
                 kept.history.append(round(train_loss, 5))
-                if score > kept.score:
+                if keep == "last" or score > kept.score:
                     kept.score, kept.text, kept.ctx, kept.step, kept.loss = (
                         score, text, learner.ctx.detach().cpu().clone(), step, train_loss)
                     stale = 0
@@ -331,10 +332,14 @@ class CoOpHead(ZeroShotHead):
         eval_every: int = 10,
         patience: int = 10,
         progress: bool = False,
+        keep: str = "best",
     ) -> "CoOpHead":
         """Train the context on ``data.train`` (AdamW, cosine schedule, ``batch_size`` images a
         step, ``max_steps`` steps or ``epochs`` passes), scoring validation every ``eval_every``
-        steps and stopping after ``patience`` scores without improvement; keeps the best."""
+        steps and stopping after ``patience`` scores without improvement; keeps the best step
+        (``keep="last"``: every step runs and the last is kept)."""
+        if keep not in ("best", "last"):
+            raise ClipxferError(f"coop: keep must be 'best' or 'last', not {keep!r}")
         encoder = data.encoder
         tower = text_tower(encoder)
         generator = torch.Generator().manual_seed(data.seed)
@@ -346,7 +351,7 @@ class CoOpHead(ZeroShotHead):
         steps_per_epoch = max(1, -(-len(prompts.train_x) // batch_size))
         total = epochs * steps_per_epoch if epochs else max_steps
         kept = _train_context(prompts, generator, total, steps_per_epoch, lr, batch_size, eval_every, patience,
-                              progress)
+                              progress, keep)
         config = {
             "variant": "coop",
             "n_ctx": learner.n_ctx,
@@ -361,6 +366,7 @@ class CoOpHead(ZeroShotHead):
             "best_step": kept.step,
             "eval_every": eval_every,
             "patience": patience,
+            "keep": keep,
             "train_loss_initial": kept.initial_loss,
             "train_loss_final": kept.loss,
             "train_loss_history": kept.history,

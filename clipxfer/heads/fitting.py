@@ -15,7 +15,8 @@ def fit_head(method: str, data: FewShotData, **options) -> Head:
     a meta-trained head (``clipxfer meta-train``) to start from (see :func:`clipxfer.heads.metalearned.fit_with_init`)."""
     if method == "zeroshot":
         return data.zeroshot
-    if len(data.train_labels) and not len(data.val_labels):
+    needs_validation = getattr(HEAD_TYPES.get(method), "needs_validation", True)
+    if needs_validation and len(data.train_labels) and not len(data.val_labels):
         raise ClipxferError(
             f"{method}: no validation images to choose its settings on (every class has a single training "
             "image); give at least two images per class, or a 'val' split in the manifest"

@@ -139,6 +139,7 @@ class LPPHead(LinearHead):
     """LP++: a linear probe blended class-wise with the text weights; see the module docstring."""
 
     method = "lpp"
+    needs_validation = False  # settings come from the shots (module docstring)
 
     @classmethod
     def fit(cls, data: FewShotData, epochs: int = DEFAULT_EPOCHS, alpha_init: str = "fit") -> "LPPHead":

@@ -9,6 +9,7 @@ import functools
 import sqlite3
 from pathlib import Path
 
+from ..encoders.ids import switch_hint
 from ..errors import ClipxferError
 from . import store
 from .layout import DB_FILE
@@ -18,9 +19,14 @@ READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def model_mismatch(folder: Path, index_model: str, spec: str, other: str) -> ClipxferError:
+    """The index was built with another encoder: name the option that fixes it (the precision when only that
+    differs, else the model the index records)."""
+    hint = switch_hint(index_model, other)
+    if hint.startswith("--model"):
+        hint = f"--model {spec}"
     return ClipxferError(
         f"index {folder} was built with {index_model}, not {other}: "
-        f"use --model {spec} (or leave --model out), or another --index"
+        f"use {hint} (or leave --model and --precision out), or another --index"
     )
 
 

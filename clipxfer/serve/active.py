@@ -139,10 +139,13 @@ def suggest(
     strategy: str = "margin",
     diversity: float = 0.5,
     exclude_paths: list[str] | None = None,
+    exclude_source: str | os.PathLike | None = None,
 ) -> list[Suggestion]:
     """The ``n`` indexed images a saved head is least sure about (``clipxfer suggest``).
 
-    ``exclude_paths``: images never to propose (e.g. those already in the head's manifest).
+    ``exclude_paths``: images never to propose (e.g. those already in the head's manifest); when
+    none of them is in the index they are refused (a manifest of other images, or paths resolved
+    wrongly), naming ``exclude_source`` (the manifest they came from).
     """
     from ..heads import load_head
     from ..index import Index
@@ -158,4 +161,11 @@ def suggest(
     if exclude_paths:
         excluded = {str(Path(p).resolve()) for p in exclude_paths}
         exclude = np.array([str(Path(p).resolve()) in excluded for p in paths])
+        if not exclude.any():
+            where = f"{exclude_source}: " if exclude_source else ""
+            raise ClipxferError(
+                f"{where}none of its {len(excluded)} paths is an image of the index {index_path}, so nothing "
+                "would be excluded; give the manifest of images from this index (relative paths are read from "
+                "the manifest's folder)"
+            )
     return suggestions(head, ids, paths, encoding, n, exclude, strategy, diversity)

@@ -14,12 +14,12 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..errors import ClipxferError
 from .config import ServeConfig
 from .middleware import GuardMiddleware
+from .responses import SafeJSONResponse
 from .routes import (
     add_classify_routes,
     add_labelling_routes,
@@ -28,19 +28,21 @@ from .routes import (
     add_search_routes,
     add_system_routes,
 )
+from .security import check_token
 from .state import NotFound, ServeState
 
 
 async def not_found(request: Request, exc: NotFound):
-    return JSONResponse({"detail": str(exc)}, status_code=404)
+    return SafeJSONResponse({"detail": str(exc)}, status_code=404)
 
 
 async def bad_input(request: Request, exc: ClipxferError):
-    return JSONResponse({"detail": str(exc)}, status_code=400)
+    return SafeJSONResponse({"detail": str(exc)}, status_code=400)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
     """The app for ``config`` (the index, heads and detector are loaded now; errors are ClipxferError)."""
+    check_token(config.token)
     state = ServeState(config)
 
     @asynccontextmanager
@@ -49,7 +51,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         yield
         state.close()
 
-    app = FastAPI(title="clipxfer", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="clipxfer", version=__version__, lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="Search, classify and label an image index made by clipxfer.")
     app.state.clipxfer = state
     app.add_middleware(GuardMiddleware, config=config, requests_total=state.requests_total, latency=state.latency)

@@ -22,3 +22,6 @@ class ServeConfig:
     refit_every: int = 3
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     device: str | None = None
+    #: Host names besides localhost and loopback addresses that requests may be addressed to
+    #: (``--allow-host``): a name for this machine, or the public name of a reverse proxy.
+    allowed_hosts: list[str] = field(default_factory=list)

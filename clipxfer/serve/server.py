@@ -3,6 +3,9 @@ dependencies only after that check) and :func:`serve` under uvicorn."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from ..errors import ClipxferError
 from ..extras import import_extra
 from .security import check_host
 
@@ -21,10 +24,18 @@ def create_app(config):
     return build(config)
 
 
+def check_port(port: int) -> None:
+    """Refuse a TCP port outside 1..65535 (before the index is loaded, not from the socket)."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ClipxferError(f"--port {port}: give a TCP port between 1 and 65535")
+
+
 def serve(config, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     """Run the app for ``config`` under uvicorn until interrupted."""
     check_host(host, config.token)
-    app = create_app(config)
+    check_port(port)
+    # Requests addressed to the name it listens on are this server's too (--host myname).
+    app = create_app(replace(config, allowed_hosts=[*config.allowed_hosts, host]))
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

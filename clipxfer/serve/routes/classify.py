@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, File, HTTPException, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from ...calibrate.conformal import check_alpha
 from ...errors import ClipxferError
 from ..state import NotFound, ServeState
 from ..uploads import decode_upload, read_upload
@@ -31,9 +32,10 @@ def detector_score(detector, encoder, image) -> dict[str, Any]:
 
 
 def conformal_set(head, probs: np.ndarray, alpha: float, where: str) -> dict[str, Any] | None:
-    """The conformal prediction set of one image at level ``alpha`` (``{prediction_set, conformal}``)
-    when the head carries a calibration (``config["calibration"]``, stored by the training
-    commands), else None. Uses :mod:`clipxfer.calibrate.sets`, as ``predict --conformal`` does."""
+    """The conformal prediction set of one image at level ``alpha`` (``{set, conformal}``, the keys
+    of ``predict --conformal --json``) when the head carries a calibration (``config["calibration"]``,
+    stored by the training commands), else None. Uses :mod:`clipxfer.calibrate.sets`, as ``predict``
+    does; ``alpha`` is checked by the route, so errors name the query parameter."""
     if not head.config.get("calibration"):
         return None
     try:
@@ -41,7 +43,7 @@ def conformal_set(head, probs: np.ndarray, alpha: float, where: str) -> dict[str
     except ImportError:  # a clipxfer without classifier calibration
         return None
     sets = conformal_sets(probs[None], head_calibration(head, where), alpha)
-    return {"prediction_set": sets.set_names(head.classnames)[0], "conformal": sets.summary()}
+    return {"set": sets.set_names(head.classnames)[0], "conformal": sets.summary()}
 
 
 def add_classify_routes(router: APIRouter, state: ServeState) -> None:
@@ -57,8 +59,12 @@ def add_classify_routes(router: APIRouter, state: ServeState) -> None:
 
     @router.post("/api/classify")
     async def classify(file: UploadFile = File(...), head: str | None = None, k: int = 5, alpha: float = 0.1):
-        """Classify an upload with a loaded head: ``predict --json`` plus ``top_k`` and, for a
-        calibrated head, the conformal ``prediction_set`` at level ``alpha`` (coverage >= 1 - alpha)."""
+        """Classify an upload with a loaded head (``head`` is its file name, with or without
+        ``.safetensors``): ``predict --json`` plus ``top_k`` and, for a calibrated head, the conformal
+        prediction ``set`` at level ``alpha`` (coverage >= 1 - alpha)."""
+        check_alpha(alpha, "alpha")
+        if head is not None:
+            head = head.removesuffix(".safetensors")
         if head is None:
             if len(state.heads) != 1:
                 raise ClipxferError(f"name a head with ?head= (loaded: {', '.join(state.heads) or 'none'})")
@@ -68,7 +74,8 @@ def add_classify_routes(router: APIRouter, state: ServeState) -> None:
         elif head in state.heads:
             chosen = state.heads[head]
         else:
-            raise NotFound(f"no head named '{head}' (loaded: {', '.join(state.heads) or 'none'}; start with --head)")
+            raise NotFound(f"no head named '{head}' (loaded: {', '.join(state.heads) or 'none'}; "
+                           "clipxfer serve --head FILE loads one)")
         check_k(k)
         data = await read_upload(file, state.config.max_upload_bytes)
         image = await run_in_threadpool(decode_upload, data)
@@ -85,7 +92,7 @@ def add_classify_routes(router: APIRouter, state: ServeState) -> None:
         }
         conformal = conformal_set(chosen, probs, alpha, f"head '{head}'")
         if conformal is not None:
-            prediction["prediction_set"] = conformal["prediction_set"]
+            prediction["set"] = conformal["set"]
         result = {"head": head, "method": chosen.method, "model": chosen.model_id, "classes": chosen.classnames,
                   "predictions": [prediction]}
         if conformal is not None:
