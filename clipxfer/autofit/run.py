@@ -60,12 +60,14 @@ def run_fit(
     save: bool = True,
     progress: bool = False,
     classes: list[str] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Fit ``method`` (a name of :data:`FIT_METHODS`; ``auto``: chosen by cross-validation on the
     shots, :func:`~.select.fit_auto`) on ``shots`` images per class of ``data``, score it and the
     zero-shot head on the same test set, and save the head (and the drawn manifest beside it)
     unless ``save=False``. ``transductive`` wraps the final head in TransCLIP (not fine-tuned heads).
-    The other parameters are :class:`~clipxfer.fewshot.inputs.TrainingInputs` fields.
+    The other parameters are :class:`~clipxfer.fewshot.inputs.TrainingInputs` fields (``force``
+    overwrites an existing head file).
 
     Returns ``method, chosen, variant, shots, seed, accuracy, zeroshot_accuracy, fit_seconds,
     candidates (the table: candidate, status, cv_accuracy, spread, folds, seconds, detail), folds,
@@ -77,7 +79,7 @@ def run_fit(
     budget_s = parse_budget(budget)
     inputs = TrainingInputs(
         data, shots, seed, model=model, encoder=encoder, out=out, templates=templates, max_test=max_test,
-        device=device, precision=precision, save=save, progress=progress, classes=classes,
+        device=device, precision=precision, save=save, progress=progress, classes=classes, force=force,
     )
     dataset, encoder = inputs.load()
     head_path = inputs.head_path(f"{method}-trans" if transductive else method, dataset)

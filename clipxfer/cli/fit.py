@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .common import emit_json, model_options
+from .common import emit_json, force_option, model_options
 from .group import main
 
 METHOD_NAMES = ["auto", "probe", "probe-zsprior", "lpp", "clap", "tip", "tipf", "mix", "coop", "finetune"]
@@ -27,6 +27,7 @@ METHOD_NAMES = ["auto", "probe", "probe-zsprior", "lpp", "clap", "tip", "tipf", 
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
               help="Head file to write; the drawn manifest goes next to it (.manifest.csv). "
                    "Default: METHOD-DATA-Kshot-seedS.safetensors here.")
+@force_option
 @click.option("--templates", default="simple", show_default=True,
               help="Prompt template set for the zero-shot head (name or text file).")
 @click.option("--max-test", type=int, default=None, help="Score on at most this many test images.")
@@ -36,7 +37,7 @@ METHOD_NAMES = ["auto", "probe", "probe-zsprior", "lpp", "clap", "tip", "tipf", 
 @click.option("--no-save", is_flag=True, help="Score only; write no head or manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (with the candidates table) as JSON.")
 @model_options
-def fit(data, shots, method, candidates, folds, budget, seed, out, templates, max_test, classes, transductive,
+def fit(data, shots, method, candidates, folds, budget, seed, out, force, templates, max_test, classes, transductive,
         no_save, as_json, model, device, precision):
     """Fit a few-shot head on DATA with K shots per class; --method auto picks the method by
     cross-validation on the shots alone and refits it on all of them.
@@ -50,6 +51,7 @@ def fit(data, shots, method, candidates, folds, budget, seed, out, templates, ma
         data, shots, method, seed, candidates=candidates, folds=folds, budget=budget, transductive=transductive,
         model=model, out=out, templates=templates, max_test=max_test, device=device, precision=precision,
         save=not no_save, progress=not as_json, classes=load_classnames(classes) if classes else None,
+        force=force,
     )
     if as_json:
         emit_json(result)
