@@ -323,7 +323,9 @@ def test_bench_trans_methods(tmp_path, folder, tiny):
     from clipxfer.heads import HEAD_TYPES
 
     for name, (head_method, options) in METHODS.items():  # every +trans base is a fittable head
-        if name.endswith("+trans"):
+        if name == "finetune+trans":  # TransCLIP on the fine-tuned features (clipxfer.autofit.combine)
+            assert head_method == "finetune" and options == {"then": "trans"}
+        elif name.endswith("+trans"):
             assert head_method == "transclip" and (options["base"] == "zeroshot" or options["base"] in HEAD_TYPES)
     assert METHODS["tipf+trans"][1] == {"base": "tip", "finetune": True}
     config = BenchConfig(datasets=(DatasetSpec(source=str(folder), max_test=12),),
