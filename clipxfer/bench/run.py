@@ -274,7 +274,7 @@ def read_results(path: Path) -> pd.DataFrame:
         )
     table = table[CSV_COLUMNS].copy()
     table["fingerprint"] = table["fingerprint"].fillna("")
-    table["chosen"] = table["chosen"].fillna("").astype(str)
+    table["chosen"] = ["" if pd.isna(value) else str(value) for value in table["chosen"]]
     return table
 
 
