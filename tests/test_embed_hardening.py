@@ -171,14 +171,17 @@ def test_image_route_serves_only_the_indexed_bytes(tmp_path, tiny, app_client):
     Index.update(photos, tiny, path=tmp_path / "folder-idx", workers=0)
     with app_client(tmp_path / "idx") as client:
         item = client.get("/api/search", params={"q": "x", "k": 1}).json()[0]["id"]
-        response = client.get(f"/api/image/{item}")
-        assert response.status_code == 404 and "can no longer be read" in response.json()["detail"]
+        for route in ("image", "thumb"):  # the thumbnail is made from the indexed bytes too, never another file
+            response = client.get(f"/api/{route}/{item}")
+            assert response.status_code == 404 and "can no longer be read" in response.json()["detail"], route
     with app_client(tmp_path / "folder-idx") as client:
         ids = {hit["name"]: hit["id"] for hit in client.get("/api/search", params={"q": "x", "k": 2}).json()}
         assert client.get(f"/api/image/{ids['a.png']}").status_code == 200
+        assert client.get(f"/api/thumb/{ids['a.png']}").status_code == 200
         (photos / "b.png").write_bytes(png(9))
-        response = client.get(f"/api/image/{ids['b.png']}")
-        assert response.status_code == 404 and "changed since indexing" in response.json()["detail"]
+        for route in ("image", "thumb"):
+            response = client.get(f"/api/{route}/{ids['b.png']}")
+            assert response.status_code == 404 and "changed since indexing" in response.json()["detail"], route
 
 
 # -- 3, 4. ingest checks the manifest and every shard before writing ---------------------------

@@ -285,3 +285,16 @@ def test_non_utf8_file_names_are_shown_not_500(tmp_path, sample_photos_dir, lite
         assert client.put("/api/labels/classes", json={"classes": ["cat", "cup"]}).status_code == 200
         suggested = client.get("/api/labels/suggest", params={"n": 2})
         assert suggested.status_code == 200 and "caf\\xe9.jpg" in {s["path"].rsplit("/", 1)[-1] for s in suggested.json()}
+
+
+def test_api_anomaly_says_unknown_for_a_detector_without_a_threshold(tiny):
+    """A detector fitted on one good image has no calibrated threshold: the API must not answer 'ok'."""
+    from clipxfer.anomaly import fit_detector
+    from clipxfer.serve.routes.classify import detector_score
+
+    rng = np.random.default_rng(0)
+    part = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    detector = fit_detector(tiny, [part], shots=1)
+    assert not detector.calibrated
+    row = detector_score(detector, tiny, part)
+    assert row["decision"] == "unknown" and row["threshold"] is None

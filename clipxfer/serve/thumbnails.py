@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 from ..errors import ImageDecodeError
 from ..images import open_image
@@ -55,9 +56,11 @@ class ThumbnailCache:
         self._fallback_lock = threading.Lock()
         self._temporary = False
 
-    def thumbnail(self, item_id: int, source: Path) -> Path:
+    def thumbnail(self, item_id: int, source: Path, render: Callable[[int], bytes] | None = None) -> Path:
         """The cached thumbnail of ``source`` (made now if missing or made from another version of
-        the file). Raises ImageDecodeError, or OSError for a vanished source."""
+        the file). ``render(size)`` makes the JPEG bytes (default: :func:`render_jpeg` of ``source``);
+        the server passes one that checks the file still holds the indexed bytes. Raises
+        ImageDecodeError, or OSError for a vanished source."""
         from ..paths import atomic_write_bytes
 
         try:
@@ -68,7 +71,7 @@ class ThumbnailCache:
         target = self.folder / name
         if target.is_file():
             return target
-        data = render_jpeg(source, self.size)
+        data = render(self.size) if render is not None else render_jpeg(source, self.size)
         try:
             atomic_write_bytes(target, data)
         except OSError as exc:

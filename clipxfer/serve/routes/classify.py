@@ -18,15 +18,15 @@ from .search import check_k
 
 
 def detector_score(detector, encoder, image) -> dict[str, Any]:
-    """``{score, decision (ok|defect), threshold}`` of one decoded image, like a row of
-    ``clipxfer anomaly score --json``."""
+    """``{score, decision (ok|defect; unknown for a detector without a threshold), threshold}`` of one
+    decoded image, like a row of ``clipxfer anomaly score --json``."""
     from ...anomaly.patches import encode_dense
 
     result = detector.score(encode_dense(encoder, [image]))
     threshold = float(detector.threshold)
     return {
         "score": round(float(result.scores[0]), 6),
-        "decision": "defect" if bool(detector.decide(result.scores)[0]) else "ok",
+        "decision": detector.decision_names(result.scores)[0],
         "threshold": threshold if np.isfinite(threshold) else None,
     }
 

@@ -3,6 +3,7 @@ and large views (images by id only, never by path)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -87,7 +88,10 @@ def add_search_routes(router: APIRouter, state: ServeState) -> None:
     async def thumbnail(item_id: int):
         """A cached JPEG thumbnail of indexed image ``item_id``."""
         path = state.item_path(item_id)
-        thumb = await run_in_threadpool(unreadable_is_404, state.thumbnails.thumbnail, item_id, path)
+        index = state.index()
+        # Made from the bytes the index was built from (as /api/image), never from whatever file the name reaches.
+        render = functools.partial(indexed_image_jpeg, path, index.root, index.sha256_of(item_id))
+        thumb = await run_in_threadpool(unreadable_is_404, state.thumbnails.thumbnail, item_id, path, render)
         return FileResponse(thumb, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
 
     @router.get("/api/image/{item_id}")
