@@ -106,3 +106,25 @@ def classification_report(labels: np.ndarray, probs: np.ndarray, classnames: Seq
         "classes": list(classnames),
         "confusion_matrix": matrix.tolist(),
     }
+
+
+def multilabel_report(targets: np.ndarray, scores: np.ndarray, classnames: Sequence[str],
+                      predicted: np.ndarray | None = None) -> dict:
+    """Multi-label evaluation, JSON-able: ``map`` (mean over labels with at least one positive of
+    the average precision, as CLIP_benchmark reports for VOC), ``per_label_ap`` (None for a label
+    without positives) and, with ``predicted`` (0/1 decisions), ``micro_f1`` and ``macro_f1``."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    targets = np.asarray(targets).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    per_label = {}
+    for c, name in enumerate(classnames):
+        per_label[name] = float(average_precision_score(targets[:, c], scores[:, c])) if targets[:, c].any() else None
+    known = [v for v in per_label.values() if v is not None]
+    report = {"n": int(len(targets)), "map": float(np.mean(known)) if known else float("nan"),
+              "per_label_ap": per_label}
+    if predicted is not None:
+        predicted = np.asarray(predicted).astype(int)
+        report["micro_f1"] = float(f1_score(targets, predicted, average="micro", zero_division=0))
+        report["macro_f1"] = float(f1_score(targets, predicted, average="macro", zero_division=0))
+    return report

@@ -20,7 +20,7 @@ LAYERS = [
     ("encoders", ["encoders"]),
     ("datasets", ["datasets"]),
     ("parts", ["heads", "index", "calibrate"]),
-    ("tasks", ["classify", "fewshot", "metalearn", "finetune", "anomaly", "embed", "export"]),
+    ("tasks", ["classify", "fewshot", "metalearn", "finetune", "anomaly", "embed", "export", "autofit"]),
     ("benchmarks", ["bench"]),
     ("server", ["serve"]),
     ("command line", ["cli", "__main__"]),

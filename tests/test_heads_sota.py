@@ -323,7 +323,9 @@ def test_bench_trans_methods(tmp_path, folder, tiny):
     from clipxfer.heads import HEAD_TYPES
 
     for name, (head_method, options) in METHODS.items():  # every +trans base is a fittable head
-        if name.endswith("+trans"):
+        if name == "finetune+trans":  # TransCLIP on the fine-tuned features (clipxfer.autofit.combine)
+            assert head_method == "finetune" and options == {"then": "trans"}
+        elif name.endswith("+trans"):
             assert head_method == "transclip" and (options["base"] == "zeroshot" or options["base"] in HEAD_TYPES)
     assert METHODS["tipf+trans"][1] == {"base": "tip", "finetune": True}
     config = BenchConfig(datasets=(DatasetSpec(source=str(folder), max_test=12),),
@@ -333,3 +335,34 @@ def test_bench_trans_methods(tmp_path, folder, tiny):
                                              ("lpp+trans", 2), ("clap", 2)]
     table = run_bench(config, tmp_path / "out", encoder=tiny)
     assert len(table) == 5 and table["accuracy"].between(0, 1).all()
+
+
+def test_clap_penalties_at_the_fitted_temperature():
+    # A prior that knows nothing (every image scored the same): at the model's scale 100 the one
+    # class it always picks got lambda 1; at the fitted temperature every class gets 1/C.
+    cosines = np.tile([0.6, 0.5, 0.4], (6, 1))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    from clipxfer.heads.clap import fit_penalties
+
+    model, _ = fit_penalties(cosines, labels, 3, 100.0, "model")
+    fitted, scale = fit_penalties(cosines, labels, 3, 100.0, "fit")
+    assert model[0] == pytest.approx(1.0, abs=1e-3) and model[2] < 1e-3
+    assert scale == pytest.approx(0.0, abs=1e-3)
+    np.testing.assert_allclose(fitted, 1 / 3, atol=1e-3)
+
+
+def test_clap_moves_into_the_probe_features():
+    # lite-shaped data: the classes separate in the probe features, the shared space holds a weak
+    # prior. CLAP must run in the joint space (a feature part in the head) and use it.
+    encoding, labels, zeroshot = clusters(seed=4, text_noise=4.0)
+    data, test, test_labels = few_shot_data(encoding, labels, zeroshot, shots=8)
+    joint = CLAPHead.fit(data)
+    shared = CLAPHead.fit(data, space="shared")
+    assert joint.config["space"] == "joint" and "feature_weights" in joint.weights
+    assert shared.config["space"] == "shared" and "feature_weights" not in shared.weights
+    # Deterministic (full batch, float64): 0.77 against 0.32 here; the shared space alone stays near zero-shot.
+    assert (joint.predict(test) == test_labels).mean() > (shared.predict(test) == test_labels).mean() + 0.2
+    # CLIP-shaped data (features are the embeddings): the reference's shared space.
+    same = ImageEncoding(encoding.embeddings, encoding.embeddings)
+    data, _, _ = few_shot_data(same, labels, zeroshot, shots=8)
+    assert CLAPHead.fit(data, epochs=5).config["space"] == "shared"

@@ -50,6 +50,12 @@ METHODS: dict[str, tuple[str, dict]] = {
     # LP++ and CLAP (validation-free probes), and TransCLIP over the test batch on top of a head.
     "lpp": ("lpp", {}),
     "clap": ("clap", {}),
+    # clipxfer fit --method auto: the method chosen by cross-validation on the shots (clipxfer.autofit);
+    # "ensemble" is the calibrated ensemble of the feature-level methods, weights by cross-validation.
+    "auto": ("auto", {}),
+    "ensemble": ("auto", {"pick": "ensemble"}),
+    # The fine-tuned encoder, then another head on its features, or TransCLIP over the test set.
+    **{f"finetune+{then}": ("finetune", {"then": then}) for then in ("lpp", "clap", "trans")},
     **{f"{name}+trans": ("transclip", {"base": METHODS_BASE.get(name, name), **options})
        for name, options in (("zeroshot", {}), ("probe", {}), ("tip", {}), ("tipf", {"finetune": True}),
                              ("coop", {}), ("mix", {}), ("lpp", {}), ("clap", {}))},
@@ -187,7 +193,7 @@ def _type_matches(value, hint) -> bool:
 
 
 #: fit() parameters that are not settings: the data, the test images transductive methods get.
-_NOT_OPTIONS = {"cls", "data", "unlabelled"}
+_NOT_OPTIONS = {"cls", "data", "unlabelled", "images", "log", "seed"}
 
 
 
@@ -196,6 +202,10 @@ def fit_function(head_method: str):
     ``fit``, or for the fine-tuning head (which trains the encoder) :func:`clipxfer.finetune.fit_finetune_head`."""
     from ..heads import HEAD_TYPES
 
+    if head_method == "auto":
+        from ..autofit import fit_auto
+
+        return fit_auto
     if getattr(HEAD_TYPES[head_method], "trains_encoder", False):
         from ..finetune import fit_finetune_head
 

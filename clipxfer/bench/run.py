@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..autofit import fit_auto
+from ..autofit.combine import fit_finetune_then
 from ..datasets.features import encode_dataset, take
 from ..datasets.labelled import LabelledImages, check_classes, load_dataset
 from ..datasets.prompts import load_templates
@@ -33,8 +35,10 @@ from .config import METHODS, BenchConfig, DatasetSpec
 
 CSV_COLUMNS = [
     "dataset", "method", "shots", "seed", "accuracy", "balanced_accuracy", "macro_f1", "ece",
-    "fit_seconds", "val_accuracy", "n_test", "model_id", "manifest_hash", "fingerprint",
+    "fit_seconds", "val_accuracy", "n_test", "model_id", "manifest_hash", "fingerprint", "chosen",
 ]  # fmt: skip
+#: Columns a results.csv of an older clipxfer may lack (filled in when read).
+OPTIONAL_COLUMNS = {"chosen": ""}
 CELL_KEY = ["dataset", "method", "shots", "seed"]
 
 
@@ -173,9 +177,10 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
     test = prepared.rows(split.test)
     head_method, method_options = METHODS[method]
     fit_options = {**method_options, **options.get(method, {})}
-    if getattr(HEAD_TYPES[head_method], "transductive", False):
+    head_type = HEAD_TYPES.get(head_method)  # None for "auto" (clipxfer.autofit chooses the head)
+    if getattr(head_type, "transductive", False):
         fit_options["unlabelled"] = test
-    trains_encoder = getattr(HEAD_TYPES[head_method], "trains_encoder", False)
+    trains_encoder = getattr(head_type, "trains_encoder", False) or head_method == "auto"
     data = FewShotData(
         encoder=encoder,
         classnames=prepared.dataset.classnames,
@@ -189,19 +194,27 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
         manifest_hash=split.manifest_hash(prepared.dataset),
     )
     started = time.perf_counter()
-    if trains_encoder:  # fine-tuning: the method needs the images themselves
+    chosen = ""
+    if trains_encoder:  # fine-tuning (or auto, which may fine-tune): the method needs the images themselves
         sources = prepared.dataset.sources
         images = ([sources[i] for i in split.train], [sources[i] for i in split.val])
-        head = fit_finetune_head(data, images, **fit_options)
+        if head_method == "auto":
+            result = fit_auto(data, images, seed=seed, log=lambda line: None, **fit_options)
+            head, chosen = result.head, result.chosen
+        elif "then" in fit_options:
+            head = fit_finetune_then(data, images, **fit_options)
+        else:
+            head = fit_finetune_head(data, images, **fit_options)
     else:
         head = fit_head(head_method, data, **fit_options)
     fit_seconds = time.perf_counter() - started
+    adapted = hasattr(head, "encoder")  # a fine-tuned encoder came with the head
     val_accuracy = (
-        float((head.predict(data.val) == data.val_labels).mean()) if len(split.val) and not trains_encoder else float("nan")
+        float((head.predict(data.val) == data.val_labels).mean()) if len(split.val) and not adapted else float("nan")
     )
-    if trains_encoder:  # the cell re-encodes with the adapted encoder (cached under its own id)
+    if adapted:  # the cell re-encodes with the adapted encoder (cached under its own id)
         test = encode_dataset(head.encoder, prepared.dataset.subset(split.test))
-        val_accuracy = float(head.config["val_accuracy"])
+        val_accuracy = float(head.config.get("val_accuracy", float("nan")))
     return {
         "dataset": prepared.spec.label,
         "method": method,
@@ -213,6 +226,7 @@ def run_cell(prepared: PreparedDataset, method: str, shots: int, seed: int, enco
         "n_test": len(split.test),
         "model_id": encoder.id,
         "manifest_hash": data.manifest_hash,
+        "chosen": chosen,
     }
 
 
@@ -234,7 +248,7 @@ def plan_cells(config: BenchConfig) -> list[tuple[DatasetSpec, str, int, int]]:
             else:
                 head_method, options = METHODS[method]
                 # Label-free cell: methods that adapt to the test images, and TransCLIP on zero-shot.
-                if getattr(HEAD_TYPES[head_method], "transductive", False) or options.get("base") == "zeroshot":
+                if getattr(HEAD_TYPES.get(head_method), "transductive", False) or options.get("base") == "zeroshot":
                     cells.append((spec, method, 0, 0))
                 cells.extend((spec, method, k, s) for k in config.shots if k > 0 for s in config.seeds)
     return cells
@@ -245,6 +259,9 @@ def read_results(path: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=CSV_COLUMNS)
     table = pd.read_csv(path, dtype={"fingerprint": str, "manifest_hash": str})
+    for column, value in OPTIONAL_COLUMNS.items():
+        if column not in table.columns:
+            table[column] = value
     missing = set(CSV_COLUMNS) - set(table.columns)
     if missing == {"fingerprint"}:
         raise ClipxferError(
@@ -257,6 +274,7 @@ def read_results(path: Path) -> pd.DataFrame:
         )
     table = table[CSV_COLUMNS].copy()
     table["fingerprint"] = table["fingerprint"].fillna("")
+    table["chosen"] = ["" if pd.isna(value) else str(value) for value in table["chosen"]]
     return table
 
 

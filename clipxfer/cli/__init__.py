@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "classify",
     "bench",
     "fewshot",
+    "fit",
     "adapt",
     "metalearn",
     "episodes",

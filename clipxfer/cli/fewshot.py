@@ -165,13 +165,19 @@ def lpp(epochs, alpha_init, **kwargs):
 @few_shot_options
 @click.option("--epochs", type=int, default=300, show_default=True, help="Full-batch training epochs.")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate (cosine schedule).")
-def clap(epochs, lr, **kwargs):
+@click.option("--space", type=click.Choice(["auto", "shared", "joint"]), default="auto", show_default=True,
+              help="Where the weights move: the image-text space only (shared), with the probe features too "
+                   "(joint), or joint when the model has probe features of its own (auto).")
+@click.option("--penalty-temperature", type=click.Choice(["fit", "model"]), default="fit", show_default=True,
+              help="Read the per-class penalties off the zero-shot softmax at the temperature fitted to the "
+                   "shots (fit) or at the model's logit scale (model, the authors' rule).")
+def clap(epochs, lr, space, penalty_temperature, **kwargs):
     """CLAP: a linear probe started at the zero-shot weights and held near them by per-class
     penalties set from the shots (no validation search).
 
     Example: clipxfer clap fashion-mnist --shots 16 --model lite --out clap.safetensors
     """
-    _run("clap", epochs=epochs, lr=lr, **kwargs)
+    _run("clap", epochs=epochs, lr=lr, space=space, penalty_temperature=penalty_temperature, **kwargs)
 
 
 @main.command()
