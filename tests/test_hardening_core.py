@@ -417,7 +417,9 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, module, extra, purpo
 
     from clipxfer.extras import import_extra
 
-    monkeypatch.setitem(sys.modules, module.split(".")[0], None)  # as if the package were not installed
+    # As if the package were not installed, even where an earlier test imported it (and its submodule) already.
+    for name in {module.split(".")[0], module}:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ClipxferError) as caught:
         import_extra(module, extra, purpose)
     message = str(caught.value)

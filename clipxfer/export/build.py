@@ -120,6 +120,10 @@ def _classifier(settings: ExportSettings, path: Path):
     return graph, encoder, fields, info
 
 
+#: Detector methods the graph reproduces (the fused and gaussian detectors are not folded yet).
+EXPORTABLE_DETECTORS = ("patchcore", "zeroshot", "combined")
+
+
 def _detector(settings: ExportSettings, path: Path):
     from ..anomaly.detector import load_detector
     from ..anomaly.patches import NEIGHBOURHOOD
@@ -131,7 +135,16 @@ def _detector(settings: ExportSettings, path: Path):
         raise ClipxferError("detectors export in fp32 only: the toolkit scores patches in fp32 and the threshold "
                             "was calibrated on those distances; drop --precision int8")
     detector = load_detector(path)
+    if detector.method not in EXPORTABLE_DETECTORS:
+        raise ClipxferError(f"{path}: a {detector.method} detector cannot be exported yet (exportable: "
+                            f"{', '.join(EXPORTABLE_DETECTORS)}); fit one with clipxfer anomaly fit --method patchcore")
     encoder = load_encoder(spec_for_id(detector.model_id), device="cpu", precision="torch:fp32")
+    if detector.map_size != encoder.input_size:
+        # The graph squashes the part to the encoder's input; a detector fitted on tiles at another working
+        # resolution would score other features than it was calibrated on.
+        raise ClipxferError(f"{path}: this detector works at {detector.map_size} pixels, tiled; only "
+                            f"detectors at the encoder's own {encoder.input_size} export yet: fit one with "
+                            f"--resolution {encoder.input_size}")
     graph = DetectorGraph(encoder, detector, NEIGHBOURHOOD)
     keys = ("method", "threshold", "false_alarm_rate", "calibration_size", "calibration_score_median", "object",
             "shots", "input_size")  # fmt: skip
