@@ -9,7 +9,6 @@ label is stored with its item id and path, so an export needs nothing but the fi
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import os
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..csvcells import safe_cell
 from ..errors import ClipxferError
+from ..index.lock import LockHeld, release_pid_lock, take_pid_lock
 from ..paths import path_text
 
 LABEL_FILE = "labels.json"
@@ -32,23 +32,6 @@ MAX_HISTORY = 1000
 
 class LabelsNotWritable(ClipxferError):
     """The label file cannot be changed (a read-only folder, or another server writes it); nothing changed."""
-
-
-# Label-file lock descriptors held by this process; a forked child closes its copies at once, so
-# it can never keep the labels locked after its server is gone (as clipxfer.index.lock does).
-_HELD_LABEL_LOCKS: set[int] = set()
-
-
-def _close_inherited_label_locks() -> None:
-    for fd in list(_HELD_LABEL_LOCKS):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD_LABEL_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_close_inherited_label_locks)
 
 
 class LabelFileLock:
@@ -66,32 +49,22 @@ class LabelFileLock:
         if self.fd is not None:
             return False
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = take_pid_lock(self.path)
+        except LockHeld as held:
+            raise LabelsNotWritable(
+                f"{self.path.with_suffix('')} is being written by another clipxfer serve (pid {held.holder}); "
+                "label there, stop it, or start this one with another --labels"
+            ) from None
         except OSError as exc:
             raise LabelsNotWritable(
                 f"{self.path.parent} cannot be written ({exc.strerror or exc}): labels are read-only here; "
                 "start clipxfer serve with --labels FILE in a writable folder"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LabelsNotWritable(
-                f"{self.path.with_suffix('')} is being written by another clipxfer serve (pid {holder}); "
-                "label there, stop it, or start this one with another --labels"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        _HELD_LABEL_LOCKS.add(fd)
         return True
 
     def release(self) -> None:
         if self.fd is not None:
-            _HELD_LABEL_LOCKS.discard(self.fd)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            release_pid_lock(self.fd)
             self.fd = None
 
 
