@@ -24,7 +24,7 @@ HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", "X-
 
 
 def is_loopback(host: str) -> bool:
-    """True when ``host`` names only this machine."""
+    """True when ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
         return True
     try:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import socket
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..errors import ClipxferError
+from ..runtime.server import is_loopback  # the one check, shared with the bundle server
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -39,20 +39,6 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UPLOAD_PATHS = frozenset({"/api/search/image", "/api/classify", "/api/anomaly"})
 #: Host names that always mean this machine (loopback IP literals are accepted too).
 LOCAL_NAMES = frozenset({"localhost"})
-
-
-def is_loopback(host: str) -> bool:
-    """True when ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-        except socket.gaierror:
-            raise ClipxferError(f"--host {host}: not an address or a name this machine can resolve") from None
-        return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def check_token(token: str | None) -> None:
