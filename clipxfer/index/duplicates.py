@@ -231,7 +231,7 @@ def learn_copy_rule(
     return CopyRule(threshold, margin, len(flat_similarity))
 
 
-def _pairs_above(vectors: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+def pairs_above(vectors: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
     """Row pairs (i < j) with inner product >= ``threshold`` (exact, by FAISS range search)."""
     import faiss
 
@@ -317,7 +317,7 @@ def find_duplicates(
             if score - best_other >= rule.margin:
                 copies.append((i, int(j), float(score)))
     copied = {frozenset(p[:2]) for p in copies} | same_file
-    lookalikes = [p for p in _pairs_above(_normalised(embeddings), lookalike_threshold)
+    lookalikes = [p for p in pairs_above(_normalised(embeddings), lookalike_threshold)
                   if frozenset(p[:2]) not in copied]
     for tier, pairs in (("exact", exact), ("copy", copies), ("lookalike", lookalikes)):
         for rows_, score in _components(len(ids), pairs):

@@ -341,19 +341,11 @@ class Index:
     @reports_damage
     def duplicates(self, threshold: float = 0.95) -> list[DuplicatePair]:
         """Pairs of items with cosine similarity >= ``threshold``, most similar first (exact)."""
-        import faiss
+        from .duplicates import pairs_above
 
         ids, paths, embeddings, _ = store.vectors(self._conn, self.dim)
-        flat = faiss.IndexFlatIP(self.dim)
-        flat.add(embeddings)
-        pairs = []
-        for start in range(0, len(ids), 4096):
-            lims, scores, found = flat.range_search(embeddings[start : start + 4096], float(threshold))
-            for row in range(len(lims) - 1):
-                i = start + row
-                for j, score in zip(found[lims[row] : lims[row + 1]], scores[lims[row] : lims[row + 1]]):
-                    if j > i:
-                        pairs.append(DuplicatePair(float(score), self.root / paths[i], self.root / paths[j]))
+        pairs = [DuplicatePair(score, self.root / paths[i], self.root / paths[j])
+                 for i, j, score in pairs_above(embeddings, threshold)]
         pairs.sort(key=lambda p: (-p.score, str(p.a), str(p.b)))
         return pairs
 
