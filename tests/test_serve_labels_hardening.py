@@ -223,8 +223,45 @@ def test_thumbnails_of_a_read_only_index_come_from_a_temporary_folder(tmp_path, 
     index = tmp_path / "index"
     index.mkdir()
     fail_writes_under(index, monkeypatch)
-    thumb = ThumbnailCache(index).thumbnail(1, source)
+    cache = ThumbnailCache(index)
+    thumb = cache.thumbnail(1, source)
     assert not thumb.is_relative_to(index) and thumb.read_bytes() == render_jpeg(source, 256)
+    cache.close()
+    assert not thumb.parent.exists()  # the temporary folder does not outlive the cache
+
+
+def test_an_unclosed_cache_removes_its_temporary_folder_when_collected(tmp_path, monkeypatch):
+    import gc
+
+    source = write_photo(tmp_path / "a.jpg", (0, 0, 0))
+    index = tmp_path / "index"
+    index.mkdir()
+    fail_writes_under(index, monkeypatch)
+    cache = ThumbnailCache(index)
+    folder = cache.thumbnail(1, source).parent
+    del cache
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_a_stopped_server_leaves_no_temporary_thumbnail_folder(sample_photos_dir, lite, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from clipxfer.index import Index
+    from clipxfer.serve import ServeConfig, create_app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sample_photos_dir / "chelsea.jpg", photos / "chelsea.jpg")
+    Index.update(photos, lite, path=tmp_path / "index", workers=0)
+    fail_writes_under(tmp_path / "index", monkeypatch)
+    with TestClient(create_app(ServeConfig(index=tmp_path / "index", labels=tmp_path / "labels.json")),
+                    base_url=LOCAL) as client:
+        item_id = client.get("/api/search", params={"q": "a cat", "k": 1}).json()[0]["id"]
+        assert client.get(f"/api/thumb/{item_id}").status_code == 200
+        folder = client.app.state.clipxfer.thumbnails.folder
+        assert folder.is_dir() and not folder.is_relative_to(tmp_path / "index")
+    assert not folder.exists()
 
 
 def test_labels_in_a_read_only_folder_are_refused_and_memory_is_unchanged(tmp_path, monkeypatch):

@@ -129,4 +129,6 @@ class ServeState:
         return vector
 
     def close(self) -> None:
+        """Stop the labelling session and remove temporary thumbnails."""
         self.session.close()
+        self.thumbnails.close()

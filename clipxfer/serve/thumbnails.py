@@ -4,7 +4,8 @@ The key is a hash of the source file's path, size and modification time (exactly
 than"), so a re-indexed or edited file gets a new thumbnail even when its modification time went
 back. Files are written atomically under unique temporary names: concurrent requests for one
 thumbnail are harmless. When the index folder cannot be written (a read-only index), thumbnails
-go to a temporary folder instead.
+go to a temporary folder instead, removed when the cache is closed (the server's shutdown), garbage
+collected or the interpreter exits.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +58,7 @@ class ThumbnailCache:
         self.size = size
         self._fallback_lock = threading.Lock()
         self._temporary = False
+        self._remove_temporary: weakref.finalize | None = None
 
     def thumbnail(self, item_id: int, source: Path, render: Callable[[int], bytes] | None = None) -> Path:
         """The cached thumbnail of ``source`` (made now if missing or made from another version of
@@ -88,7 +92,15 @@ class ThumbnailCache:
                             self.folder, exc.strerror or exc)
                 self.folder = Path(tempfile.mkdtemp(prefix="clipxfer-thumbnails-"))
                 self._temporary = True
+                # Also at exit or collection: a server stopped without close() leaves nothing in /tmp.
+                self._remove_temporary = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
             return self.folder
+
+    def close(self) -> None:
+        """Remove the temporary folder, if thumbnails went to one (the index's own folder stays)."""
+        with self._fallback_lock:
+            if self._remove_temporary is not None:
+                self._remove_temporary()
 
     def _drop_other_versions(self, item_id: int, keep: Path) -> None:
         """Remove thumbnails of earlier versions of the item's file (best effort)."""
