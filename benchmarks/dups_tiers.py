@@ -115,6 +115,7 @@ def main() -> None:
         "copy_margin": round(report.copy_margin, 4),
         "learned_from": report.learned_from,
         "space": report.space,
+        "images_compared": report.images_compared,
         "copy_precision": round(found / tiers["copy"]["pairs"], 4) if tiers["copy"]["pairs"] else None,
         "copy_recall": round(found / len(truth), 4),
         "tiers": tiers,

@@ -234,21 +234,39 @@ def dups_folder(tmp_path_factory, sample_photos_dir):
     return root
 
 
+def test_aligned_correlation_finds_a_one_pixel_crop_of_a_small_image(sample_photos_dir):
+    from clipxfer.index import alignment
+
+    def small(name):
+        return Image.open(sample_photos_dir / f"{name}.jpg").convert("L").resize((28, 28), Image.LANCZOS)
+
+    original = small("camera")
+    cropped = original.crop((1, 1, 27, 27))  # one pixel off each side: 26 x 26
+    signature = alignment.signature(original)
+    crop_score = alignment.aligned_correlation(signature, alignment.signature(cropped))
+    unaligned = float(alignment.templates(alignment.thumbnail(original))[0].ravel()
+                      @ alignment.templates(alignment.thumbnail(cropped))[0].ravel())
+    others = [alignment.aligned_correlation(signature, alignment.signature(small(n))) for n in ("astronaut", "coffee")]
+    assert crop_score > 0.9 > unaligned and max(others) < 0.5
+
+
 @pytest.mark.slow  # lite encodes the photos and 32 learned copies
 def test_dups_three_tiers_cli_outputs_and_keep(tmp_path, dups_folder, lite):
     index = tmp_path / "index"
     Index.update(dups_folder, lite, path=index, workers=0)
     with Index.open(index) as idx:
-        report = idx.duplicate_groups(0.99, lite, learn_sample=8)
+        report = idx.duplicate_groups(0.99, lite)
+        few = idx.duplicate_groups(0.99, lite, learn_sample=4)
+    assert few.images_compared < 11  # only the learned originals and the images of candidate pairs are read
     groups = {(g.tier, frozenset(m.path.name for m in g.members)) for g in report.groups}
     assert ("exact", frozenset({"chelsea.jpg", "chelsea-again.jpg"})) in groups
     assert ("copy", frozenset({"coffee.jpg", "coffee-small.jpg"})) in groups
     assert ("copy", frozenset({"rocket.jpg", "rocket-grey.png"})) in groups
     assert not [g for g in report.groups if g.tier == "copy" and len(g.members) != 2]
-    assert report.learned_from == 32 and report.space == "features"
+    assert report.learned_from == 44 and report.space == "features"  # 4 edits of each of the 11 images
 
     runner = CliRunner()
-    common = ["dups", "--index", str(index), "--threshold", "0.99", "--learn-from", "8"]
+    common = ["dups", "--index", str(index), "--threshold", "0.99"]
     result = runner.invoke(main, [*common, "--keep", "largest", "--json", "--html", str(tmp_path / "d.html")])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -1,16 +1,18 @@
 """Duplicates in three tiers: exact files, copies of one image, and look-alikes.
 
 - ``exact``: the same bytes (the SHA-256 the index stores).
-- ``copy``: the same image resized, recompressed, cropped a little or recoloured. Two files are
-  compared by the mean of their model cosine (the encoder's probe features when the index stores them
-  -- ``lite``: the image backbone, which keeps instance detail the shared text-image space drops --
-  else the embeddings) and the correlation of their grayscale thumbnails. A pair is a copy when that
-  similarity is high *and* beats both files' best other match by a margin (a second photo of one
-  scene, or another item of one kind, has rivals about as close). Both cut-offs are learned from the
-  index itself: a seeded sample of its images is copied with each of those edits
-  (:func:`copy_variants`) and encoded with the index's model; the cut-offs keep :data:`COPY_RECALL`
-  and :data:`MARGIN_RECALL` of those copies -- so both adapt to the model and the collection. Several copies of one image rival
-  each other: only pairs that stand out join a group.
+- ``copy``: the same image resized, recompressed, cropped a little or recoloured. Candidate pairs are
+  each file's nearest neighbours by model cosine (the encoder's probe features when the index stores
+  them -- ``lite``: the image backbone, which keeps instance detail the shared text-image space drops --
+  else the embeddings); only their images are read, once each, and compared pixel by pixel with the
+  aligned thumbnail correlation (:mod:`clipxfer.index.alignment`: tolerant of small crops). A pair is a
+  copy when the weighted mean of the two (:func:`copy_similarity`) is high *and* beats both files' best
+  other candidate by a margin (a second photo of one scene, or another item of one kind, has rivals
+  about as close). Both cut-offs are learned from the index itself: a seeded sample of its images is
+  copied with each of those edits (:func:`copy_variants`) and encoded with the index's model; the
+  cut-offs keep :data:`COPY_RECALL` and :data:`MARGIN_RECALL` of those copies -- so both adapt to the
+  model and the collection. Several copies of one image rival each other: only pairs that stand out
+  join a group.
 - ``lookalike``: embedding similarity at least the user's threshold (a second photo of the same scene,
   another item of the same kind), pairs not already in a tier above.
 
@@ -26,11 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance
 
 from ..errors import ClipxferError, ImageDecodeError
 from ..images import open_image
-from . import store
+from . import alignment, store
 
 #: Images of the index copied to learn the copy threshold.
 LEARN_SAMPLE = 32
@@ -109,6 +111,7 @@ class DuplicateReport:
     lookalike_threshold: float
     learned_from: int
     space: str  # "features" or "embeddings": where copies are compared
+    images_compared: int = 0  # images read for the pixel check (those in candidate pairs)
     groups: list[DuplicateGroup] = field(default_factory=list)
 
     def delete_list(self, rule: str) -> list[Path]:
@@ -130,6 +133,7 @@ class DuplicateReport:
             "lookalike_threshold": self.lookalike_threshold,
             "learned_from": self.learned_from,
             "space": self.space,
+            "images_compared": self.images_compared,
             "groups": [g.to_dict() for g in self.groups],
         }
         if keep is not None:
@@ -143,40 +147,53 @@ def _normalised(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-THUMBNAIL_SIDE = 24
 NEIGHBOURS = 8
+#: Weight of the aligned thumbnail correlation against the model cosine in a pair's copy similarity
+#: (chosen on validation collections: benchmarks/dups_tiers.py --seed 0, 4, 5).
+PIXEL_WEIGHT = 2.0
+#: The margin of a copy with no rival among the candidates (similarities lie in [-1, 1]).
+NO_RIVAL = 3.0
 
 
-def thumbnail_vector(img: Image.Image) -> np.ndarray:
-    """A grayscale THUMBNAIL_SIDE^2 thumbnail, mean-centred and normalised: the pixel layout a copy
-    keeps through resizing, recompression and recolouring (brightness and contrast cancel out)."""
-    small = ImageOps.grayscale(img.convert("RGB")).resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BOX)
-    pixels = np.asarray(small, dtype=np.float32).ravel()
-    pixels -= pixels.mean()
-    return pixels / max(float(np.linalg.norm(pixels)), 1e-6)
+class Windows:
+    """Each indexed image's aligned windows (:func:`clipxfer.index.alignment.windows`), read once and
+    only when a candidate pair needs them; an unreadable image has none (it matches no pixels)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self._rows: dict[int, np.ndarray | None] = {}
+
+    def __getitem__(self, row: int) -> np.ndarray | None:
+        if row not in self._rows:
+            try:
+                img = open_image(self.paths[row], draft_size=4 * alignment.SIDE)
+                self._rows[row] = alignment.signature(img)
+            except (ImageDecodeError, OSError):
+                self._rows[row] = None  # moved or damaged since indexing
+        return self._rows[row]
+
+    def __len__(self) -> int:
+        return sum(w is not None for w in self._rows.values())
 
 
-def copy_space(model_vectors: np.ndarray, thumbnails: np.ndarray) -> np.ndarray:
-    """Rows whose inner product is the mean of the model cosine and the thumbnail correlation."""
-    return np.hstack([_normalised(model_vectors), thumbnails]).astype(np.float32) / np.sqrt(2.0)
+def copy_similarity(model_cosine: float, a: np.ndarray | None, b: np.ndarray | None) -> float:
+    """The weighted mean of the model cosine and the aligned thumbnail correlation (:data:`PIXEL_WEIGHT`;
+    the correlation is 0 when an image is unreadable)."""
+    pixels = alignment.aligned_correlation(a, b) if a is not None and b is not None else 0.0
+    return (float(model_cosine) + PIXEL_WEIGHT * pixels) / (1.0 + PIXEL_WEIGHT)
 
 
 @dataclass
 class CopyRule:
-    """A pair is a copy when its copy-space similarity is at least ``threshold`` and beats both
-    files' best *other* match (files with the same bytes aside) by at least ``margin``."""
+    """A pair is a candidate when its model cosine is at least ``candidate`` (the lowest that can still
+    reach ``threshold``); a copy when its copy
+    similarity (:func:`copy_similarity`) is at least ``threshold`` and beats both files' best *other*
+    candidate (files with the same bytes aside) by at least ``margin``."""
 
+    candidate: float
     threshold: float
     margin: float
     learned_from: int
-
-
-def _best_other(neighbours, scores, i: int, exclude: set[int]) -> float:
-    """Row ``i``'s best match outside ``exclude`` among its nearest rows (-1 when none)."""
-    for m, score in zip(neighbours[i], scores[i]):
-        if m >= 0 and int(m) not in exclude:
-            return float(score)
-    return -1.0
 
 
 def _neighbours(vectors: np.ndarray, queries: np.ndarray, k: int):
@@ -189,46 +206,50 @@ def _neighbours(vectors: np.ndarray, queries: np.ndarray, k: int):
 
 
 def learn_copy_rule(
-    paths: list[Path], vectors: np.ndarray, hashes: list[str], neighbours, scores,
+    paths: list[Path], model: np.ndarray, hashes: list[str], windows: Windows,
     encode: Callable[[list[Image.Image]], np.ndarray], sample: int = LEARN_SAMPLE, seed: int = 0,
 ) -> CopyRule:
     """The copy rule from edited copies (:func:`copy_variants`) of up to ``sample`` of the images
-    (seeded). ``vectors`` are the copy-space rows of ``paths`` (see :func:`copy_space`), ``hashes``
-    their SHA-256, ``neighbours``/``scores`` each row's nearest rows; ``encode`` turns PIL images
-    into model vectors."""
+    (seeded). ``model`` are the normalised model vectors of ``paths``, ``hashes`` their SHA-256,
+    ``windows`` their aligned windows; ``encode`` turns PIL images into model vectors."""
     rng = np.random.default_rng(seed)
     same_hash: dict[str, set[int]] = {}
     for row, digest in enumerate(hashes):
         same_hash.setdefault(digest, set()).add(row)
-    originals, copies = [], []
+    learned = []  # (original row, model vector, windows) of each edited copy
     for row in rng.permutation(len(paths)):
-        if len(originals) >= sample:
+        if len({o for o, *_ in learned}) >= sample:
             break
-        try:
-            original = open_image(paths[row])
-        except (ImageDecodeError, OSError):
+        if windows[int(row)] is None:
             continue  # moved or damaged since indexing: learn from the others
-        variants = copy_variants(original, rng)
-        copies.append(copy_space(encode(variants), np.stack([thumbnail_vector(v) for v in variants])))
-        originals.append(int(row))
-    if not originals:
+        variants = copy_variants(open_image(paths[row]), rng)
+        for vector, variant in zip(_normalised(encode(variants)), variants):
+            learned.append((int(row), vector, alignment.signature(variant)))
+    if not learned:
         raise ClipxferError("no indexed image could be read to learn what a copy looks like: run 'clipxfer index' again")
-    similarity = [c @ vectors[o] for o, c in zip(originals, copies)]
-    flat_similarity = np.concatenate(similarity)
-    threshold = float(np.quantile(flat_similarity, 1.0 - COPY_RECALL))
-    copy_neighbours, copy_scores = _neighbours(vectors, np.vstack(copies), NEIGHBOURS + 1)
+    cosines = np.array([vector @ model[o] for o, vector, _ in learned])
+    similarity = np.array([copy_similarity(c, w, windows[o]) for c, (o, _, w) in zip(cosines, learned)])
+    threshold = float(np.quantile(similarity, 1.0 - COPY_RECALL))
+    # Below this model cosine a pair cannot reach the threshold even with identical pixels: skipping it
+    # loses no copy, and spares reading its images.
+    candidate = (1.0 + PIXEL_WEIGHT) * threshold - PIXEL_WEIGHT
+    copy_neighbours, copy_scores = _neighbours(model, np.stack([v for _, v, _ in learned]), NEIGHBOURS + 1)
     margins = []
-    position = 0
-    for o, sims in zip(originals, similarity):
-        for sim in sims:
-            # Rivals of a learned copy: indexed images other than its original, leaving out those closer
-            # to the original than the copy is (copies of it the index already holds).
-            rivals = {int(m) for m in copy_neighbours[position] if m >= 0 and float(vectors[m] @ vectors[o]) >= sim}
-            margins.append(sim - _best_other(copy_neighbours, copy_scores, position, rivals | same_hash[hashes[o]]))
-            position += 1
-    # A copy is at least its original's best match: the margin cut never goes below 0.
-    margin = max(0.0, float(np.quantile(margins, 1.0 - MARGIN_RECALL)))
-    return CopyRule(threshold, margin, len(flat_similarity))
+    for (o, _, w), sim, found, scores in zip(learned, similarity, copy_neighbours, copy_scores):
+        rivals = [sim - NO_RIVAL]  # no rival among the candidates: nothing to stand out from
+        for m, score in zip(found, scores):
+            if m < 0 or int(m) in same_hash[hashes[o]] or score < candidate:
+                continue
+            rival = copy_similarity(score, w, windows[int(m)])
+            # Images closer to the original than the copy is are copies of it the index already holds.
+            if copy_similarity(model[m] @ model[o], windows[int(m)], windows[o]) < sim:
+                rivals.append(rival)
+        margins.append(sim - max(rivals))
+    # A copy is at least its original's best match: the margin cut never goes below 0. When most learned
+    # copies have no rival, the cut is the largest margin a copy with a rival had.
+    with_rival = [m for m in margins if m < NO_RIVAL]
+    margin = max(0.0, min(float(np.quantile(margins, 1.0 - MARGIN_RECALL)), max(with_rival, default=0.0)))
+    return CopyRule(candidate, threshold, margin, len(learned))
 
 
 def pairs_above(vectors: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
@@ -290,16 +311,11 @@ def find_duplicates(
         encoding = encoder.embed_images(images)
         return encoding.features if features is not None else encoding.embeddings
 
-    thumbnails = np.zeros((len(ids), THUMBNAIL_SIDE**2), dtype=np.float32)
-    for row, member in enumerate(members):
-        try:
-            thumbnails[row] = thumbnail_vector(open_image(member.path, draft_size=4 * THUMBNAIL_SIDE))
-        except (ImageDecodeError, OSError):
-            pass  # unreadable now: compared by its stored vector only
-    vectors = copy_space(features if features is not None else embeddings, thumbnails)
-    neighbours, scores = _neighbours(vectors, vectors, NEIGHBOURS + 1)
+    model = _normalised(features if features is not None else embeddings)
+    neighbours, scores = _neighbours(model, model, NEIGHBOURS + 1)
     hashes = [rows[int(i)].sha256 for i in ids]
-    rule = learn_copy_rule([m.path for m in members], vectors, hashes, neighbours, scores, encode, learn_sample, seed)
+    windows = Windows([m.path for m in members])
+    rule = learn_copy_rule([m.path for m in members], model, hashes, windows, encode, learn_sample, seed)
     report.copy_threshold, report.copy_margin, report.learned_from = rule.threshold, rule.margin, rule.learned_from
 
     by_hash: dict[str, list[int]] = {}
@@ -307,15 +323,32 @@ def find_duplicates(
         by_hash.setdefault(digest, []).append(row)
     exact = [(rows_[0], other, 1.0) for rows_ in by_hash.values() if len(rows_) > 1 for other in rows_[1:]]
     same_file = {frozenset((i, j)) for rows_ in by_hash.values() for i in rows_ for j in rows_ if i != j}
-    copies = []
+    # Candidates: near in the model's space; only their images are read and compared pixel by pixel.
+    candidates: dict[frozenset, float] = {}
     for i in range(len(ids)):
         for j, score in zip(neighbours[i], scores[i]):
-            if j <= i or score < rule.threshold or frozenset((i, int(j))) in same_file:
+            pair = frozenset((i, int(j)))
+            if j < 0 or j == i or score < rule.candidate or pair in same_file or pair in candidates:
                 continue
-            exclude = {i, int(j)} | set(by_hash[hashes[i]]) | set(by_hash[hashes[j]])
-            best_other = max(_best_other(neighbours, scores, i, exclude), _best_other(neighbours, scores, int(j), exclude))
-            if score - best_other >= rule.margin:
-                copies.append((i, int(j), float(score)))
+            candidates[pair] = copy_similarity(score, windows[i], windows[int(j)])
+    best: dict[int, list[tuple[float, int]]] = {}
+    for pair, sim in candidates.items():
+        i, j = tuple(pair)
+        best.setdefault(i, []).append((sim, j))
+        best.setdefault(j, []).append((sim, i))
+
+    def best_other(row: int, exclude: set[int]) -> float:
+        return max((sim for sim, other in best.get(row, []) if other not in exclude), default=-NO_RIVAL)
+
+    copies = []
+    for pair, sim in candidates.items():
+        i, j = sorted(pair)
+        if sim < rule.threshold:
+            continue
+        exclude = {i, j} | set(by_hash[hashes[i]]) | set(by_hash[hashes[j]])
+        if sim - max(best_other(i, exclude), best_other(j, exclude)) >= rule.margin:
+            copies.append((i, j, sim))
+    report.images_compared = len(windows)
     copied = {frozenset(p[:2]) for p in copies} | same_file
     lookalikes = [p for p in pairs_above(_normalised(embeddings), lookalike_threshold)
                   if frozenset(p[:2]) not in copied]
