@@ -1,6 +1,6 @@
 """CLAP (Silva-Rodriguez, Hajimiri, Ben Ayed, Dolz; CVPR 2024): a linear probe initialised at the
 zero-shot class weights and held near them by one penalty per class, set from the support set so
-that no validation search is needed.
+that the penalties need no validation search.
 
     logits = scale * x @ normalize(W).T
     loss   = CE(logits, y) + mean_c lambda_c * ||W_c - A_c||^2
@@ -15,9 +15,9 @@ on a cosine schedule, 300 epochs, here full-batch on the cached embeddings.
 Where the probe features are the shared embeddings (CLIP models), ``x`` are the embeddings, ``A``
 the text weights and ``scale`` the model's logit scale: the reference exactly. Where they differ
 (``lite``: 384-d ConSE embeddings, 1280-d backbone features), CLAP runs in the joint space
-``x = [e, w f] / sqrt(1 + w^2)`` (``e`` the embedding, ``f`` the normalised probe feature, ``w`` =
-:data:`FEATURE_WEIGHT`) from ``A = [T, 0]``: it starts at zero-shot and may move into the features
-the probe uses. The fitted head stores the two halves as a linear head (``embedding_weights``,
+``x = [e, w f] / sqrt(1 + w^2)`` (``e`` the embedding, ``f`` the normalised probe feature, ``w`` one
+of :data:`FEATURE_WEIGHTS` chosen by validation loss, :data:`FEATURE_WEIGHT` without validation
+images) from ``A = [T, 0]``: it starts at zero-shot and may move into the features the probe uses. The fitted head stores the two halves as a linear head (``embedding_weights``,
 ``feature_weights``). Why and what else differs from the authors' code: docs/methods.md.
 """
 
@@ -151,8 +151,8 @@ class CLAPHead(LinearHead):
         cls, data: FewShotData, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, space: str = "auto",
         penalty_temperature: str = "fit", feature_weight: float | None = None,
     ) -> "CLAPHead":
-        """Fit on ``data.train`` (penalties from the shots, no validation search); ``data.val`` is
-        only scored, for the record. ``space``: ``shared`` (the embeddings only), ``joint``
+        """Fit on ``data.train`` (penalties from the shots, no validation search); ``data.val`` only
+        chooses the joint space's feature weight and is scored for the record. ``space``: ``shared`` (the embeddings only), ``joint``
         (embeddings and probe features) or ``auto`` (joint when the encoder has its own probe
         features). ``penalty_temperature``: see :func:`fit_penalties`. ``feature_weight`` (joint space):
         fixed, or (default) the one of :data:`FEATURE_WEIGHTS` with the lowest validation loss
