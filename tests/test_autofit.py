@@ -122,3 +122,38 @@ def test_bench_auto_and_ensemble(tmp_path, folder, tiny):
     rows = table.set_index("method")
     assert rows.loc["auto", "chosen"] in ("probe", "lpp") and rows.loc["ensemble", "chosen"] == "ensemble"
     assert 0 <= rows.loc["auto", "accuracy"] <= 1
+
+
+class SteppingClock:
+    """A monotonic clock that moves ``step`` seconds per reading: the budget logic sees slow work
+    without any real waiting, so the outcome does not depend on the machine's speed."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_auto_budget_stops_finetuning_after_one_epoch(monkeypatch, folder):
+    from clipxfer.autofit import select
+    from clipxfer.autofit.run import run_fit
+
+    epochs = []
+    real_watch = select.epoch_watch
+
+    def counting_watch(candidate, folds, deadline):
+        check = real_watch(candidate, folds, deadline)
+        return None if check is None else (lambda record: (epochs.append(record["epoch"]), check(record)))
+
+    monkeypatch.setattr(select, "epoch_watch", counting_watch)
+    monkeypatch.setattr(select, "time", SteppingClock(step=1.0))
+    # 10 epochs per fit x (2 folds + refit): after one epoch at one clock step each, 29 more steps are
+    # needed, more than the 20 s budget leaves; the probe after it still fits in.
+    result = run_fit(folder, shots=2, method="auto", candidates="finetune,probe", folds=2, budget=20,
+                     model="tiny", device="cpu", save=False)
+    rows = {row["candidate"]: row for row in result["candidates"]}
+    assert rows["finetune"]["status"] == "skipped" and "over the time budget" in rows["finetune"]["detail"]
+    assert epochs == [1]
+    assert rows["probe"]["status"] == "ok" and result["chosen"] == "probe"

@@ -15,6 +15,7 @@ from clipxfer.bench import BenchConfig, DatasetSpec, run_bench
 from clipxfer.bench.run import plan_cells
 from clipxfer.cli import main
 from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.errors import ClipxferError
 from clipxfer.heads import load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.clap import CLAPHead, clap_loss_and_gradient, class_penalties, fit_clap
@@ -366,3 +367,50 @@ def test_clap_moves_into_the_probe_features():
     same = ImageEncoding(encoding.embeddings, encoding.embeddings)
     data, _, _ = few_shot_data(same, labels, zeroshot, shots=8)
     assert CLAPHead.fit(data, epochs=5).config["space"] == "shared"
+
+
+# --------------------------------------------------------------------------- choices by validation loss
+
+
+def noisy_draw():
+    """Overlapping clusters (spread 1.5): validation accuracy and loss disagree about the settings."""
+    encoding, labels, zeroshot = clusters(seed=3, n_per_class=30, spread=1.5)
+    return few_shot_data(encoding, labels, zeroshot, shots=8, val_shots=4)
+
+
+def test_probe_chooses_l2_by_validation_loss():
+    from clipxfer.heads.probe import L2_GRID, ProbeHead
+
+    data, _, _ = noisy_draw()
+    by_loss = ProbeHead.fit(data, prior="none")
+    by_accuracy = ProbeHead.fit(data, prior="none", select="accuracy")
+    assert by_loss.config["select"] == "loss" and by_accuracy.config["select"] == "accuracy"
+    # The loss rule ends at or below every grid point's validation loss (the refinement only improves it).
+    grid_losses = [ProbeHead.fit(data, prior="none", l2=value).config["val_loss"] for value in L2_GRID]
+    assert by_loss.config["val_loss"] <= min(grid_losses) + 1e-6
+    assert by_loss.config["val_loss"] <= by_accuracy.config["val_loss"] + 1e-9
+    assert by_accuracy.config["val_accuracy"] >= by_loss.config["val_accuracy"]
+    with pytest.raises(ClipxferError, match="select"):
+        ProbeHead.fit(data, select="vibes")
+
+
+def test_clap_joint_space_chooses_feature_weight_by_validation_loss():
+    from clipxfer.heads.clap import FEATURE_WEIGHT, FEATURE_WEIGHTS, CLAPHead
+
+    data, test, _ = noisy_draw()
+    chosen = CLAPHead.fit(data, epochs=60)
+    assert chosen.config["space"] == "joint" and chosen.config["feature_weight_chosen_on"] == "validation loss"
+    fixed = {w: CLAPHead.fit(data, epochs=60, feature_weight=w) for w in FEATURE_WEIGHTS}
+    best = min(FEATURE_WEIGHTS, key=lambda w: fixed[w].config["val_loss"])
+    assert chosen.config["feature_weight"] == best
+    np.testing.assert_allclose(chosen.logits(test), fixed[best].logits(test), atol=1e-6)
+    # Without validation images nothing is chosen: the default weight.
+    from dataclasses import replace
+
+    bare = replace(data, val=take_rows(data.val, []), val_labels=data.val_labels[:0])
+    assert CLAPHead.fit(bare, epochs=60).config["feature_weight"] == FEATURE_WEIGHT
+
+
+def take_rows(encoding, rows):
+    rows = np.asarray(rows, dtype=np.int64)
+    return ImageEncoding(encoding.embeddings[rows], encoding.features[rows])

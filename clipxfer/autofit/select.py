@@ -61,13 +61,41 @@ class AutoResult:
         return [s.row() for s in self.scores]
 
 
-def fit_candidate(candidate: Candidate, data: FewShotData, images=None) -> Head:
-    """Fit one candidate on ``data`` (``images``: the training and validation images, for fine-tuning)."""
+class OverBudget(Exception):
+    """Raised between fine-tuning epochs when the pace so far says the candidate cannot finish in time."""
+
+
+def fit_candidate(candidate: Candidate, data: FewShotData, images=None, on_epoch=None) -> Head:
+    """Fit one candidate on ``data`` (``images``: the training and validation images, for fine-tuning;
+    ``on_epoch``: called after each fine-tuning epoch)."""
     if candidate.trains_encoder:
         from ..finetune import fit_finetune_head
 
-        return fit_finetune_head(data, images, **candidate.options)
+        return fit_finetune_head(data, images, on_epoch=on_epoch, **candidate.options)
     return fit_head(candidate.method, data, **candidate.options)
+
+
+def epoch_watch(candidate: Candidate, folds: int, deadline: float | None) -> Callable[[dict], None] | None:
+    """For a fine-tuning candidate under a ``deadline``: a callback that raises :class:`OverBudget` as
+    soon as the epochs left (this fold's, the other folds' and the final refit's), at the pace of the
+    epochs so far, cannot end before the deadline. So a budget too small for fine-tuning costs one
+    epoch, not a whole fold."""
+    if not candidate.trains_encoder or deadline is None:
+        return None
+    from ..finetune.settings import make_settings
+
+    per_fit = make_settings(**candidate.options).epochs
+    total = per_fit * (folds + 1)
+    started, done = time.monotonic(), [0]
+
+    def check(record: dict) -> None:
+        done[0] += 1
+        now = time.monotonic()
+        needed = (now - started) / done[0] * (total - done[0])
+        if now + needed > deadline:
+            raise OverBudget(f"over the time budget (~{needed:.0f} s more needed)")
+
+    return check
 
 
 def fold_images(images, fold: Fold):
@@ -91,10 +119,11 @@ def cross_validate(
         return score
     logits = np.zeros((len(labels), len(folds[0].data.classnames)))
     started = time.monotonic()
+    watch = epoch_watch(candidate, len(folds), deadline)
     for done, fold in enumerate(folds, 1):
         try:
             images = fold_images(pooled_images, fold) if candidate.trains_encoder else None
-            head = fit_candidate(candidate, fold.data, images)
+            head = fit_candidate(candidate, fold.data, images, watch)
             if candidate.trains_encoder:
                 heldout = head.encoder.embed_images([pooled_images[i] for i in fold.heldout_rows])
             else:
@@ -102,6 +131,9 @@ def cross_validate(
             logits[fold.heldout_rows] = head.logits(heldout)
         except ClipxferError as error:
             score.status, score.detail = "failed", str(error)
+            return score
+        except OverBudget as reason:
+            score.status, score.detail, score.seconds = "skipped", str(reason), time.monotonic() - started
             return score
         fold_labels = labels[fold.heldout_rows]
         score.fold_accuracies.append(float((logits[fold.heldout_rows].argmax(1) == fold_labels).mean()))

@@ -173,7 +173,7 @@ def lpp(epochs, alpha_init, **kwargs):
                    "shots (fit) or at the model's logit scale (model, the authors' rule).")
 def clap(epochs, lr, space, penalty_temperature, **kwargs):
     """CLAP: a linear probe started at the zero-shot weights and held near them by per-class
-    penalties set from the shots (no validation search).
+    penalties set from the shots (with lite, the features' weight is chosen on the validation images).
 
     Example: clipxfer clap fashion-mnist --shots 16 --model lite --out clap.safetensors
     """

@@ -3,7 +3,7 @@ and return both as one :class:`~clipxfer.heads.finetune.FinetuneHead` (the adapt
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..encoders.ids import weights_id
 from ..errors import ClipxferError
@@ -18,14 +18,17 @@ def fit_finetune_head(
     data: FewShotData,
     images: tuple[Sequence[ImageLike], Sequence[ImageLike]] | None,
     progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
     **settings: Any,
 ) -> FinetuneHead:
     """Fine-tune ``data.encoder`` on ``images = (train, val)`` (the images behind ``data.train`` and
     ``data.val``); ``settings`` are :class:`~clipxfer.finetune.settings.FinetuneSettings` fields. The
-    head carries the adapted encoder as ``head.encoder`` so the caller can encode test images."""
+    head carries the adapted encoder as ``head.encoder`` so the caller can encode test images.
+    ``on_epoch`` is called with each epoch's record (it may raise to stop the training)."""
     if images is None:
         raise ClipxferError("finetune needs the training and validation images, not only their features")
-    result = finetune_encoder(data, images[0], images[1], make_settings(**settings), progress=progress)
+    result = finetune_encoder(data, images[0], images[1], make_settings(**settings), progress=progress,
+                               on_epoch=on_epoch)
     config = {
         "variant": f"finetune-{result.settings.strategy}",
         "base_model_id": weights_id(data.encoder.id),
