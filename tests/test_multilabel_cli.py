@@ -52,6 +52,19 @@ def test_manifest_label_column_holds_several_labels(tmp_path, digit_mosaics):
     assert set(back.splits) == {"train", "val", "test"}
 
 
+def test_mosaics_command_writes_a_seeded_multi_label_folder(tmp_path):
+    runner = CliRunner()
+    for name in ("a", "b"):
+        written = runner.invoke(main, ["mosaics", "digits", str(tmp_path / name), "--train", "6", "--val", "4",
+                                       "--test", "3", "--seed", "5"])
+        assert written.exit_code == 0, written.output
+    first, second = (load_dataset(tmp_path / n / "manifest.csv", multi_label=True) for n in ("a", "b"))
+    np.testing.assert_array_equal(first.targets, second.targets)
+    assert list(first.splits).count("test") == 3 and first.targets.sum(1).min() >= 1
+    refused = runner.invoke(main, ["mosaics", str(tmp_path / "a" / "manifest.csv"), str(tmp_path / "c")])
+    assert refused.exit_code == 2 and "built-in" in refused.output
+
+
 def test_conformal_label_thresholds_by_hand_and_their_miss_rate():
     scores = np.arange(1, 20) / 20.0  # 19 positives of one label: at alpha 0.1, floor(0.1 * 20) = 2nd smallest
     targets = np.ones((19, 1), np.uint8)
@@ -85,9 +98,11 @@ def test_probe_predict_classify_and_bench_multi_label(digit_mosaics, tiny, tmp_p
     again = runner.invoke(main, ["probe", str(manifest), "--multi-label", "--shots", "4", "--model", "tiny",
                                  "--out", str(head)])
     assert again.exit_code == 2 and "--force" in again.output  # nothing stored is overwritten
-    as_json = json.loads(runner.invoke(main, ["probe", str(manifest), "--multi-label", "--shots", "4", "--model",
-                                              "tiny", "--no-save", "--json"]).output)
+    as_json = json.loads(runner.invoke(main, ["probe", str(manifest.parent), "--multi-label", "--shots", "4",
+                                              "--model", "tiny", "--no-save", "--json"]).output)  # the mosaic folder
     assert set(as_json["probe"]) >= {"map", "per_label_ap", "micro_f1", "macro_f1"} and as_json["num_test"] == 30
+    assert as_json["dataset"] == manifest.parent.name
+    assert set(as_json["conformal"]["per_label_miss_rate"]) <= set(parts["test"].classnames)
 
     test_folder = manifest.parent / "test"
     predicted = runner.invoke(main, ["predict", str(head), str(test_folder), "--multi-label", "--conformal", "0.2",
@@ -129,6 +144,8 @@ def test_probe_predict_classify_and_bench_multi_label(digit_mosaics, tiny, tmp_p
 
     table = pd.read_csv(tmp_path / "bench" / "multilabel_results.csv")
     assert list(table["method"]) == ["zeroshot", "probe"] and table["map"].between(0, 1).all()
+    assert table["conformal_set_size"].isna().tolist() == [True, False]  # sets for the calibrated probe only
+    assert "label miss rate" in (tmp_path / "bench" / "multilabel_summary.md").read_text()
     bad = tmp_path / "bad.toml"
     bad.write_text(config.read_text().replace('task = "multilabel"', 'task = "multilabel"\nmethods = ["tip"]'))
     refused = runner.invoke(main, ["bench", str(bad)])

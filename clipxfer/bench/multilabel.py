@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from ..encoders.base import Encoder
-from ..fewshot.multilabel import run_multilabel
+from ..fewshot.multilabel import CONFORMAL_ALPHA, run_multilabel
 from ..paths import atomic_write_bytes
 from .config import BenchConfig
 
-COLUMNS = ["dataset", "method", "shots", "seed", "map", "micro_f1", "macro_f1", "val_map", "n_train", "n_test",
-           "model_id"]
+COLUMNS = ["dataset", "method", "shots", "seed", "map", "micro_f1", "macro_f1", "val_map", "conformal_mean_miss",
+           "conformal_max_miss", "conformal_set_size", "n_train", "n_test", "model_id"]
 
 
 def run_multilabel_bench(config: BenchConfig, out_dir: str | Path, encoder: Encoder | None = None) -> pd.DataFrame:
@@ -37,9 +37,12 @@ def run_multilabel_bench(config: BenchConfig, out_dir: str | Path, encoder: Enco
                                         templates=spec.templates, test_count=spec.max_test or 500)
                 for method in config.methods:
                     test, val = result[method], result[f"val_{method}"]
+                    conformal = result["conformal"] if method == "probe" else {}  # sets need a calibrated head
                     rows.append({"dataset": spec.label, "method": method, "shots": shots, "seed": seed,
                                  "map": test["map"], "micro_f1": test["micro_f1"], "macro_f1": test["macro_f1"],
-                                 "val_map": val["map"], "n_train": result["num_train"],
+                                 "val_map": val["map"], "conformal_mean_miss": conformal.get("mean_miss_rate"),
+                                 "conformal_max_miss": conformal.get("max_miss_rate"),
+                                 "conformal_set_size": conformal.get("mean_set_size"), "n_train": result["num_train"],
                                  "n_test": result["num_test"], "model_id": encoder.id})
                 table = pd.DataFrame(rows, columns=COLUMNS)
                 atomic_write_bytes(out / "multilabel_results.csv", table.to_csv(index=False).encode())
@@ -52,7 +55,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of mAP and micro/macro F1 per dataset, method and shots."""
     grouped = table.groupby(["dataset", "method", "shots"], as_index=False, sort=False).agg(
         map_mean=("map", "mean"), map_std=("map", "std"), micro_f1=("micro_f1", "mean"),
-        macro_f1=("macro_f1", "mean"), seeds=("seed", "nunique"), n_test=("n_test", "first"))
+        macro_f1=("macro_f1", "mean"), miss=("conformal_mean_miss", "mean"), worst=("conformal_max_miss", "max"),
+        set_size=("conformal_set_size", "mean"), seeds=("seed", "nunique"), n_test=("n_test", "first"))
     grouped["map_std"] = grouped["map_std"].fillna(0.0)
     return grouped
 
@@ -61,9 +65,13 @@ def summary_markdown(table: pd.DataFrame) -> str:
     """One markdown table: dataset, method, shots, mAP (mean +- std), micro-F1, macro-F1."""
     lines = ["# Multi-label benchmark summary", "",
              f"Model: `{', '.join(sorted(table['model_id'].astype(str).unique()))}`. Test mAP (mean +- std over seeds) "
-             "and micro/macro F1 at the per-label thresholds chosen on validation.", "",
-             "| dataset | method | shots | mAP | micro-F1 | macro-F1 | n_test |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "and micro/macro F1 at the per-label thresholds chosen on validation; for the probe, its per-label "
+             f"conformal sets at alpha {CONFORMAL_ALPHA} on test: per-label miss rate (mean over labels and seeds, "
+             "worst label and seed) and mean set size.", "",
+             "| dataset | method | shots | mAP | micro-F1 | macro-F1 | label miss rate (mean / worst) | set size | n_test |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summarize(table).itertuples():
+        sets = ("-", "-") if pd.isna(r.miss) else (f"{r.miss:.3f} / {r.worst:.3f}", f"{r.set_size:.2f}")
         lines.append(f"| {r.dataset} | {r.method} | {r.shots} | {r.map_mean:.3f} +- {r.map_std:.3f} | "
-                     f"{r.micro_f1:.3f} | {r.macro_f1:.3f} | {r.n_test} |")
+                     f"{r.micro_f1:.3f} | {r.macro_f1:.3f} | {sets[0]} | {sets[1]} | {r.n_test} |")
     return "\n".join(lines) + "\n"

@@ -102,6 +102,29 @@ def probe(prior, l2, init, multi_label, **kwargs):
     _run("probe", prior=prior, l2=l2, **({"init": init} if init else {}), **kwargs)
 
 
+@main.command()
+@click.argument("data")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--train", type=int, default=160, show_default=True, help="Training mosaics.")
+@click.option("--val", type=int, default=40, show_default=True, help="Validation mosaics (thresholds, calibration).")
+@click.option("--test", type=int, default=500, show_default=True,
+              help="Test mosaics, made of the held-out test images only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw.")
+@click.option("--grid", type=int, default=2, show_default=True, help="Tiles per side.")
+@click.option("--max-classes", type=int, default=3, show_default=True, help="Most distinct classes in one mosaic.")
+def mosaics(data, folder, train, val, test, seed, grid, max_classes):
+    """Write multi-label images made of real ones: seeded GRIDxGRID mosaics of a built-in dataset's
+    images (fashion-mnist, digits, mnist-5k) whose labels are the classes present, with
+    FOLDER/manifest.csv (path,label a|b,split) for the --multi-label commands.
+
+    Example: clipxfer mosaics digits digit-mosaics/ --seed 0 && clipxfer probe digit-mosaics/ --multi-label --shots 16
+    """
+    from ..fewshot.multilabel import build_mosaic_folder
+
+    manifest = build_mosaic_folder(data, folder, train, val, test, seed, grid, max_classes)
+    click.echo(f"wrote {train + val + test} mosaics and {manifest}")
+
+
 def _run_multilabel(data, shots, seed, out, force, templates, index_path, max_test, classes, transductive, no_save,
                     as_json, model, device, precision, l2, refused):
     from ..datasets.prompts import load_classnames
@@ -134,6 +157,10 @@ def _run_multilabel(data, shots, seed, out, force, templates, index_path, max_te
         shown = [f"{r['per_label_ap'][name]:.4f}" if r["per_label_ap"][name] is not None else "  -   "
                  for r in (result["zeroshot"], result["probe"])]
         click.echo(f"    {name:<{width}}  {shown[0]}  {shown[1]}")
+    conformal = result["conformal"]
+    click.echo(f"  conformal label sets at alpha {conformal['alpha']} on test: miss rate per label mean "
+               f"{conformal['mean_miss_rate']:.4f}, worst {conformal['max_miss_rate']:.4f}; mean set size "
+               f"{conformal['mean_set_size']:.2f} ('predict --conformal ALPHA')")
     if result["head"]:
         click.echo(f"  head: {result['head']}")
 
