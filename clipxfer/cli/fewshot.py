@@ -115,9 +115,10 @@ def probe(prior, l2, init, multi_label, **kwargs):
 def mosaics(data, folder, train, val, test, seed, grid, max_classes):
     """Write multi-label images made of real ones: seeded GRIDxGRID mosaics of a built-in dataset's
     images (fashion-mnist, digits, mnist-5k) whose labels are the classes present, with
-    FOLDER/manifest.csv (path,label a|b,split) for the --multi-label commands.
+    FOLDER/manifest.csv (path,label a|b,split) for the --multi-label commands, e.g.
+    'clipxfer probe digit-mosaics/ --multi-label --shots 16'.
 
-    Example: clipxfer mosaics digits digit-mosaics/ --seed 0 && clipxfer probe digit-mosaics/ --multi-label --shots 16
+    Example: clipxfer mosaics digits digit-mosaics/ --seed 0 --test 500
     """
     from ..fewshot.multilabel import build_mosaic_folder
 
