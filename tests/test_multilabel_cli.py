@@ -152,6 +152,7 @@ def test_probe_predict_classify_and_bench_multi_label(digit_mosaics, tiny, tmp_p
     assert refused.exit_code == 2 and "choose from zeroshot, probe" in refused.output
 
 
+@pytest.mark.slow  # fits a lite head on digit mosaics and serves the lite sample-photo index
 def test_serve_classify_with_a_multi_label_head(sample_photo_index, sample_photos_dir, lite, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
