@@ -61,6 +61,10 @@ METHODS: dict[str, tuple[str, dict]] = {
                              ("coop", {}), ("mix", {}), ("lpp", {}), ("clap", {}))},
 }
 DEFAULT_METHODS = ["zeroshot", "probe", "tip", "tipf", "mix"]
+#: What a benchmark measures: single-label accuracy (classify) or multi-label mAP and F1 (multilabel:
+#: mosaics of a built-in dataset's images, or a multi-label manifest), whose methods are these.
+TASKS = ("classify", "multilabel")
+MULTILABEL_METHODS = ("zeroshot", "probe")
 DEFAULT_SHOTS = [1, 2, 4, 8, 16]
 DEFAULT_SEEDS = [1, 2, 3]
 DEFAULT_MAX_TEST = 2000
@@ -117,6 +121,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = tuple(DEFAULT_SEEDS)
     model: str | None = None
     method_options: dict = field(default_factory=dict)
+    task: str = "classify"
 
     def mistakes(self, need_datasets: bool = True) -> list[str]:
         """One line per bad value (types, ranges, unknown names); ``need_datasets=False`` while the
@@ -126,8 +131,15 @@ class BenchConfig:
             found.append("no dataset given: pass --data NAME|PATH or list [[datasets]] in the config file")
         for number, spec in enumerate(self.datasets, 1):
             found.extend(spec.mistakes(f"dataset {number}"))
+        if self.task not in TASKS:
+            found.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if not _is_list_of(self.methods, str):
             found.append(f"methods must be a list of method names, got {self.methods!r}")
+        elif self.task == "multilabel":
+            unknown = [m for m in self.methods if m not in MULTILABEL_METHODS]
+            if unknown or not self.methods:
+                found.append(f"task multilabel: method(s) {', '.join(unknown) or '(none)'} unknown; choose from "
+                             f"{', '.join(MULTILABEL_METHODS)}")
         else:
             unknown = [m for m in self.methods if m not in METHODS]
             if unknown:
@@ -265,7 +277,7 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
         raise ClipxferError(f"{option} '{text}': expected comma-separated whole numbers like 1,2,4") from None
 
 
-_TOP_KEYS = {"model", "methods", "shots", "seeds", "datasets", "method_options"}
+_TOP_KEYS = {"model", "methods", "shots", "seeds", "datasets", "method_options", "task"}
 _DATASET_KEYS = {"source", "name", "classes", "templates", "max_test"}
 
 
@@ -308,9 +320,11 @@ def load_config(path: str | Path) -> BenchConfig:
         )
         found.extend(spec.mistakes(f"[[datasets]] entry {number}"))
         datasets.append(spec)
+    task = raw.get("task", "classify")
     config = BenchConfig(
         datasets=tuple(datasets),
-        methods=_as_tuple(raw.get("methods", DEFAULT_METHODS)),
+        task=task,
+        methods=_as_tuple(raw.get("methods", MULTILABEL_METHODS if task == "multilabel" else DEFAULT_METHODS)),
         shots=_as_tuple(raw.get("shots", DEFAULT_SHOTS)),
         seeds=_as_tuple(raw.get("seeds", DEFAULT_SEEDS)),
         model=raw.get("model"),

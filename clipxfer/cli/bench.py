@@ -28,8 +28,11 @@ from .group import main
 @click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--meta", "meta", type=click.Path(dir_okay=False), default=None,
               help="Meta-trained head (clipxfer meta-train) for the meta-probe and meta-coop methods.")
-@click.option("--task", type=click.Choice(["classify", "anomaly"]), default="classify", show_default=True,
-              help="anomaly: detectors over good shots (default 1,4,16) x seeds on --data anomaly sets "
+@click.option("--task", type=click.Choice(["classify", "multilabel", "anomaly"]), default=None,
+              help="classify (default, or the config's task); multilabel: zeroshot vs the multi-label probe "
+                   "(mAP, micro/macro F1) on seeded 2x2 mosaics of built-in datasets or on multi-label "
+                   "manifests, writes multilabel_results.csv, multilabel_summary.md; "
+                   "anomaly: detectors over good shots (default 1,4,16) x seeds on --data anomaly sets "
                    "(train/good + test/, e.g. 'clipxfer anomaly textures'); writes anomaly_results.csv, anomaly_summary.md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON.")
 def bench(config_file, data, methods, shots, seeds, model, runtime, precision, templates, max_test, meta, out_dir, task,
@@ -55,6 +58,11 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
     from ..bench.run import run_bench
 
     config = load_config(config_file) if config_file else BenchConfig(datasets=())
+    if task == "multilabel" and config.task != "multilabel" and not methods:
+        from ..bench.config import MULTILABEL_METHODS
+
+        config = with_overrides(config, methods=MULTILABEL_METHODS)  # the classify defaults do not apply
+    config = with_overrides(config, task=task)
     datasets = tuple(
         DatasetSpec(source=d, templates=templates or "simple", max_test=DEFAULT_MAX_TEST if max_test is None else max_test) for d in data
     )
@@ -76,12 +84,25 @@ def bench(config_file, data, methods, shots, seeds, model, runtime, precision, t
         from ..encoders import load_encoder
 
         encoder = load_encoder(config.model, precision=join_compute(runtime, precision))
+    if config.task == "multilabel":
+        return _multilabel_bench(config, out_dir, encoder, as_json)
     table = run_bench(config, out_dir, encoder=encoder)
     if as_json:
         emit_json(summarize(table).to_dict(orient="records"))
     else:
         click.echo(Path(out_dir, "summary.md").read_text())
         click.echo(f"wrote {out_dir}/results.csv, summary.md, plot.png")
+
+
+def _multilabel_bench(config, out_dir, encoder, as_json):
+    from ..bench.multilabel import run_multilabel_bench, summarize
+
+    table = run_multilabel_bench(config, out_dir, encoder=encoder)
+    if as_json:
+        emit_json(summarize(table).to_dict(orient="records"))
+    else:
+        click.echo(Path(out_dir, "multilabel_summary.md").read_text())
+        click.echo(f"wrote {out_dir}/multilabel_results.csv, multilabel_summary.md")
 
 
 def _anomaly_bench(data, shots, seeds, model, out_dir, as_json, methods=None):

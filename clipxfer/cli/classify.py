@@ -33,12 +33,18 @@ from .group import main
 @click.option("--transductive", is_flag=True,
               help="Refine the predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys below).")
+@click.option("--multi-label", is_flag=True,
+              help="Give each image every label whose per-label sigmoid of the text scores reaches --threshold "
+                   "(0.5: the label beats the uniform guess 1/C), with a probability per label.")
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="With --multi-label: the per-label probability a label needs.")
 @fail_fast_option
 @conformal_options
 @model_options
 @filter_options
 def classify(folder, index_path, classes, templates, descriptions, top_k, out, plot, save_head, force, transductive,
-             as_json, fail_fast, conformal, calibrate, conformal_score, reject, model, device, precision, filters):
+             as_json, multi_label, threshold, fail_fast, conformal, calibrate, conformal_score, reject, model, device,
+             precision, filters):
     """Zero-shot classify the images in FOLDER, or in an index with --index.
 
     Each class becomes prompts (every template, plus its descriptions if given); an image gets the
@@ -70,6 +76,12 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
     probability >= 1-ALPHA: calibrated on --calibrate DATA, or on a random half of a labelled
     FOLDER (coverage is then measured on the other half).
 
+    With --multi-label each image gets every label whose probability C*s/(1+C*s) (s: its softmax
+    probability among C labels; the sigmoid of its text score against the uniform guess) reaches
+    --threshold; --json then prints source, model, classes, multi_label, threshold, n, labelled,
+    report (labelled folders: map, per_label_ap, micro_f1, macro_f1) and predictions [{path, labels,
+    probabilities}]; --out writes path[,label],labels,p:CLASS...
+
     Example: clipxfer classify parts/ --classes "ok,scratch,dent" --templates industrial --out preds.csv
     """
     from ..classify.run import classify_folder, classify_index, conformalize
@@ -82,6 +94,15 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
         raise ClipxferError("--path, --modified-* and --min-* filter an index: use them with --index PATH")
     class_list = load_classnames(classes) if classes else None
     load_templates(templates)  # a bad set name fails before a model loads
+    if multi_label:
+        refused = {"--transductive": transductive, "--conformal": conformal is not None, "--plot": plot,
+                   "--save-head": save_head}
+        given = [name for name, value in refused.items() if value]
+        if given:
+            raise ClipxferError(f"{', '.join(given)} do(es) not go with --multi-label; drop them (for label sets, "
+                                "fit a head with 'clipxfer probe --multi-label' and use 'predict --conformal')")
+        if not 0 < threshold < 1:
+            raise ClipxferError(f"--threshold must be between 0 and 1 (exclusive), not {threshold}")
     if conformal is None and (calibrate or reject):
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
     if save_head:
@@ -104,6 +125,8 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
         result = classify_folder(encoder, folder, class_list, templates, descriptions, progress=True,
                                  transductive=transductive, fail_fast=fail_fast)
         report_skipped(result.skipped)
+    if multi_label:
+        return _multilabel(result, threshold, out, as_json)
     if conformal is not None:
         conformalize(result, conformal, calibrate, conformal_score, reject, encoder)
     written = {"out": None, "plot": None, "head": None}
@@ -117,6 +140,35 @@ def classify(folder, index_path, classes, templates, descriptions, top_k, out, p
         emit_json({**result.summary(top_k), **written})
         return
     _print_result(result, top_k, written)
+
+
+def _multilabel(result, threshold: float, out, as_json: bool) -> None:
+    from ..classify.multilabel import as_multilabel
+    from ..errors import ClipxferError
+
+    labelled = as_multilabel(result, threshold)
+    if out:
+        try:
+            labelled.table().to_csv(out, index=False)
+        except OSError as exc:
+            raise ClipxferError(f"{out}: cannot write the predictions ({exc.strerror})") from None
+    if as_json:
+        emit_json({**labelled.summary(), "out": out or None})
+        return
+    click.echo(f"{labelled.source}: {len(labelled.paths)} images, {len(labelled.classnames)} labels, per-label "
+               f"threshold {threshold}, model {labelled.model}")
+    report = labelled.report
+    if report is not None:
+        click.echo(f"mAP        {report['map']:.4f}\nmicro-F1   {report['micro_f1']:.4f}\n"
+                   f"macro-F1   {report['macro_f1']:.4f}\nper-label AP:")
+        width = max(len(name) for name in labelled.classnames)
+        for name, ap in report["per_label_ap"].items():
+            click.echo(f"  {name:<{width}}  {'   -  ' if ap is None else f'{ap:.4f}'}")
+    elif not out:
+        for path, names in zip(labelled.paths, labelled.label_names()):
+            click.echo(f"{'|'.join(names) or '-'}\t{path}")
+    if out:
+        click.echo(f"wrote predictions to {out}")
 
 
 def _print_result(result, top_k: int, written: dict) -> None:

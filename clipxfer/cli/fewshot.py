@@ -86,12 +86,84 @@ def _run(method: str, data, shots, seed, out, force, templates, index_path, max_
 @click.option("--l2", type=float, default=None, help="Fixed L2 strength instead of the validation sweep.")
 @click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
               help="Start from a meta-trained head (clipxfer meta-train).")
-def probe(prior, l2, init, **kwargs):
+@click.option("--multi-label", is_flag=True,
+              help="One sigmoid per label: DATA is a manifest whose label cells may hold several labels "
+                   "(a|b), or a built-in dataset trained on its seeded 2x2 mosaics; K is shots per label.")
+def probe(prior, l2, init, multi_label, **kwargs):
     """Linear probe (logistic regression) on DATA with K shots per class.
+
+    With --multi-label: per-label sigmoid heads, per-label thresholds chosen on validation images,
+    and mAP, per-label AP and micro/macro F1 printed for validation and test (zero-shot beside it).
 
     Example: clipxfer probe my_defects/ --shots 16 --seed 0 --model lite --out probe.safetensors
     """
+    if multi_label:
+        return _run_multilabel(l2=l2, refused={"--init": init, "--prior": prior != "auto"}, **kwargs)
     _run("probe", prior=prior, l2=l2, **({"init": init} if init else {}), **kwargs)
+
+
+@main.command()
+@click.argument("data")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--train", type=int, default=160, show_default=True, help="Training mosaics.")
+@click.option("--val", type=int, default=40, show_default=True, help="Validation mosaics (thresholds, calibration).")
+@click.option("--test", type=int, default=500, show_default=True,
+              help="Test mosaics, made of the held-out test images only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw.")
+@click.option("--grid", type=int, default=2, show_default=True, help="Tiles per side.")
+@click.option("--max-classes", type=int, default=3, show_default=True, help="Most distinct classes in one mosaic.")
+def mosaics(data, folder, train, val, test, seed, grid, max_classes):
+    """Write multi-label images made of real ones: seeded GRIDxGRID mosaics of a built-in dataset's
+    images (fashion-mnist, digits, mnist-5k) whose labels are the classes present, with
+    FOLDER/manifest.csv (path,label a|b,split) for the --multi-label commands, e.g.
+    'clipxfer probe digit-mosaics/ --multi-label --shots 16'.
+
+    Example: clipxfer mosaics digits digit-mosaics/ --seed 0 --test 500
+    """
+    from ..fewshot.multilabel import build_mosaic_folder
+
+    manifest = build_mosaic_folder(data, folder, train, val, test, seed, grid, max_classes)
+    click.echo(f"wrote {train + val + test} mosaics and {manifest}")
+
+
+def _run_multilabel(data, shots, seed, out, force, templates, index_path, max_test, classes, transductive, no_save,
+                    as_json, model, device, precision, l2, refused):
+    from ..datasets.prompts import load_classnames
+    from ..errors import ClipxferError
+    from ..fewshot.multilabel import run_multilabel
+
+    refused = {**refused, "--index": index_path, "--transductive": transductive}
+    given = [name for name, value in refused.items() if value]
+    if given:
+        raise ClipxferError(f"{', '.join(given)} do(es) not go with --multi-label; drop them")
+    result = run_multilabel(data, shots, seed, model=model, out=out, force=force, save=not no_save,
+                            templates=templates, classes=load_classnames(classes) if classes else None,
+                            test_count=max_test or 500, device=device, precision=precision, progress=not as_json,
+                            l2=l2)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"multilabel-probe: {shots} shots/label, seed {seed}, {len(result['classes'])} labels, "
+               f"{result['num_train']} train / {result['num_val']} validation / {result['num_test']} test images "
+               f"({result['model']}; {result['dataset']})")
+    click.echo(f"  {'':<10} {'validation mAP':>14} {'micro-F1':>8} {'macro-F1':>8}   {'test mAP':>8} "
+               f"{'micro-F1':>8} {'macro-F1':>8}")
+    for name, key in (("zero-shot", "zeroshot"), ("probe", "probe")):
+        val, test = result[f"val_{key}"], result[key]
+        click.echo(f"  {name:<10} {val['map']:>14.4f} {val['micro_f1']:>8.4f} {val['macro_f1']:>8.4f}   "
+                   f"{test['map']:>8.4f} {test['micro_f1']:>8.4f} {test['macro_f1']:>8.4f}")
+    click.echo("  per-label AP on test (zero-shot, probe):")
+    width = max(len(name) for name in result["classes"])
+    for name in result["classes"]:
+        shown = [f"{r['per_label_ap'][name]:.4f}" if r["per_label_ap"][name] is not None else "  -   "
+                 for r in (result["zeroshot"], result["probe"])]
+        click.echo(f"    {name:<{width}}  {shown[0]}  {shown[1]}")
+    conformal = result["conformal"]
+    click.echo(f"  conformal label sets at alpha {conformal['alpha']} on test: miss rate per label mean "
+               f"{conformal['mean_miss_rate']:.4f}, worst {conformal['max_miss_rate']:.4f}; mean set size "
+               f"{conformal['mean_set_size']:.2f} ('predict --conformal ALPHA')")
+    if result["head"]:
+        click.echo(f"  head: {result['head']}")
 
 
 @main.command()
@@ -189,26 +261,41 @@ def clap(epochs, lr, space, penalty_temperature, **kwargs):
 @click.option("--transductive", is_flag=True,
               help="Refine the head's predictions with TransCLIP over all the images classified together.")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON.")
+@click.option("--multi-label", is_flag=True,
+              help="Expect a multi-label HEAD (probe --multi-label; one is used so without this flag too): "
+                   "each image gets every label at or above its threshold, and a score per label.")
 @fail_fast_option
 @conformal_options
 @model_options
-def predict(head, folder, index_path, out, transductive, as_json, fail_fast, conformal, calibrate, conformal_score,
-            reject, model, device, precision):
+def predict(head, folder, index_path, out, transductive, as_json, multi_label, fail_fast, conformal, calibrate,
+            conformal_score, reject, model, device, precision):
     """Classify the images in FOLDER (or --index PATH) with a saved HEAD.
 
     With --conformal ALPHA each image also gets a prediction set holding its true class with
     probability >= 1-ALPHA, calibrated on the head's validation images (or --calibrate DATA);
     --reject decides 'unknown' when the set holds more than one class.
 
+    A multi-label HEAD gives each image its labels (those at or above their threshold, a|b) and a
+    probability per label; with --conformal ALPHA its set holds each label the image has with
+    probability >= 1-ALPHA, per label (label-conditional conformal on the validation images).
+
     Example: clipxfer predict probe.safetensors new_parts/ --conformal 0.1 --reject --out preds.csv
     """
     from ..errors import ClipxferError
     from ..fewshot.predict import encoder_for_head, predict_sets
     from ..fewshot.predict import predict as run_predict
+    from ..heads.base import read_head_metadata
     from ..paths import atomic_write_bytes, path_text
 
     if conformal is None and (calibrate or reject):
         raise ClipxferError("--calibrate and --reject go with --conformal ALPHA (e.g. --conformal 0.1)")
+    is_multi_label = bool((read_head_metadata(head).get("config") or {}).get("multi_label"))
+    if multi_label and not is_multi_label:
+        raise ClipxferError(f"{head}: a single-label head; --multi-label needs one fitted with "
+                            "'clipxfer probe --multi-label'")
+    if is_multi_label:
+        return _predict_multilabel(head, folder, index_path, out, as_json, fail_fast, conformal, calibrate, reject,
+                                   transductive, model, device, precision)
     if conformal is not None and calibrate is not None:  # a class mismatch is found before any encoding
         from ..calibrate.sets import check_calibration_data
         from ..heads.base import read_head_metadata
@@ -257,5 +344,62 @@ def predict(head, folder, index_path, out, transductive, as_json, fail_fast, con
         summary = sets.summary()
         click.echo(f"conformal sets at alpha {sets.alpha} ({sets.score}, calibrated on {sets.calibration_source}): "
                    f"mean set size {summary['mean_set_size']:.2f}", err=True)
+    if out:
+        click.echo(f"wrote predictions to {out}")
+
+
+def _write_table(table, probs, classnames, out):
+    from ..paths import atomic_write_bytes
+
+    full = table.copy()
+    for i, name in enumerate(classnames):
+        full[f"p:{name}"] = probs[:, i]
+    buffer = io.StringIO()
+    full.to_csv(buffer, index=False)
+    atomic_write_bytes(out, buffer.getvalue().encode())
+
+
+def _predict_multilabel(head, folder, index_path, out, as_json, fail_fast, conformal, calibrate, reject, transductive,
+                        model, device, precision):
+    from ..errors import ClipxferError
+    from ..fewshot.predict import encoder_for_head, label_names, predict_label_sets
+    from ..fewshot.predict import predict as run_predict
+    from ..paths import path_text
+
+    if reject or transductive:
+        raise ClipxferError(f"{'--reject' if reject else '--transductive'} does not go with a multi-label head; drop it")
+    encoder = encoder_for_head(head, model, device, precision)
+    skipped = None if fail_fast else []
+    fitted, table, probs = run_predict(head, folder, index_path, encoder=encoder, progress=not as_json, skipped=skipped)
+    report_skipped(skipped)
+    if conformal is not None:
+        table["set"] = label_names(predict_label_sets(fitted, probs, conformal, encoder, calibrate), fitted.classnames)
+    if out:
+        _write_table(table, probs, fitted.classnames, out)
+    if as_json:
+        rows = []
+        for i, row in enumerate(table.itertuples()):
+            item = {"path": row.path, "labels": [n for n in row.label.split("|") if n],
+                    "probabilities": {n: float(p) for n, p in zip(fitted.classnames, probs[i])}}
+            if conformal is not None:
+                item["set"] = [n for n in row.set.split("|") if n]
+            rows.append(item)
+        calibration = (fitted.config.get("label_calibration") or {}).get("source")
+        emit_json({
+            "head": str(head), "method": fitted.method, "model": fitted.model_id, "classes": fitted.classnames,
+            "multi_label": True, "thresholds": dict(zip(fitted.classnames, map(float, fitted.weights["thresholds"]))),
+            "conformal": {"alpha": conformal, "method": "label-conditional", "calibration_source": calibration}
+            if conformal is not None else None,
+            "predictions": rows, "skipped": [{"path": path_text(f.path), "reason": f.reason} for f in skipped or []],
+        })
+        return
+    if not out:
+        for row in table.itertuples():
+            extra = f"\t{{{row.set.replace('|', ', ')}}}" if conformal is not None else ""
+            click.echo(f"{row.label or '-'}\t{row.probability:.3f}{extra}\t{row.path}")
+    if conformal is not None:
+        sizes = [len([n for n in s.split("|") if n]) for s in table["set"]]
+        click.echo(f"conformal label sets at alpha {conformal} (per label, label-conditional): mean set size "
+                   f"{sum(sizes) / max(len(sizes), 1):.2f}", err=True)
     if out:
         click.echo(f"wrote predictions to {out}")

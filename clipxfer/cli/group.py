@@ -12,7 +12,7 @@ from .common import ErrorReportingGroup
 PANELS = {
     "Index & search": ["index", "search", "info", "dups", "embed", "export-embeddings", "sample-photos"],
     "Classify": ["classify", "predict", "prompts", "models"],
-    "Adapt": ["fit", "probe", "tip", "coop", "mix", "lpp", "clap", "finetune", "adapt", "meta-train"],
+    "Adapt": ["fit", "probe", "mosaics", "tip", "coop", "mix", "lpp", "clap", "finetune", "adapt", "meta-train"],
     "Inspect": ["anomaly"],
     "Deploy": ["export", "watch"],
     "Benchmark": ["bench", "bench-episodes"],

@@ -33,7 +33,9 @@ class LabelledImages:
 
     ``sources`` are file paths or ``uint8`` arrays; ``keys`` are stable strings naming each
     item (a path, or ``dataset:split:row``) used for manifests and feature caches; ``splits``
-    is ``'train'``, ``'val'``, ``'test'`` or ``''`` (unassigned) per item.
+    is ``'train'``, ``'val'``, ``'test'`` or ``''`` (unassigned) per item. Multi-label sets (a
+    manifest read with ``multi_label=True``) also have ``targets``: ``(n, num_classes)`` 0/1, one
+    row per item; their ``labels`` are then each item's first label.
     """
 
     name: str
@@ -42,6 +44,7 @@ class LabelledImages:
     labels: np.ndarray
     keys: list[str]
     splits: np.ndarray = field(default=None)  # type: ignore[assignment]
+    targets: np.ndarray | None = None
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -50,6 +53,10 @@ class LabelledImages:
         self.splits = np.asarray(self.splits, dtype=object)
         if not (len(self.sources) == len(self.labels) == len(self.keys) == len(self.splits)):
             raise ValueError("sources, labels, keys and splits must have the same length")
+        if self.targets is not None:
+            self.targets = np.asarray(self.targets, dtype=np.uint8)
+            if self.targets.shape != (len(self.labels), len(self.classnames)):
+                raise ValueError("targets must be (items, classes)")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,6 +71,7 @@ class LabelledImages:
             labels=self.labels[indices],
             keys=[self.keys[i] for i in indices],
             splits=self.splits[indices],
+            targets=None if self.targets is None else self.targets[indices],
         )
 
     def split(self, name: str) -> "LabelledImages":
@@ -180,12 +188,40 @@ def manifest_paths(manifest: str | os.PathLike) -> list[Path]:
     return [manifest_source(manifest, cell_text(raw)) for raw in table["path"]]
 
 
-def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
+#: What separates the labels of one image in a multi-label manifest's ``label`` cell (``cat|dog``).
+LABEL_SEPARATOR = "|"
+
+
+def label_cells(table: pd.DataFrame, manifest: Path, multi_label: bool) -> list[list[str]]:
+    """The labels of each row: one per cell, or with ``multi_label`` the cell split on ``|`` (spaces
+    around each label dropped, empty parts ignored). A ``|`` in a single-label cell is one clear error:
+    class names may not hold it, since multi-label manifests and prediction sets use it to separate."""
+    rows = []
+    for row, cell in enumerate(table["label"]):
+        if not multi_label:
+            if LABEL_SEPARATOR in cell:
+                raise ClipxferError(
+                    f"{manifest}: row {row + 2}: label '{cell}' holds '|', which separates the labels of a "
+                    "multi-label manifest; pass --multi-label for one, or rename the class without '|'"
+                )
+            rows.append([cell])
+            continue
+        labels = list(dict.fromkeys(part.strip() for part in cell.split(LABEL_SEPARATOR) if part.strip()))
+        if not labels:
+            raise ClipxferError(f"{manifest}: row {row + 2}: no label; give at least one (a|b for several)")
+        rows.append(labels)
+    return rows
+
+
+def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = None,
+             multi_label: bool = False) -> LabelledImages:
     """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder;
     ``split`` is ``train``, ``val`` or ``test`` in any case (or empty).
 
     With ``classnames`` given, a label outside it is an error; otherwise the sorted distinct
-    labels are the classes.
+    labels are the classes. With ``multi_label`` a label cell may name several classes separated by
+    ``|`` (``cat|dog``) and the result has ``targets``; without it a ``|`` in a label is an error
+    (:func:`label_cells`).
     """
     manifest = Path(manifest)
     try:
@@ -199,15 +235,17 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
         raise ClipxferError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}; expected path,label[,split]")
     for column in ("path", "label"):  # cells marked as text against spreadsheet formulas (csvcells)
         table[column] = table[column].map(cell_text)
+    cells = label_cells(table, manifest, multi_label)
+    found = sorted({label for labels in cells for label in labels})
     if classnames is None:
-        classnames = sorted(set(table["label"]))
+        classnames = found
     else:
         check_classes(list(classnames), "the given classes")
-        _, unknown = match_classes(sorted(set(table["label"])), classnames)
+        _, unknown = match_classes(found, classnames)
         if unknown:
             raise ClipxferError(f"{manifest}: unknown class(es) {', '.join(unknown[:5])}; known: {', '.join(classnames)}")
     check_classes(list(classnames), str(manifest))
-    index, _ = match_classes(sorted(set(table["label"])), classnames)
+    index, _ = match_classes(found, classnames)
     sources = []
     for raw in table["path"]:
         path = manifest_source(manifest, raw)
@@ -215,8 +253,13 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
             raise ClipxferError(f"{manifest}: listed file {raw} does not exist; fix the path or remove the row")
         sources.append(path)
     splits = manifest_splits(table, manifest, sources) if "split" in table.columns else None
-    labels = np.array([index[label] for label in table["label"]])
-    return LabelledImages(manifest.stem, list(classnames), sources, labels, list(table["path"]), splits)
+    labels = np.array([index[names[0]] for names in cells])
+    targets = None
+    if multi_label:
+        targets = np.zeros((len(cells), len(classnames)), np.uint8)
+        for row, names in enumerate(cells):
+            targets[row, [index[name] for name in names]] = 1
+    return LabelledImages(manifest.stem, list(classnames), sources, labels, list(table["path"]), splits, targets)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -288,9 +331,11 @@ BUILTIN_DATASETS: dict[str, Callable[[], LabelledImages]] = {
 }
 
 
-def load_dataset(spec: str | os.PathLike, classnames: Sequence[str] | None = None) -> LabelledImages:
+def load_dataset(spec: str | os.PathLike, classnames: Sequence[str] | None = None,
+                 multi_label: bool = False) -> LabelledImages:
     """A built-in name, an ImageFolder path, or a CSV manifest path. ``classnames`` (for folders
-    and manifests) fixes the classes and their order: a label outside them is an error."""
+    and manifests) fixes the classes and their order: a label outside them is an error.
+    ``multi_label``: a manifest's label cells may hold several labels (:func:`from_csv`)."""
     if str(spec) in BUILTIN_DATASETS:
         dataset = BUILTIN_DATASETS[str(spec)]()
         if classnames is not None and list(classnames) != dataset.classnames:
@@ -300,7 +345,7 @@ def load_dataset(spec: str | os.PathLike, classnames: Sequence[str] | None = Non
         return dataset
     path = Path(spec)
     if path.suffix.lower() == ".csv":
-        return from_csv(path, classnames)
+        return from_csv(path, classnames, multi_label)
     if path.is_dir():
         return from_image_folder(path, classnames)
     raise ClipxferError(

@@ -4,11 +4,17 @@ so both see the same kind of data."""
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .labelled import LabelledImages
+from ..csvcells import safe_cell
+from ..errors import ClipxferError
+from ..paths import atomic_write_bytes
+from .labelled import LABEL_SEPARATOR, LabelledImages
 
 
 @dataclass
@@ -64,3 +70,31 @@ def make_mosaics(
         targets[i, classes] = 1
         tiles[i] = items
     return MultiLabelImages(f"{dataset.name}-mosaic{grid}x{grid}", list(dataset.classnames), images, targets, tiles)
+
+
+def write_mosaics(parts: dict[str, MultiLabelImages], folder: str | os.PathLike) -> Path:
+    """Write mosaics as PNG files under ``folder/<split>/`` and a multi-label manifest
+    ``folder/manifest.csv`` (``path,label,split``; labels ``a|b``) that ``--multi-label`` commands read.
+    ``parts`` maps a split (``train``, ``val``, ``test``) to its mosaics. Returns the manifest's path."""
+    from PIL import Image
+
+    folder = Path(folder)
+    rows = []
+    try:
+        for split, mosaics in parts.items():
+            (folder / split).mkdir(parents=True, exist_ok=True)
+            for i, (image, labels) in enumerate(zip(mosaics.images, mosaics.label_sets())):
+                name = f"{split}/{i:05d}.png"
+                Image.fromarray(image).save(folder / name)
+                rows.append((name, LABEL_SEPARATOR.join(labels), split))
+    except OSError as exc:
+        raise ClipxferError(f"{folder}: cannot write the mosaics ({exc.strerror or exc}); choose a writable folder")
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=["path", "label", "split"])
+    table["label"] = table["label"].map(safe_cell)  # read back by datasets.labelled.from_csv, which undoes this
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    manifest = folder / "manifest.csv"
+    atomic_write_bytes(manifest, buffer.getvalue().encode())
+    return manifest

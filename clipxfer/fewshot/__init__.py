@@ -2,8 +2,10 @@
 the held-out test set, save it (``clipxfer probe|tip|coop|mix|lpp|clap``); apply a saved head
 (``clipxfer predict``); adapt with unlabelled target images (``clipxfer adapt``)."""
 
-from .predict import predict, predict_sets
+from .multilabel import run_multilabel, run_multilabel_mosaics
+from .predict import predict, predict_label_sets, predict_sets
 from .run import run_transfer
 from .unlabelled import run_adapt
 
-__all__ = ["predict", "predict_sets", "run_adapt", "run_transfer"]
+__all__ = ["predict", "predict_label_sets", "predict_sets", "run_adapt", "run_multilabel", "run_multilabel_mosaics",
+           "run_transfer"]

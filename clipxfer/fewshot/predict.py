@@ -10,7 +10,8 @@ import pandas as pd
 
 from ..calibrate.conformal import check_alpha
 from ..calibrate.sets import ConformalSets, calibrate_on_dataset, conformal_sets, head_calibration
-from ..datasets.features import encode_folder
+from ..datasets.features import encode_dataset, encode_folder
+from ..datasets.labelled import LABEL_SEPARATOR, load_dataset
 from ..encoders.base import Encoder
 from ..encoders.pipeline import Failure
 from ..errors import ClipxferError
@@ -54,6 +55,9 @@ def predict(
 
     Returns the head, a table ``path, label, probability`` (best class per image) and the full
     ``(n, num_classes)`` probability matrix. The model defaults to the one the head was made with.
+    A multi-label head (``probe --multi-label``) gives per-label sigmoid probabilities instead, and its
+    ``label`` is every label at or above that label's threshold, joined by ``|`` (empty when none is);
+    ``probability`` is then the highest label probability.
     """
     if (folder is None) == (index_path is None):
         raise ClipxferError("give either a folder of images or --index PATH, not both or neither")
@@ -75,10 +79,41 @@ def predict(
         paths, encoding = encode_folder(encoder, folder, progress, skipped=skipped)  # type: ignore[arg-type]
     probs = head.predict_proba(encoding)
     best = probs.argmax(axis=1)
-    table = pd.DataFrame(
-        {"path": paths, "label": [head.classnames[i] for i in best], "probability": probs[np.arange(len(best)), best]}
-    )
+    if getattr(head, "multi_label", False):
+        labels = label_names(head.predict(encoding), head.classnames)
+    else:
+        labels = [head.classnames[i] for i in best]
+    table = pd.DataFrame({"path": paths, "label": labels, "probability": probs[np.arange(len(best)), best]})
     return head, table, probs
+
+
+def label_names(decisions: np.ndarray, classnames: list[str]) -> list[str]:
+    """0/1 decisions per label as ``a|b`` per image (the manifest's multi-label spelling)."""
+    return [LABEL_SEPARATOR.join(classnames[c] for c in np.flatnonzero(row)) for row in decisions]
+
+
+def predict_label_sets(
+    head: Head,
+    probs: np.ndarray,
+    alpha: float,
+    encoder: Encoder | None = None,
+    calibrate: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """Per-label conformal sets (0/1 per label, :meth:`MultiLabelProbeHead.label_sets`) of a multi-label
+    head's probabilities: every label an image has is in its set with probability >= 1 - ``alpha``.
+    Calibrated on the head's validation images, or on ``calibrate`` (a multi-label manifest, encoded
+    with ``encoder``)."""
+    from ..heads.multilabel import label_calibration
+
+    check_alpha(alpha, "--conformal")
+    if calibrate is not None:
+        if encoder is None:
+            raise ClipxferError("calibrating label sets on --calibrate DATA needs the head's encoder")
+        dataset = load_dataset(calibrate, head.classnames, multi_label=True)
+        calibration_probs = head.predict_proba(encode_dataset(encoder, dataset))
+        head.config["label_calibration"] = label_calibration(dataset.targets, calibration_probs, head.classnames,
+                                                             f"{calibrate} ({len(dataset)} images)")
+    return head.label_sets(probs, alpha)
 
 
 def predict_sets(

@@ -6,7 +6,16 @@ L2 strength chosen on validation by mAP, and one decision threshold per label ch
     label c present  <=>  sigmoid(scores_c) >= threshold_c
 
 Zero-shot has no sigmoid of its own; :func:`zeroshot_scores` (the zero-shot logits, per label) rank
-images for mAP, and thresholds for them are chosen on validation the same way.
+images for mAP, and thresholds for them are chosen on validation the same way. Without validation
+images (``classify --multi-label``), :func:`zeroshot_label_probabilities` turns the text scores into a
+per-label sigmoid whose 0.5 means "more likely than the uniform guess".
+
+Conformal label sets (:func:`label_calibration`, :func:`conformal_label_thresholds`): label-conditional
+(Mondrian) split conformal on the probabilities of each label's *positive* validation images. Label ``c``
+is in an image's set when ``p_c`` reaches the ``floor(alpha (n_c + 1))``-th smallest of those ``n_c``
+probabilities, so a new image that has label ``c`` misses it with probability at most ``alpha``: the
+false-negative rate is bounded per label, not only on average. A label with too few positives
+(``alpha (n_c + 1) < 1``) is always in the set, which keeps the guarantee.
 """
 
 from __future__ import annotations
@@ -25,6 +34,44 @@ METHOD = "multilabel-probe"
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def zeroshot_label_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Per-label probabilities from zero-shot text scores: ``sigmoid(log(C * softmax_c))``, i.e.
+    ``C s / (1 + C s)`` for the softmax probability ``s`` of label ``c`` among ``C`` (:func:`uniform_odds`).
+    It is 0.5 exactly when the label is as likely as the uniform guess 1/C, so a threshold of 0.5 keeps
+    the labels the image's text scores favour over chance; two objects in an image split the softmax
+    and both pass."""
+    from .base import softmax
+
+    return uniform_odds(softmax(np.asarray(logits, dtype=np.float64)))
+
+
+def uniform_odds(softmax_probabilities: np.ndarray) -> np.ndarray:
+    """``C s / (1 + C s)`` per label: the sigmoid of the log-odds of softmax probability ``s`` against
+    the uniform 1/C (see :func:`zeroshot_label_probabilities`)."""
+    scaled = np.asarray(softmax_probabilities, dtype=np.float64) * np.shape(softmax_probabilities)[1]
+    return scaled / (1.0 + scaled)
+
+
+def label_calibration(targets: np.ndarray, probabilities: np.ndarray, classnames: list[str], source: str) -> dict:
+    """What per-label conformal sets need, JSON-able (stored in a head's config): for each label the
+    sorted probabilities of the images that have it, and where they came from."""
+    positives = {name: sorted(float(p) for p in probabilities[targets[:, c].astype(bool), c])
+                 for c, name in enumerate(classnames)}
+    return {"method": "label-conditional", "source": source, "positives": positives}
+
+
+def conformal_label_thresholds(calibration: dict, classnames: list[str], alpha: float) -> np.ndarray:
+    """Per label, the probability a label needs to enter the conformal set at level ``alpha`` (see the
+    module docstring); 0 for a label with too few calibration positives (always in the set)."""
+    thresholds = np.zeros(len(classnames))
+    for c, name in enumerate(classnames):
+        scores = calibration["positives"].get(name) or []
+        k = int(np.floor(alpha * (len(scores) + 1)))
+        if k >= 1:
+            thresholds[c] = scores[k - 1]
+    return thresholds
 
 
 def mean_ap(targets: np.ndarray, scores: np.ndarray) -> float:
@@ -111,8 +158,19 @@ class MultiLabelProbeHead(Head):
         weights = {"feature_weights": best["W"].numpy() @ basis.T, "bias": best["b"].numpy()}
         val_probs = sigmoid(x_val @ best["W"].numpy().T + best["b"].numpy())
         weights["thresholds"] = best_thresholds(val_targets, val_probs)
-        config = {"variant": METHOD, "l2": best_l2, "val_map": best_map, "multi_label": True}
+        config = {"variant": METHOD, "l2": best_l2, "val_map": best_map, "multi_label": True,
+                  "label_calibration": label_calibration(val_targets, val_probs, classnames,
+                                                         f"validation ({len(val_targets)} images)")}
         return cls(model_id, classnames, weights, config)
+
+    def label_sets(self, probabilities: np.ndarray, alpha: float) -> np.ndarray:
+        """0/1 per label: the per-label conformal sets at level ``alpha`` (each label the image has is
+        missed with probability at most ``alpha``), from the validation calibration stored at fit."""
+        calibration = self.config.get("label_calibration")
+        if not calibration:
+            raise ClipxferError(f"this {METHOD} head has no calibration for conformal sets; refit it with "
+                                "'clipxfer probe --multi-label'")
+        return (probabilities >= conformal_label_thresholds(calibration, self.classnames, alpha)).astype(np.int64)
 
 
 def zeroshot_scores(zeroshot: Head, encoding: ImageEncoding) -> np.ndarray:

@@ -46,6 +46,25 @@ def conformal_set(head, probs: np.ndarray, alpha: float, where: str) -> dict[str
     return {"set": sets.set_names(head.classnames)[0], "conformal": sets.summary()}
 
 
+def multilabel_prediction(head, probs: np.ndarray, alpha: float, name: str) -> tuple[dict[str, Any], dict | None]:
+    """One image's prediction by a multi-label head, as a row of ``predict --multi-label --json``:
+    ``labels`` (every label at or above its threshold), ``probabilities`` per label, ``top_k`` and, for a
+    head with a label calibration, ``set`` (per-label conformal at ``alpha``); and the conformal summary."""
+    decided = probs >= head.weights["thresholds"]
+    prediction = {
+        "path": name,
+        "labels": [n for n, keep in zip(head.classnames, decided) if keep],
+        "probabilities": {n: float(p) for n, p in zip(head.classnames, probs)},
+        "thresholds": {n: float(t) for n, t in zip(head.classnames, head.weights["thresholds"])},
+    }
+    calibration = head.config.get("label_calibration")
+    if not calibration:
+        return prediction, None
+    in_set = head.label_sets(probs[None], alpha)[0]
+    prediction["set"] = [n for n, keep in zip(head.classnames, in_set) if keep]
+    return prediction, {"alpha": alpha, "method": "label-conditional", "calibration_source": calibration["source"]}
+
+
 def add_classify_routes(router: APIRouter, state: ServeState) -> None:
     """Add ``/api/heads``, ``/api/classify``, ``/api/anomaly`` to ``router``."""
     @router.get("/api/heads")
@@ -61,7 +80,9 @@ def add_classify_routes(router: APIRouter, state: ServeState) -> None:
     async def classify(file: UploadFile = File(...), head: str | None = None, k: int = 5, alpha: float = 0.1):
         """Classify an upload with a loaded head (``head`` is its file name, with or without
         ``.safetensors``): ``predict --json`` plus ``top_k`` and, for a calibrated head, the conformal
-        prediction ``set`` at level ``alpha`` (coverage >= 1 - alpha)."""
+        prediction ``set`` at level ``alpha`` (coverage >= 1 - alpha). A multi-label head
+        (``probe --multi-label``) answers with ``labels`` and per-label ``probabilities`` instead, and
+        ``multi_label: true``; its ``set`` holds each label the image has with probability >= 1 - alpha."""
         check_alpha(alpha, "alpha")
         if head is not None:
             head = head.removesuffix(".safetensors")
@@ -83,6 +104,11 @@ def add_classify_routes(router: APIRouter, state: ServeState) -> None:
         probs = chosen.predict_proba(encoding)[0]
         order = np.argsort(-probs)[: min(k, len(probs))]
         name = Path(file.filename or "upload").name
+        if getattr(chosen, "multi_label", False):
+            prediction, conformal = multilabel_prediction(chosen, probs, alpha, name)
+            prediction["top_k"] = [{"label": chosen.classnames[i], "probability": float(probs[i])} for i in order]
+            return {"head": head, "method": chosen.method, "model": chosen.model_id, "classes": chosen.classnames,
+                    "multi_label": True, "predictions": [prediction], "conformal": conformal}
         prediction = {
             "path": name,
             "label": chosen.classnames[order[0]],
