@@ -171,13 +171,13 @@ def _convert(encoder: "Encoder", kind: str = "image"):
     return convert_graph(graph, encoder), is_transformer(graph), has_joint
 
 
-def convert_graph(graph: torch.nn.Module, encoder: "Encoder"):
-    """``graph`` (normalised fp32 NCHW pixels of ``encoder``'s input size -> tensors) as an OpenVINO
-    model taking uint8 NHWC batches, the scaling and normalisation built in (also used by ``export/``)."""
+def convert_graph(graph: torch.nn.Module, encoder: "Encoder", size: int | None = None):
+    """``graph`` (normalised fp32 NCHW pixels of ``encoder``'s input size, or ``size`` -> tensors) as an
+    OpenVINO model taking uint8 NHWC batches, the scaling and normalisation built in (also used by ``export/``)."""
     ov = import_openvino()
     from openvino.preprocess import PrePostProcessor
 
-    size = encoder.input_size
+    size = size or encoder.input_size
     example = torch.zeros(2, 3, size, size)
     # Tracing needs requires_grad off under no_grad; torch's tracer warns that it is deprecated.
     with torch.no_grad(), warnings.catch_warnings():

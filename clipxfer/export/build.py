@@ -120,13 +120,10 @@ def _classifier(settings: ExportSettings, path: Path):
     return graph, encoder, fields, info
 
 
-#: Detector methods the graph reproduces (the fused and gaussian detectors are not folded yet).
-EXPORTABLE_DETECTORS = ("patchcore", "zeroshot", "combined")
-
-
 def _detector(settings: ExportSettings, path: Path):
     from ..anomaly.detector import load_detector
     from ..anomaly.patches import NEIGHBOURHOOD
+    from ..anomaly.tiling import feature_strides
     from ..encoders import load_encoder
     from ..encoders.ids import spec_for_id
     from .fold import DetectorGraph
@@ -135,22 +132,17 @@ def _detector(settings: ExportSettings, path: Path):
         raise ClipxferError("detectors export in fp32 only: the toolkit scores patches in fp32 and the threshold "
                             "was calibrated on those distances; drop --precision int8")
     detector = load_detector(path)
-    if detector.method not in EXPORTABLE_DETECTORS:
-        raise ClipxferError(f"{path}: a {detector.method} detector cannot be exported yet (exportable: "
-                            f"{', '.join(EXPORTABLE_DETECTORS)}); fit one with clipxfer anomaly fit --method patchcore")
     encoder = load_encoder(spec_for_id(detector.model_id), device="cpu", precision="torch:fp32")
-    if detector.map_size != encoder.input_size:
-        # The graph squashes the part to the encoder's input; a detector fitted on tiles at another working
-        # resolution would score other features than it was calibrated on.
-        raise ClipxferError(f"{path}: this detector works at {detector.map_size} pixels, tiled; only "
-                            f"detectors at the encoder's own {encoder.input_size} export yet: fit one with "
-                            f"--resolution {encoder.input_size}")
-    graph = DetectorGraph(encoder, detector, NEIGHBOURHOOD)
-    keys = ("method", "threshold", "false_alarm_rate", "calibration_size", "calibration_score_median", "object",
-            "shots", "input_size")  # fmt: skip
+    strides = feature_strides(encoder) if detector.map_size > encoder.input_size else None
+    graph = DetectorGraph(encoder, detector, NEIGHBOURHOOD, strides)
+    keys = ("method", "members", "threshold", "false_alarm_rate", "calibration_size", "calibration_score_median",
+            "member_calibration", "object", "shots", "input_size", "map_size")  # fmt: skip
     info = {key: detector.config.get(key) for key in keys}
-    fields = {"method": detector.method, "encoder_id": detector.model_id,
-              "folding": "patch features, aggregation, memory bank and text states, smoothing folded into the graph",
+    info["map_size"] = detector.map_size
+    info["tiles"] = len(graph.starts) ** 2
+    fields = {"method": detector.method, "encoder_id": detector.model_id, "input_size": detector.map_size,
+              "folding": "patch features (tiled at the working resolution), aggregation, memory bank, Gaussian "
+                         "statistics, text states, smoothing and fusion folded into the graph",
               "preprocess": "whole image resized to the input size (bicubic)", "outputs": ["scores", "maps"]}  # fmt: skip
     return graph, encoder, fields, info
 
@@ -189,7 +181,7 @@ def _write_bundle(settings: ExportSettings, graph, encoder, kind: str, fields: d
         head_model.outputs[0].get_tensor().set_names({"logits"})
         fields["head_graph"] = "head.xml"
     else:
-        model = convert_graph(graph, encoder)
+        model = convert_graph(graph, encoder, fields.get("input_size"))
         for output, name in zip(model.outputs, fields["outputs"]):
             output.get_tensor().set_names({name})
     out = Path(settings.out)
@@ -202,7 +194,7 @@ def _write_bundle(settings: ExportSettings, graph, encoder, kind: str, fields: d
             ov.save_model(head_model, str(tmp / "head.xml"), compress_to_fp16=False)
         (tmp / f"{kind}.json").write_text(json.dumps(info, indent=1) + "\n")
         manifest = write_manifest(tmp, {
-            "kind": kind, **fields, "precision": settings.precision, "input_size": encoder.input_size,
+            "kind": kind, "input_size": encoder.input_size, **fields, "precision": settings.precision,
             "graph": "model.xml", "int8_calibration": calibration,
             "source": {"file": source.name, "sha256": sha256_file(source)},
             "clipxfer": __version__, "openvino": ov.get_version(),
