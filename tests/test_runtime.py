@@ -139,6 +139,39 @@ def test_bundle_agrees_with_predict_and_its_sets(tiny, tinted, tip_bundle):
     assert set(manifest["files"]) == {"model.xml", "model.bin", "classifier.json"}
 
 
+def test_int8_calibrates_on_the_heads_training_images_when_they_are_at_hand(tip_bundle, tinted, tmp_path, capsys):
+    """Without --calibration-images, int8 calibrates on the train and val rows of the manifest beside the
+    head (never its test rows); with no manifest, on the sample photos with one warning naming the option."""
+    import shutil
+
+    from clipxfer.export import ExportSettings, export_artifact
+    from clipxfer.images import find_images
+
+    head_path, _ = tip_bundle
+    train, test = tinted
+    head = tmp_path / "tip.safetensors"
+    shutil.copy(head_path, head)
+    alone = export_artifact(ExportSettings(head, tmp_path / "photos", precision="int8"))
+    assert alone["int8_calibration"]["source"].startswith("clipxfer sample photos")
+    assert "give --calibration-images" in capsys.readouterr().err
+    rows = [f"{p},{p.parent.name},{'train' if i % 2 else 'val'}" for i, p in enumerate(find_images(train))]
+    rows += [f"{p},{p.parent.name},test" for p in find_images(test)] + ["gone.png,red,train"]
+    (tmp_path / "tip.manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    manifest = export_artifact(ExportSettings(head, tmp_path / "data", precision="int8"))
+    assert manifest["int8_calibration"] == {"source": "training and validation images", "manifest": "tip.manifest.csv",
+                                            "images": len(list(find_images(train)))}  # fmt: skip
+    assert "give --calibration-images" not in capsys.readouterr().err
+
+
+def test_int8_keeps_the_layers_that_make_the_towers_outputs_float(tiny):
+    from clipxfer.encoders.openvino_runtime import _convert
+    from clipxfer.export.build import output_layers_in_float
+
+    model = _convert(tiny)[0]
+    names = output_layers_in_float(model)
+    assert names and all(op.get_type_name() == "MatMul" for op in model.get_ordered_ops() if op.get_friendly_name() in names)
+
+
 def test_runtime_runs_with_torch_unimportable(tip_bundle, tinted):
     _, folder = tip_bundle
     _, test = tinted

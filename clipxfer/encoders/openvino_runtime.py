@@ -193,21 +193,25 @@ def convert_graph(graph: torch.nn.Module, encoder: "Encoder", size: int | None =
     return ppp.build()
 
 
-def quantize_model(model, transformer: bool, images: list[np.ndarray]):
-    """``model`` quantized to int8 by nncf on ``images`` with this module's recipe (also used by ``export/``)."""
+def quantize_model(model, transformer: bool, images: list[np.ndarray], keep_float: Sequence[str] = ()):
+    """``model`` quantized to int8 by nncf on ``images`` with this module's recipe (also used by ``export/``);
+    the layers named in ``keep_float`` stay float."""
     nncf = import_nncf()
     batches = [np.stack(images[i : i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
     if transformer:
         # Transformer recipe: SmoothQuant (moves activation outliers into the weights) and
         # accurate attention inputs; see README "OpenVINO runtime".
         options = {"model_type": nncf.ModelType.TRANSFORMER}
+        if keep_float:
+            options["ignored_scope"] = nncf.IgnoredScope(names=list(keep_float))
     else:
         # Depthwise convolutions lose most under per-tensor int8, and so does the stem convolution,
         # whose weights nncf cuts to 7 bits (its overflow fix for CPUs without VNNI). Both are a
         # small share of the work, so they stay float: lite's embedding cosine to fp32 went from
         # 0.977 (depthwise float) to 0.9975 (stem too), see benchmarks/RESULTS.md.
         stem = _first_convolution(model)
-        options = {"ignored_scope": nncf.IgnoredScope(types=["GroupConvolution"], names=[stem] if stem else [])}
+        names = [stem] if stem else []
+        options = {"ignored_scope": nncf.IgnoredScope(types=["GroupConvolution"], names=names + list(keep_float))}
     # nncf draws progress bars and logs INFO lines on stdout, which belongs to results (--json):
     # bars go to stderr, and its log says only errors while it runs.
     nncf_log = logging.getLogger("nncf")

@@ -8,9 +8,12 @@ weights, Tip-Adapter's cache (two matmuls and an ``exp``), transductive prototyp
 heads on meta-adapted features. Only TransCLIP cannot be folded: it solves over the whole batch it
 is given, so its answer for one image depends on the others (export its base head instead).
 
-A detector's graph runs the dense patch features, PatchCore's neighbourhood aggregation, the
-nearest-neighbour distance to the memory bank (held in the graph as a constant), the WinCLIP text
-states, the upsampling and the Gaussian smoothing, and gives the map and its maximum.
+A detector's graph takes the part at the working resolution it was fitted at (cut into the toolkit's
+overlapping tiles and stitched back above the encoder's input) and runs the dense patch features,
+PatchCore's neighbourhood aggregation, the nearest-neighbour distance to the memory bank (held in the
+graph as a constant), the Gaussian detector's pooled statistics and Mahalanobis distance, the WinCLIP
+text states, the upsampling, the Gaussian smoothing and a fused detector's calibrated maximum over its
+members, and gives the map and the image score.
 
 Each function mirrors the numpy one the toolkit runs (named in its docstring); tests compare them.
 """
