@@ -261,6 +261,20 @@ def test_detector_bundle_agrees_with_anomaly_scoring(tiny, tmp_path, method, mem
     assert answer.defect[-2:].any()  # the flawed parts: a test whose decisions could differ
 
 
+def test_a_detector_without_a_threshold_decides_unknown_as_the_toolkit_does(tiny, tmp_path):
+    from clipxfer.anomaly import fit_detector
+    from clipxfer.anomaly.patches import encode_dense
+    from clipxfer.export import ExportSettings, export_artifact
+    from clipxfer.runtime import Bundle
+
+    good, test = _detector_images(tmp_path)
+    detector = fit_detector(tiny, good[:8], shots=4, false_alarm_rate=0.05, method="patchcore")
+    assert not detector.calibrated
+    export_artifact(ExportSettings(detector.save(tmp_path / "det.safetensors"), tmp_path / "bundle"))
+    answer = Bundle.load(tmp_path / "bundle").predict(test)
+    assert answer.labels == detector.decision_names(detector.score(encode_dense(tiny, test)).scores) == ["unknown"] * 4
+
+
 def test_fused_member_affine_and_gaussian_factor_follow_the_toolkit():
     """The fused score's per-member (threshold, scale), for each calibration case, and the Cholesky
     form of the Mahalanobis distance give :func:`fuse` and :func:`gaussian_scores`."""
