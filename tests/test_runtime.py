@@ -31,6 +31,17 @@ BLOCKED = ("torch", "open_clip", "timm", "transformers", "faiss", "safetensors",
            "click")  # fmt: skip
 
 
+#: A script prefix that makes importing any of :data:`BLOCKED` fail.
+BLOCKING = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {BLOCKED!r}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
 def _encoding(rng, n=6, dim=8, feature_dim=12) -> ImageEncoding:
     embeddings = rng.normal(size=(n, dim)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -176,13 +187,7 @@ def test_runtime_runs_with_torch_unimportable(tip_bundle, tinted):
     _, folder = tip_bundle
     _, test = tinted
     image = next(test.rglob("*.png"))
-    script = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in {BLOCKED!r}:
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    script = BLOCKING + f"""
 from clipxfer.runtime import Bundle
 from clipxfer.runtime.cli import main
 answer = Bundle.load({str(folder)!r}).predict([{str(image)!r}])
@@ -259,6 +264,18 @@ def test_detector_bundle_agrees_with_anomaly_scoring(tiny, tmp_path, method, mem
     np.testing.assert_allclose(answer.maps, expected.maps, rtol=1e-3, atol=1e-4)
     assert list(answer.defect) == list(detector.decide(expected.scores))
     assert answer.defect[-2:].any()  # the flawed parts: a test whose decisions could differ
+    if method == "auto":  # the default detector, tiled, in a process that cannot import torch
+        script = BLOCKING + f"""
+import json
+from clipxfer.runtime import Bundle
+answer = Bundle.load({str(tmp_path / "bundle")!r}).predict({[str(p) for p in test]!r})
+print(json.dumps([answer.scores.tolist(), answer.labels]))
+"""
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        scores, labels = json.loads(done.stdout)
+        np.testing.assert_allclose(scores, expected.scores, rtol=1e-4, atol=1e-5)
+        assert labels == detector.decision_names(expected.scores)
 
 
 def test_a_detector_without_a_threshold_decides_unknown_as_the_toolkit_does(tiny, tmp_path):
