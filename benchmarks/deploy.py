@@ -6,8 +6,9 @@ runtime-only install size, and (with --speed, on a quiet machine) cold start and
     python benchmarks/deploy.py --model lite --methods probe --speed --runtime-venv /path/to/runtime-venv
 
 Heads are fitted on 40 Fashion-MNIST test images (4 per class, from rows 0-39) with 40 more for
-validation (rows 40-79) and compared on the next ``--test`` rows. Cold start is process start to the
-first answer, for `clipxfer-run BUNDLE one.png` (in ``--runtime-venv`` when given: a venv with only numpy,
+validation (rows 40-79) and compared on the next ``--test`` rows. int8 bundles calibrate as export does
+by default: on the fitting images the manifest beside each head names (``--calibration manifest``).
+Cold start is process start to the first answer, for `clipxfer-run BUNDLE one.png` (in ``--runtime-venv`` when given: a venv with only numpy,
 pillow, openvino and clipxfer --no-deps) and for `python -m clipxfer predict HEAD folder-of-one`.
 Latency is `Bundle.predict([one path])` (decode included) over ``--repeats`` calls after 5 warm-ups,
 throughput batches of 16. Writes JSON to --out and prints a markdown table.
@@ -35,7 +36,24 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def fit_heads(model: str, methods: list[str], work: Path, test_rows: int):
+def write_fit_images(images, work: Path) -> Path:
+    """The 80 fitting rows (train 0-39, val 40-79) as files and a drawn manifest in the format training
+    commands write beside a head (path,label,split): what ``export --precision int8`` calibrates on."""
+    import csv
+
+    folder = work / "fit"
+    folder.mkdir()
+    rows = []
+    for i, pixels in enumerate(images.subset(range(80)).sources):
+        Image.fromarray(np.asarray(pixels)).save(folder / f"{i:03d}.png")
+        rows.append((f"fit/{i:03d}.png", images.classnames[images.labels[i]], "train" if i < 40 else "val"))
+    manifest = work / "fit.manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "label", "split"), *rows])
+    return manifest
+
+
+def fit_heads(model: str, methods: list[str], work: Path, test_rows: int, with_manifest: bool):
     from clipxfer.calibrate.sets import calibrate_on
     from clipxfer.datasets.labelled import fashion_mnist
     from clipxfer.datasets.prompts import load_templates
@@ -55,11 +73,14 @@ def fit_heads(model: str, methods: list[str], work: Path, test_rows: int):
     train_enc, val_enc = encoder.embed_images(list(train.sources)), encoder.embed_images(list(val.sources))
     zeroshot = fit_zeroshot(encoder, images.classnames, load_templates("simple"))
     data = FewShotData(encoder, images.classnames, train_enc, train.labels, val_enc, val.labels, zeroshot, 4, 0)
+    manifest = write_fit_images(images, work) if with_manifest else None
     heads = {}
     for method in methods:
         head = fit_head(method, data)
         head.config["calibration"] = calibrate_on(head, val_enc, val.labels, "val").to_config()
         heads[method] = head.save(work / f"{method}.safetensors")
+        if manifest:  # beside the head, as `clipxfer probe ...` leaves it
+            (work / f"{method}.manifest.csv").write_bytes(manifest.read_bytes())
     return encoder, heads, folder
 
 
@@ -105,8 +126,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["probe", "tip", "lpp", "clap", "mix", "zeroshot"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--test", type=int, default=200, help="test images compared with clipxfer predict")
-    parser.add_argument("--calibration", choices=["photos", "data"], default="photos",
-                        help="int8 calibration images: scikit-image's sample photos, or the 80 fitting images")
+    parser.add_argument("--calibration", choices=["manifest", "photos", "data"], default="manifest",
+                        help="int8 calibration images: export's default (the 80 fitting images, named by the manifest "
+                             "beside each head), scikit-image's sample photos (no manifest), or the 80 fitting images "
+                             "as --calibration-images")
     parser.add_argument("--speed", action="store_true", help="also cold start and latency (quiet machine only)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--runtime-venv", type=Path, default=None, help="a venv with only the runtime installed")
@@ -119,7 +142,7 @@ def main() -> None:
     from clipxfer.runtime import Bundle
 
     work = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
-    encoder, heads, folder = fit_heads(args.model, args.methods, work, args.test)
+    encoder, heads, folder = fit_heads(args.model, args.methods, work, args.test, args.calibration == "manifest")
     paths = sorted(folder.glob("*.png"))
     calibration = None
     if args.calibration == "data":  # the training and validation rows, never the test rows

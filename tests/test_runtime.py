@@ -31,6 +31,17 @@ BLOCKED = ("torch", "open_clip", "timm", "transformers", "faiss", "safetensors",
            "click")  # fmt: skip
 
 
+#: A script prefix that makes importing any of :data:`BLOCKED` fail.
+BLOCKING = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {BLOCKED!r}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
 def _encoding(rng, n=6, dim=8, feature_dim=12) -> ImageEncoding:
     embeddings = rng.normal(size=(n, dim)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -139,17 +150,44 @@ def test_bundle_agrees_with_predict_and_its_sets(tiny, tinted, tip_bundle):
     assert set(manifest["files"]) == {"model.xml", "model.bin", "classifier.json"}
 
 
+def test_int8_calibrates_on_the_heads_training_images_when_they_are_at_hand(tip_bundle, tinted, tmp_path, capsys):
+    """Without --calibration-images, int8 calibrates on the train and val rows of the manifest beside the
+    head (never its test rows); with no manifest, on the sample photos with one warning naming the option."""
+    import shutil
+
+    from clipxfer.export import ExportSettings, export_artifact
+    from clipxfer.images import find_images
+
+    head_path, _ = tip_bundle
+    train, test = tinted
+    head = tmp_path / "tip.safetensors"
+    shutil.copy(head_path, head)
+    alone = export_artifact(ExportSettings(head, tmp_path / "photos", precision="int8"))
+    assert alone["int8_calibration"]["source"].startswith("clipxfer sample photos")
+    assert "give --calibration-images" in capsys.readouterr().err
+    rows = [f"{p},{p.parent.name},{'train' if i % 2 else 'val'}" for i, p in enumerate(find_images(train))]
+    rows += [f"{p},{p.parent.name},test" for p in find_images(test)] + ["gone.png,red,train"]
+    (tmp_path / "tip.manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    manifest = export_artifact(ExportSettings(head, tmp_path / "data", precision="int8"))
+    assert manifest["int8_calibration"] == {"source": "training and validation images", "manifest": "tip.manifest.csv",
+                                            "images": len(list(find_images(train)))}  # fmt: skip
+    assert "give --calibration-images" not in capsys.readouterr().err
+
+
+def test_int8_keeps_the_layers_that_make_the_towers_outputs_float(tiny):
+    from clipxfer.encoders.openvino_runtime import _convert
+    from clipxfer.export.build import output_layers_in_float
+
+    model = _convert(tiny)[0]
+    names = output_layers_in_float(model)
+    assert names and all(op.get_type_name() == "MatMul" for op in model.get_ordered_ops() if op.get_friendly_name() in names)
+
+
 def test_runtime_runs_with_torch_unimportable(tip_bundle, tinted):
     _, folder = tip_bundle
     _, test = tinted
     image = next(test.rglob("*.png"))
-    script = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in {BLOCKED!r}:
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    script = BLOCKING + f"""
 from clipxfer.runtime import Bundle
 from clipxfer.runtime.cli import main
 answer = Bundle.load({str(folder)!r}).predict([{str(image)!r}])
@@ -183,36 +221,97 @@ def test_a_tampered_bundle_is_refused_in_one_line(tip_bundle, tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "missing from the bundle" in done.stderr
 
 
-def test_detector_bundle_agrees_with_anomaly_scoring(tiny, tmp_path):
+def _detector_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """24 good parts and 4 test parts (two new good ones, two flawed) as files."""
+    good, test = [], []
+    for i, image in enumerate(random_images(26, seed=3, size=(64, 64))):
+        (good if i < 24 else test).append(folder / f"good{i}.png")
+        Image.fromarray(image // 2 + 60).save((good if i < 24 else test)[-1])
+    test.append(folder / "t0.png")
+    Image.fromarray(random_images(1, seed=9, size=(64, 64))[0]).save(test[-1])
+    test.append(folder / "t1.png")
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(test[-1])
+    return good, test
+
+
+@pytest.mark.parametrize("method, members, scale", [
+    ("combined", None, 1),
+    ("gaussian", None, 1),
+    ("fused", ["patchcore", "gaussian", "zeroshot"], 1),
+    ("auto", None, 2),  # the default: fused, here at twice the input, in 2 x 2 overlapping tiles
+])  # fmt: skip
+def test_detector_bundle_agrees_with_anomaly_scoring(tiny, tmp_path, method, members, scale):
+    """Every detector ``anomaly fit`` makes, at its working resolution, scores in the bundle as
+    :meth:`AnomalyDetector.score` does: scores within 1e-4 relative, the same decisions, the maps."""
     from clipxfer.anomaly import fit_detector
     from clipxfer.anomaly.patches import encode_dense
     from clipxfer.export import ExportSettings, export_artifact
     from clipxfer.runtime import Bundle
 
-    good = []
-    for i, image in enumerate(random_images(8, seed=3, size=(64, 64))):
-        good.append(tmp_path / f"good{i}.png")
-        Image.fromarray(image // 2 + 60).save(good[-1])
-    test = [tmp_path / "t0.png", tmp_path / "t1.png"]
-    Image.fromarray(random_images(1, seed=9, size=(64, 64))[0]).save(test[0])
-    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(test[1])
-    detector = fit_detector(tiny, good, shots=4, false_alarm_rate=0.2, method="combined")
+    good, test = _detector_images(tmp_path)
+    detector = fit_detector(tiny, good, shots=4, false_alarm_rate=0.3, method=method, members=members,
+                            resolution=scale * tiny.input_size)  # fmt: skip
+    assert detector.map_size == scale * tiny.input_size and detector.method == ("fused" if method == "auto" else method)
     path = detector.save(tmp_path / "det.safetensors")
-    with pytest.raises(ClipxferError, match="detectors export in fp32 only"):
-        export_artifact(ExportSettings(path, tmp_path / "b8", precision="int8"))
-    export_artifact(ExportSettings(path, tmp_path / "bundle"))
-    # The fused default and tiled working resolutions are not folded into a graph yet: refused in one line.
-    fused = fit_detector(tiny, good, shots=4, false_alarm_rate=0.2, method="fused").save(tmp_path / "fused.safetensors")
-    with pytest.raises(ClipxferError, match="cannot be exported yet"):
-        export_artifact(ExportSettings(fused, tmp_path / "b-fused"))
-    tiled = fit_detector(tiny, good, shots=4, false_alarm_rate=0.2, method="patchcore", resolution=2 * tiny.input_size)
-    with pytest.raises(ClipxferError, match="only detectors at the encoder's own"):
-        export_artifact(ExportSettings(tiled.save(tmp_path / "tiled.safetensors"), tmp_path / "b-tiled"))
-    expected = detector.score(encode_dense(tiny, test))
+    if method == "combined":
+        with pytest.raises(ClipxferError, match="detectors export in fp32 only"):
+            export_artifact(ExportSettings(path, tmp_path / "b8", precision="int8"))
+    manifest = export_artifact(ExportSettings(path, tmp_path / "bundle"))
+    assert manifest["input_size"] == detector.map_size
+    expected = detector.score(encode_dense(tiny, test, resolution=detector.map_size))
     answer = Bundle.load(tmp_path / "bundle").predict(test)
-    np.testing.assert_allclose(answer.scores, expected.scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(answer.scores, expected.scores, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(answer.maps, expected.maps, rtol=1e-3, atol=1e-4)
     assert list(answer.defect) == list(detector.decide(expected.scores))
+    assert answer.defect[-2:].any()  # the flawed parts: a test whose decisions could differ
+    if method == "auto":  # the default detector, tiled, in a process that cannot import torch
+        script = BLOCKING + f"""
+import json
+from clipxfer.runtime import Bundle
+answer = Bundle.load({str(tmp_path / "bundle")!r}).predict({[str(p) for p in test]!r})
+print(json.dumps([answer.scores.tolist(), answer.labels]))
+"""
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        scores, labels = json.loads(done.stdout)
+        np.testing.assert_allclose(scores, expected.scores, rtol=1e-4, atol=1e-5)
+        assert labels == detector.decision_names(expected.scores)
+
+
+def test_a_detector_without_a_threshold_decides_unknown_as_the_toolkit_does(tiny, tmp_path):
+    from clipxfer.anomaly import fit_detector
+    from clipxfer.anomaly.patches import encode_dense
+    from clipxfer.export import ExportSettings, export_artifact
+    from clipxfer.runtime import Bundle
+
+    good, test = _detector_images(tmp_path)
+    detector = fit_detector(tiny, good[:8], shots=4, false_alarm_rate=0.05, method="patchcore")
+    assert not detector.calibrated
+    export_artifact(ExportSettings(detector.save(tmp_path / "det.safetensors"), tmp_path / "bundle"))
+    answer = Bundle.load(tmp_path / "bundle").predict(test)
+    assert answer.labels == detector.decision_names(detector.score(encode_dense(tiny, test)).scores) == ["unknown"] * 4
+
+
+def test_fused_member_affine_and_gaussian_factor_follow_the_toolkit():
+    """The fused score's per-member (threshold, scale), for each calibration case, and the Cholesky
+    form of the Mahalanobis distance give :func:`fuse` and :func:`gaussian_scores`."""
+    from clipxfer.anomaly.fusion import fuse
+    from clipxfer.anomaly.gaussian import gaussian_scores, pooled_statistics
+    from clipxfer.export.fold import fusion_affine, gaussian_factor
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(3.0, 1.0, 5)
+    for entry in ({"threshold": 4.0, "median": 3.0, "spread": 0.5}, {"threshold": None, "median": 3.0, "spread": 0.5},
+                  {"threshold": None, "median": None, "spread": None}):  # fmt: skip
+        threshold, scale = fusion_affine(entry)
+        np.testing.assert_allclose((scores - threshold) / scale, fuse({"m": (scores, None)}, {"m": entry}, 4)[0])
+    local = rng.normal(size=(3, 4, 4, 5)).astype(np.float32)
+    pooled = pooled_statistics(local).astype(np.float64)
+    a = rng.normal(size=(10, 10))
+    precision, mean = a @ a.T + np.eye(10), pooled.mean(axis=0)
+    centred = pooled - mean
+    np.testing.assert_allclose(np.linalg.norm(centred @ gaussian_factor(precision), axis=1),
+                               gaussian_scores(local, mean, precision), rtol=1e-10)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the hot folder

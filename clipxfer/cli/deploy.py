@@ -23,7 +23,8 @@ from .group import main
 @click.option("--conformal-score", type=click.Choice(["aps", "raps", "lac"]), default="aps", show_default=True)
 @click.option("--reject", is_flag=True, help="Decide 'unknown' when a prediction set holds several classes.")
 @click.option("--calibration-images", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Images to calibrate int8 on (default: scikit-image's sample photos).")
+              help="Images to calibrate int8 on (default: the training images the manifest beside the head "
+                   "names, else scikit-image's sample photos with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(artifact, out, fmt, precision, alpha, conformal_score, reject, calibration_images, as_json):
     """Export a saved head or anomaly detector as one bundle folder that runs without torch

@@ -171,13 +171,13 @@ def _convert(encoder: "Encoder", kind: str = "image"):
     return convert_graph(graph, encoder), is_transformer(graph), has_joint
 
 
-def convert_graph(graph: torch.nn.Module, encoder: "Encoder"):
-    """``graph`` (normalised fp32 NCHW pixels of ``encoder``'s input size -> tensors) as an OpenVINO
-    model taking uint8 NHWC batches, the scaling and normalisation built in (also used by ``export/``)."""
+def convert_graph(graph: torch.nn.Module, encoder: "Encoder", size: int | None = None):
+    """``graph`` (normalised fp32 NCHW pixels of ``encoder``'s input size, or ``size`` -> tensors) as an
+    OpenVINO model taking uint8 NHWC batches, the scaling and normalisation built in (also used by ``export/``)."""
     ov = import_openvino()
     from openvino.preprocess import PrePostProcessor
 
-    size = encoder.input_size
+    size = size or encoder.input_size
     example = torch.zeros(2, 3, size, size)
     # Tracing needs requires_grad off under no_grad; torch's tracer warns that it is deprecated.
     with torch.no_grad(), warnings.catch_warnings():
@@ -193,21 +193,25 @@ def convert_graph(graph: torch.nn.Module, encoder: "Encoder"):
     return ppp.build()
 
 
-def quantize_model(model, transformer: bool, images: list[np.ndarray]):
-    """``model`` quantized to int8 by nncf on ``images`` with this module's recipe (also used by ``export/``)."""
+def quantize_model(model, transformer: bool, images: list[np.ndarray], keep_float: Sequence[str] = ()):
+    """``model`` quantized to int8 by nncf on ``images`` with this module's recipe (also used by ``export/``);
+    the layers named in ``keep_float`` stay float."""
     nncf = import_nncf()
     batches = [np.stack(images[i : i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
     if transformer:
         # Transformer recipe: SmoothQuant (moves activation outliers into the weights) and
         # accurate attention inputs; see README "OpenVINO runtime".
         options = {"model_type": nncf.ModelType.TRANSFORMER}
+        if keep_float:
+            options["ignored_scope"] = nncf.IgnoredScope(names=list(keep_float))
     else:
         # Depthwise convolutions lose most under per-tensor int8, and so does the stem convolution,
         # whose weights nncf cuts to 7 bits (its overflow fix for CPUs without VNNI). Both are a
         # small share of the work, so they stay float: lite's embedding cosine to fp32 went from
         # 0.977 (depthwise float) to 0.9975 (stem too), see benchmarks/RESULTS.md.
         stem = _first_convolution(model)
-        options = {"ignored_scope": nncf.IgnoredScope(types=["GroupConvolution"], names=[stem] if stem else [])}
+        names = [stem] if stem else []
+        options = {"ignored_scope": nncf.IgnoredScope(types=["GroupConvolution"], names=names + list(keep_float))}
     # nncf draws progress bars and logs INFO lines on stdout, which belongs to results (--json):
     # bars go to stderr, and its log says only errors while it runs.
     nncf_log = logging.getLogger("nncf")

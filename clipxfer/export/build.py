@@ -72,14 +72,48 @@ def artifact_kind(path: Path) -> str:
     raise ClipxferError(f"{path}: format {meta.get('format')!r} is neither a head nor an anomaly detector")
 
 
-def calibration_pixels(settings: ExportSettings, size: int, whole: bool):
-    """int8 calibration images: up to 64 from ``--calibration-images``, else the shipped sample photos."""
-    from ..encoders.openvino_runtime import calibration_set
+def manifest_calibration_paths(head_path: Path) -> tuple[list[Path], Path]:
+    """The training and validation images (never the test rows) the head's drawn manifest names
+    (``HEAD.manifest.csv``, written beside every head a training command saves) that still exist
+    as files, and the manifest's path; none when there is no manifest or it is unreadable."""
+    import pandas as pd
+
+    from ..csvcells import cell_text
+    from ..datasets.labelled import manifest_source
+    from ..fewshot.inputs import manifest_path_for
+
+    manifest = manifest_path_for(head_path)
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return [], manifest
+    if "path" not in table.columns:
+        return [], manifest
+    splits = table["split"].str.lower() if "split" in table.columns else pd.Series(["train"] * len(table))
+    rows = table["path"][splits.isin(["train", "val"]).values]
+    paths = [manifest_source(manifest, cell_text(raw)) for raw in rows]
+    return [path for path in paths if path.is_file()], manifest
+
+
+def calibration_pixels(settings: ExportSettings, size: int, source: Path):
+    """int8 calibration images and where they came from: up to 64 from ``--calibration-images``;
+    else from the images the head was trained and validated on, when its manifest names files that
+    are still there; else scikit-image's sample photos, with one warning line naming the option."""
+    from ..encoders.openvino_runtime import MIN_FOLDER_IMAGES, calibration_set
     from ..images import find_images
 
-    paths = list(find_images(settings.calibration_images)) if settings.calibration_images else None
-    images, record = calibration_set(paths, size)
-    return images, record
+    if settings.calibration_images:
+        return calibration_set(list(find_images(settings.calibration_images)), size)
+    paths, manifest = manifest_calibration_paths(source)
+    if len(paths) >= MIN_FOLDER_IMAGES:
+        images, record = calibration_set(paths, size)
+        if record["source"] == "folder":  # enough of them decoded
+            return images, {"source": "training and validation images", "manifest": manifest.name,
+                            "images": record["images"]}  # fmt: skip
+    print(f"warning: int8 calibrates on clipxfer's sample photos: {manifest.name} beside the head names fewer than "
+          f"{MIN_FOLDER_IMAGES} training images still on disk; give --calibration-images FOLDER (images like the "
+          "ones the bundle will see) for answers closer to fp32", file=sys.stderr)  # fmt: skip
+    return calibration_set(None, size)
 
 
 def export_artifact(settings: ExportSettings) -> dict:
@@ -120,13 +154,10 @@ def _classifier(settings: ExportSettings, path: Path):
     return graph, encoder, fields, info
 
 
-#: Detector methods the graph reproduces (the fused and gaussian detectors are not folded yet).
-EXPORTABLE_DETECTORS = ("patchcore", "zeroshot", "combined")
-
-
 def _detector(settings: ExportSettings, path: Path):
     from ..anomaly.detector import load_detector
     from ..anomaly.patches import NEIGHBOURHOOD
+    from ..anomaly.tiling import feature_strides
     from ..encoders import load_encoder
     from ..encoders.ids import spec_for_id
     from .fold import DetectorGraph
@@ -135,24 +166,34 @@ def _detector(settings: ExportSettings, path: Path):
         raise ClipxferError("detectors export in fp32 only: the toolkit scores patches in fp32 and the threshold "
                             "was calibrated on those distances; drop --precision int8")
     detector = load_detector(path)
-    if detector.method not in EXPORTABLE_DETECTORS:
-        raise ClipxferError(f"{path}: a {detector.method} detector cannot be exported yet (exportable: "
-                            f"{', '.join(EXPORTABLE_DETECTORS)}); fit one with clipxfer anomaly fit --method patchcore")
     encoder = load_encoder(spec_for_id(detector.model_id), device="cpu", precision="torch:fp32")
-    if detector.map_size != encoder.input_size:
-        # The graph squashes the part to the encoder's input; a detector fitted on tiles at another working
-        # resolution would score other features than it was calibrated on.
-        raise ClipxferError(f"{path}: this detector works at {detector.map_size} pixels, tiled; only "
-                            f"detectors at the encoder's own {encoder.input_size} export yet: fit one with "
-                            f"--resolution {encoder.input_size}")
-    graph = DetectorGraph(encoder, detector, NEIGHBOURHOOD)
-    keys = ("method", "threshold", "false_alarm_rate", "calibration_size", "calibration_score_median", "object",
-            "shots", "input_size")  # fmt: skip
+    strides = feature_strides(encoder) if detector.map_size > encoder.input_size else None
+    graph = DetectorGraph(encoder, detector, NEIGHBOURHOOD, strides)
+    keys = ("method", "members", "threshold", "false_alarm_rate", "calibration_size", "calibration_score_median",
+            "member_calibration", "object", "shots", "input_size", "map_size")  # fmt: skip
     info = {key: detector.config.get(key) for key in keys}
-    fields = {"method": detector.method, "encoder_id": detector.model_id,
-              "folding": "patch features, aggregation, memory bank and text states, smoothing folded into the graph",
+    info["map_size"] = detector.map_size
+    info["tiles"] = len(graph.starts) ** 2
+    fields = {"method": detector.method, "encoder_id": detector.model_id, "input_size": detector.map_size,
+              "folding": "patch features (tiled at the working resolution), aggregation, memory bank, Gaussian "
+                         "statistics, text states, smoothing and fusion folded into the graph",
               "preprocess": "whole image resized to the input size (bicubic)", "outputs": ["scores", "maps"]}  # fmt: skip
     return graph, encoder, fields, info
+
+
+def output_layers_in_float(model) -> list[str]:
+    """Names of the matrix products that make the tower's outputs (through a bias ``Add`` or a
+    conversion): lite's ImageNet classifier layer, a ViT's projection. They stay float in an int8
+    bundle: lite's shared-space embeddings are a top-10 over those logits (ConSE), which int8
+    reorders, and the zero-shot and CLAP heads read those embeddings."""
+    names = []
+    for output in model.outputs:
+        node = output.get_node().input_value(0).get_node()
+        while node.get_type_name() in ("Add", "Convert", "Reshape", "Squeeze"):
+            node = node.input_value(0).get_node()
+        if node.get_type_name() == "MatMul":
+            names.append(node.get_friendly_name())
+    return names
 
 
 def _convert_head(graph, encoder, ov):
@@ -182,14 +223,14 @@ def _write_bundle(settings: ExportSettings, graph, encoder, kind: str, fields: d
         # The tower alone is quantized (the toolkit's int8 recipe); the head runs behind it as a float
         # graph. Quantizing the folded head too cost lite's tip/lpp heads most of their agreement.
         model = convert_graph(graph.tower, encoder)
-        images, calibration = calibration_pixels(settings, encoder.input_size, kind == "detector")
+        images, calibration = calibration_pixels(settings, encoder.input_size, source)
         print(f"quantizing to int8 on {calibration['images']} images ({calibration['source']})", file=sys.stderr)
-        model = quantize_model(model, is_transformer(graph.tower), images)
+        model = quantize_model(model, is_transformer(graph.tower), images, output_layers_in_float(model))
         head_model = _convert_head(graph, encoder, ov)
         head_model.outputs[0].get_tensor().set_names({"logits"})
         fields["head_graph"] = "head.xml"
     else:
-        model = convert_graph(graph, encoder)
+        model = convert_graph(graph, encoder, fields.get("input_size"))
         for output, name in zip(model.outputs, fields["outputs"]):
             output.get_tensor().set_names({name})
     out = Path(settings.out)
@@ -202,7 +243,7 @@ def _write_bundle(settings: ExportSettings, graph, encoder, kind: str, fields: d
             ov.save_model(head_model, str(tmp / "head.xml"), compress_to_fp16=False)
         (tmp / f"{kind}.json").write_text(json.dumps(info, indent=1) + "\n")
         manifest = write_manifest(tmp, {
-            "kind": kind, **fields, "precision": settings.precision, "input_size": encoder.input_size,
+            "kind": kind, "input_size": encoder.input_size, **fields, "precision": settings.precision,
             "graph": "model.xml", "int8_calibration": calibration,
             "source": {"file": source.name, "sha256": sha256_file(source)},
             "clipxfer": __version__, "openvino": ov.get_version(),

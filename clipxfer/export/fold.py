@@ -8,9 +8,12 @@ weights, Tip-Adapter's cache (two matmuls and an ``exp``), transductive prototyp
 heads on meta-adapted features. Only TransCLIP cannot be folded: it solves over the whole batch it
 is given, so its answer for one image depends on the others (export its base head instead).
 
-A detector's graph runs the dense patch features, PatchCore's neighbourhood aggregation, the
-nearest-neighbour distance to the memory bank (held in the graph as a constant), the WinCLIP text
-states, the upsampling and the Gaussian smoothing, and gives the map and its maximum.
+A detector's graph takes the part at the working resolution it was fitted at (cut into the toolkit's
+overlapping tiles and stitched back above the encoder's input) and runs the dense patch features,
+PatchCore's neighbourhood aggregation, the nearest-neighbour distance to the memory bank (held in the
+graph as a constant), the Gaussian detector's pooled statistics and Mahalanobis distance, the WinCLIP
+text states, the upsampling, the Gaussian smoothing and a fused detector's calibrated maximum over its
+members, and gives the map and the image score.
 
 Each function mirrors the numpy one the toolkit runs (named in its docstring); tests compare them.
 """
@@ -182,23 +185,99 @@ def upsample_and_smooth(grid: torch.Tensor, size: int, sigma: float) -> torch.Te
     return x.squeeze(1)
 
 
-class DetectorGraph(torch.nn.Module):
-    """Normalised NCHW pixels (the whole image, squashed) -> (image scores ``(n,)``, anomaly maps
-    ``(n, size, size)``): :meth:`clipxfer.anomaly.AnomalyDetector.score` after the dense features."""
+def fusion_affine(entry: dict) -> tuple[float, float]:
+    """``(threshold, scale)`` of one fused member, as :func:`clipxfer.anomaly.fusion.fuse` derives them
+    from its calibration entry: the member's fused score is ``(score - threshold) / scale``."""
+    threshold, median = entry.get("threshold"), entry.get("median")
+    if threshold is not None:
+        return float(threshold), max(threshold - median, 1e-12 * max(abs(threshold), 1.0))
+    if median is not None:
+        return float(median), max(entry.get("spread") or 0.0, 1e-12 * max(abs(median), 1.0))
+    return 0.0, 1.0
 
-    def __init__(self, encoder: Encoder, detector, neighbourhood: int):
+
+def gaussian_factor(precision: np.ndarray) -> np.ndarray:
+    """``L`` with ``L @ L.T == precision`` (Cholesky, in float64), so the Mahalanobis distance is
+    ``|| centred @ L ||``: a sum of squares, which float32 keeps to its precision where the quadratic
+    form ``centred @ P @ centred`` would cancel."""
+    return np.linalg.cholesky(np.asarray(precision, np.float64))
+
+
+class DetectorGraph(torch.nn.Module):
+    """Normalised NCHW pixels (the whole part squashed to the detector's working resolution) ->
+    (image scores ``(n,)``, anomaly maps ``(n, size, size)``): :meth:`clipxfer.anomaly.AnomalyDetector.score`
+    after decoding, for every method (patchcore, gaussian, zeroshot, combined, fused with its
+    Bonferroni-calibrated member scores). Above the encoder's input the part is cut into the same
+    overlapping tiles as :func:`clipxfer.anomaly.tiling.encode_tiled`, encoded as one batch and stitched."""
+
+    def __init__(self, encoder: Encoder, detector, neighbourhood: int, strides: tuple[int, int] | None = None):
         super().__init__()
+        from ..anomaly.tiling import _centre_weights, tile_starts
+
         self.encoder = encoder
         self.tower = encoder.image_graph()  # registered so .float()/.eval() reach the weights
         self.config = dict(detector.config)
         self.neighbourhood = neighbourhood
         self.method = detector.method
+        self.members = list(detector.members)
+        self.size, self.tile = int(detector.map_size), int(encoder.input_size)
+        self.sigma = float(self.config.get("smoothing_sigma", 4.0))
+        self.starts, self.cells = [0], strides
+        if self.size > self.tile:
+            self.starts = tile_starts(self.size, self.tile, math.lcm(*strides))
+            for name, cell in zip(("local_weight", "joint_weight"), strides):
+                grid, g = self.size // cell, self.tile // cell
+                weights = _centre_weights(g)
+                total = np.zeros((grid, grid), np.float32)
+                for top in self.starts:
+                    for left in self.starts:
+                        total[top // cell : top // cell + g, left // cell : left // cell + g] += weights
+                self.register_buffer(name, _tensor(total))
+            self.register_buffer("tile_weight", _tensor(_centre_weights(self.tile // strides[0])))
+            self.register_buffer("joint_tile_weight", _tensor(_centre_weights(self.tile // strides[1])))
         if "memory_bank" in detector.arrays:
             bank = _tensor(detector.arrays["memory_bank"])
             self.register_buffer("bank", bank)
             self.register_buffer("bank_norms", (bank * bank).sum(dim=1))
         if "text_states" in detector.arrays:
             self.register_buffer("states", _tensor(detector.arrays["text_states"]))
+        if "gaussian_mean" in detector.arrays:
+            self.register_buffer("gaussian_mean", _tensor(detector.arrays["gaussian_mean"]))
+            self.register_buffer("gaussian_factor", _tensor(gaussian_factor(detector.arrays["gaussian_precision"])))
+        self.affine = {member: fusion_affine(entry) for member, entry in self.config.get("member_calibration", {}).items()}
+
+    # ------------------------------------------------------------------ dense features
+
+    def _stitch(self, tiles: torch.Tensor, cell: int, tile_weight: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """:func:`clipxfer.anomaly.tiling.stitch` on NCHW tiles batched tile-major."""
+        count, grid = len(self.starts), self.size // cell
+        g = tiles.shape[-1]
+        tiles = tiles.reshape(count * count, -1, tiles.shape[1], g, g)
+        out = 0.0
+        for i, top in enumerate(self.starts):
+            for j, left in enumerate(self.starts):
+                y, x = top // cell, left // cell
+                out = out + F.pad(tiles[i * count + j] * tile_weight, (x, grid - x - g, y, grid - y - g))
+        return out / total
+
+    def dense(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixels -> (aggregated local features NCHW, normalised joint-space patches NCHW or None):
+        :func:`clipxfer.anomaly.patches.encode_at_resolution`."""
+        if self.size == self.tile:
+            maps, joint = self.encoder._forward_patches(pixels)
+            local = aggregate(maps, self.neighbourhood)
+            return local, (F.normalize(joint.float(), dim=1) if joint is not None else None)
+        s = self.tile
+        crops = torch.cat([pixels[:, :, top : top + s, left : left + s] for top in self.starts for left in self.starts])
+        maps, joint = self.encoder._forward_patches(crops)
+        local = self._stitch(aggregate(maps, self.neighbourhood), self.cells[0], self.tile_weight, self.local_weight)
+        if joint is not None:
+            joint = self._stitch(F.normalize(joint.float(), dim=1), self.cells[1], self.joint_tile_weight,
+                                 self.joint_weight)  # fmt: skip
+            joint = F.normalize(joint, dim=1)
+        return local, joint
+
+    # ------------------------------------------------------------------ members
 
     def _patchcore_grid(self, local: torch.Tensor) -> torch.Tensor:
         n, c, h, w = local.shape
@@ -211,15 +290,42 @@ class DetectorGraph(torch.nn.Module):
         logits = self.config["logit_scale"] * joint @ self.states.T
         return torch.softmax(logits, dim=-1)[..., 1]
 
+    def _gaussian_scores(self, local: torch.Tensor) -> torch.Tensor:
+        """:func:`clipxfer.anomaly.gaussian.gaussian_scores`: Mahalanobis distance of the pooled mean and
+        (population) standard deviation over positions."""
+        mean = local.mean(dim=(2, 3))
+        std = ((local - mean[:, :, None, None]) ** 2).mean(dim=(2, 3)).sqrt()
+        centred = torch.cat([mean, std], dim=1) - self.gaussian_mean
+        return (centred @ self.gaussian_factor).norm(dim=1)
+
+    def _member(self, member: str, local: torch.Tensor, joint: torch.Tensor | None):
+        """(image scores, maps or None) of one member: :func:`clipxfer.anomaly.fusion.member_outputs`."""
+        if member == "gaussian":
+            return self._gaussian_scores(local), None
+        grid = self._patchcore_grid(local) if member == "patchcore" else self._zeroshot_grid(joint)
+        maps = upsample_and_smooth(grid, self.size, self.sigma)
+        return maps.flatten(1).max(dim=1).values, maps
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps, joint = self.encoder._forward_patches(pixels)
-        size, sigma = int(self.config["input_size"]), float(self.config.get("smoothing_sigma", 4.0))
-        if self.method == "patchcore":
-            out = upsample_and_smooth(self._patchcore_grid(aggregate(maps, self.neighbourhood)), size, sigma)
-        elif self.method == "zeroshot":
-            out = upsample_and_smooth(self._zeroshot_grid(joint), size, sigma)
-        else:
-            patchcore = upsample_and_smooth(self._patchcore_grid(aggregate(maps, self.neighbourhood)), size, sigma)
-            zeroshot = upsample_and_smooth(self._zeroshot_grid(joint), size, sigma)
+        local, joint = self.dense(pixels)
+        if self.method == "combined":
+            patchcore = self._member("patchcore", local, joint)[1]
+            zeroshot = self._member("zeroshot", local, joint)[1]
             out = 0.5 * (patchcore / self.config["patchcore_scale"] + zeroshot / self.config["zeroshot_scale"])
-        return out.flatten(1).max(dim=1).values, out
+            return out.flatten(1).max(dim=1).values, out
+        if self.method != "fused":
+            scores, maps = self._member(self.method, local, joint)
+        else:
+            # :func:`clipxfer.anomaly.fusion.fuse`: each member past its own threshold in units of its spread.
+            parts, map_parts = [], []
+            for member in self.members:
+                member_scores, member_maps = self._member(member, local, joint)
+                threshold, scale = self.affine[member]
+                parts.append((member_scores - threshold) / scale)
+                if member_maps is not None:
+                    map_parts.append((member_maps - threshold) / scale)
+            scores = torch.stack(parts).max(dim=0).values
+            maps = torch.stack(map_parts).max(dim=0).values if map_parts else None
+        if maps is None:  # only global statistics: the score everywhere, as the toolkit draws it
+            maps = scores[:, None, None].expand(-1, self.size, self.size)
+        return scores, maps

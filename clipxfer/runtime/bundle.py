@@ -47,14 +47,19 @@ class Classified:
 
 @dataclass
 class Inspected:
-    """A detector's answers: ``defect`` (bool per image), ``scores`` and ``maps`` ``(n, size, size)``."""
+    """A detector's answers: ``defect`` (bool per image), ``scores`` and ``maps`` ``(n, size, size)``;
+    ``calibrated`` False when the detector has no threshold (every decision is then ``unknown``)."""
 
     defect: np.ndarray
     scores: np.ndarray
     maps: np.ndarray
+    calibrated: bool = True
 
     @property
     def labels(self) -> list[str]:
+        """``defect`` or ``ok`` per image, as ``anomaly score`` decides; ``unknown`` without a threshold."""
+        if not self.calibrated:
+            return ["unknown"] * len(self.defect)
         return ["defect" if flag else "ok" for flag in self.defect]
 
     def rows(self) -> list[dict[str, Any]]:
@@ -146,7 +151,8 @@ class Bundle:
             raise ClipxferError("no images given to predict")
         if self.kind == "detector":
             scores, maps = self.outputs(images)
-            return Inspected(scores.astype(np.float64) > self.threshold, scores.astype(np.float64), maps)
+            scores = scores.astype(np.float64)
+            return Inspected(scores > self.threshold, scores, maps, self.info.get("threshold") is not None)
         return self.classify_logits(self.outputs(images)[0], alpha, reject)
 
     @property
