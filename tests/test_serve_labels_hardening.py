@@ -148,7 +148,7 @@ def test_drawn_split_manifests_mark_formula_cells(tmp_path):
     from clipxfer.datasets.labelled import LabelledImages, from_csv
     from clipxfer.datasets.splits import FewShotSplit
 
-    names = ["=cmd|' /C calc'!A0", "@evil"]
+    names = ['=HYPERLINK("http://evil.example","x")', "@evil"]  # '|' separates multi-labels, so not in a name
     sources = [write_photo(tmp_path / f"-{i}.jpg", (0, i * 20, 0)) for i in range(8)]
     dataset = LabelledImages("t", names, sources, np.array([0, 1] * 4), [p.name for p in sources])
     split = FewShotSplit(np.arange(4), np.arange(4, 6), np.arange(6, 8), shots=2, seed=0)
