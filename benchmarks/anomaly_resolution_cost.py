@@ -8,6 +8,7 @@ interleaved rounds in one process so the machine's load affects all alike. Run i
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -19,7 +20,7 @@ import torch
 from clipxfer.anomaly import build_detector
 from clipxfer.anomaly.detector import split_good
 from clipxfer.anomaly.patches import encode_dense
-from clipxfer.anomaly.tiling import tile_starts, working_resolution
+from clipxfer.anomaly.tiling import feature_strides, tile_starts, working_resolution
 from clipxfer.encoders import load_encoder
 from clipxfer.images import find_images
 
@@ -61,7 +62,9 @@ def main():
     print("| resolution | tiles | feature grid | bank patches | parts/s (median) | rounds |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size, detector in detectors.items():
-        tiles = len(tile_starts(size, encoder.input_size, 8)) ** 2
+        # The tiles encode_tiled cuts: their starts step in whole cells of both feature grids.
+        step = math.lcm(*feature_strides(encoder))
+        tiles = 1 if size == encoder.input_size else len(tile_starts(size, encoder.input_size, step)) ** 2
         grid = detector.config["feature_grid"]
         print(f"| {size} | {tiles} | {grid[0]}x{grid[1]} | {detector.config['bank_size']} | "
               f"{np.median(rates[size]):.1f} | {', '.join(f'{v:.1f}' for v in rates[size])} |")

@@ -29,7 +29,7 @@ from .detector import (
 )
 from .fusion import MEMBERS
 from .patches import encode_dense
-from .selection import choose_settings, validation_rows
+from .selection import choose_settings, validation_rows, with_members
 from .synthetic import FLAWS, synthetic_flaw
 from .tiling import working_resolution
 
@@ -98,9 +98,9 @@ def fit_detector(
     member_choices = list(members) if members else None
     wants_choice = fused and (len(candidates) > 1 or member_choices is None)
     check_rows, calibration_rows = validation_rows(held_out, seed) if wants_choice else (held_out[:0], held_out)
-    selection = None
+    selection = chosen = None
     if len(check_rows):
-        selection = _select(encoder, good_images, fit_rows, check_rows, candidates, member_choices, defects, seed,
+        selection, chosen = _select(encoder, good_images, fit_rows, check_rows, candidates, member_choices, defects, seed,
                             object_name, progress)  # fmt: skip
         candidates, member_choices = [selection["resolution"]], selection["members"]
     elif fused and member_choices is None:
@@ -112,15 +112,21 @@ def fit_detector(
             member_choices = member_choices[:-1]
     working = candidates[0]
     images = [good_images[i] for i in fit_rows], [good_images[i] for i in calibration_rows]
-    bar = progress_bar(len(fit_rows) + len(calibration_rows), progress)
+    # The detector validation chose was fitted on these shots at this resolution: reuse it, so the
+    # shots are not encoded again and the memory bank (a greedy coreset) is built once.
+    encode_shots = bool(shots) and chosen is None
+    bar = progress_bar(len(fit_rows) * encode_shots + len(calibration_rows), progress)
     update = bar.update if bar else None
-    shot_patches = encode_dense(encoder, images[0], progress=update, resolution=working) if shots else None
+    shot_patches = encode_dense(encoder, images[0], progress=update, resolution=working) if encode_shots else None
     calibration = encode_dense(encoder, images[1], progress=update, resolution=working) if images[1] else None
     if bar:
         bar.close()
     has_joint = calibration.joint is not None if calibration is not None else None
-    detector = build_detector(encoder, shot_patches, method, object_name, seed, has_joint=has_joint,
-                              members=member_choices, resolution=working)  # fmt: skip
+    if chosen is not None:
+        detector = with_members(chosen, member_choices)
+    else:
+        detector = build_detector(encoder, shot_patches, method, object_name, seed, has_joint=has_joint,
+                                  members=member_choices, resolution=working)  # fmt: skip
     names = [Path(good_images[i]).name for i in fit_rows if isinstance(good_images[i], (str, os.PathLike))]
     detector.config["shot_files"] = names
     if selection is not None:
@@ -129,8 +135,9 @@ def fit_detector(
 
 
 def _select(encoder, good_images, fit_rows, check_rows, candidates, member_choices, defects, seed, object_name,
-            progress) -> dict:
-    """Run :func:`~.selection.choose_settings` on the validation rows; returns what it chose and why."""
+            progress) -> tuple[dict, AnomalyDetector]:
+    """Run :func:`~.selection.choose_settings` on the validation rows: (what it chose and why, the chosen
+    detector fitted on the shots, uncalibrated)."""
     goods = [good_images[i] for i in check_rows]
     if defects:
         flawed, kinds, source = list(defects), ["given"] * len(defects), "defects"
@@ -150,12 +157,9 @@ def _select(encoder, good_images, fit_rows, check_rows, candidates, member_choic
     def encode(items, size):
         return encode_dense(encoder, items, resolution=size)
 
+    # Members named by the user: only the resolution is open.
     detector, table = choose_settings(encoder, encode, [good_images[i] for i in fit_rows], goods, flawed, kinds,
-                                      candidates, options, seed, object_name)  # fmt: skip
-    resolution, chosen = detector.map_size, detector.members
-    if member_choices:
-        # Members named by the user: only the resolution was open.
-        rows = [row for row in table if row["members"] == list(options)]
-        resolution, chosen = max(rows, key=lambda row: row["mean_auroc"])["resolution"], list(options)
-    return {"by": source, "validation_size": int(len(goods)), "resolution": int(resolution), "members": chosen,
-            "table": table}  # fmt: skip
+                                      candidates, options, seed, object_name, subsets=not member_choices)  # fmt: skip
+    selection = {"by": source, "validation_size": int(len(goods)), "resolution": int(detector.map_size),
+                 "members": detector.members, "table": table}  # fmt: skip
+    return selection, detector

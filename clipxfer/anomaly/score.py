@@ -45,6 +45,8 @@ class FolderScores:
     skipped: list[str] = field(default_factory=list)
     #: False when the detector has no threshold: every decision is ``unknown``.
     calibrated: bool = True
+    #: A routed detector (:mod:`.routing`): the part type each image went to and the routing margin.
+    routes: list[tuple[str, float]] | None = None
 
     def rows(self) -> list[dict]:
         """One dict per image: path, score, decision (ok|defect, or unknown without a threshold)[, label]."""
@@ -52,6 +54,8 @@ class FolderScores:
         for i, path in enumerate(self.paths):
             decision = ("defect" if self.decisions[i] else "ok") if self.calibrated else "unknown"
             row = {"path": str(path), "score": round(float(self.scores[i]), 6), "decision": decision}
+            if self.routes is not None:
+                row["type"], row["route_margin"] = self.routes[i][0], round(float(self.routes[i][1]), 6)
             if self.kinds is not None:
                 row["label"] = self.kinds[i]
             rows.append(row)
@@ -98,12 +102,16 @@ def score_folder(
     size = detector.map_size
     keep_maps = labelled is not None and any(m is not None for m in labelled.masks)
     kept, scores, maps, skipped, written = [], [], [], [], []
+    routes = [] if hasattr(detector, "routes") else None
     bar = progress_bar(len(paths), progress)
     for start in range(0, len(paths), BATCH_SIZE):
         batch, pixels, sizes = _read_batch(paths[start : start + BATCH_SIZE], size, skipped)
         if batch:
             local, joint = encode_at_resolution(encoder, np.stack(pixels))
-            result = detector.score(DensePatches(local, joint, sizes))
+            patches = DensePatches(local, joint, sizes)
+            result = detector.score(patches)
+            if routes is not None:
+                routes.extend(zip(*detector.routes(patches)))
             scores.append(result.scores)
             if keep_maps:
                 maps.append(result.maps)
@@ -120,7 +128,7 @@ def score_folder(
         raise ClipxferError(f"{root}: none of the {len(paths)} images could be read")
     all_scores = np.concatenate(scores)
     out = FolderScores(root, kept, all_scores, detector.decide(all_scores), detector.threshold, heatmaps=written,
-                       skipped=skipped, calibrated=detector.calibrated)
+                       skipped=skipped, calibrated=detector.calibrated, routes=routes)
     if labelled is not None:
         _evaluate_labelled(out, labelled, maps, keep_maps, size, roc)
     elif roc is not None:

@@ -63,12 +63,15 @@ def choose_settings(
     members: Sequence[str],
     seed: int = 0,
     object_name: str = "object",
+    subsets: bool = True,
 ) -> tuple[AnomalyDetector, list[dict]]:
     """(the chosen detector, uncalibrated; the table of every candidate's mean and per-kind AUROC).
 
     ``encode(items, resolution)`` -> :class:`~.patches.DensePatches`; ``shots``, ``goods`` and
-    ``flawed`` are items it accepts; ``flaw_kinds[i]`` names the kind of ``flawed[i]``. The chosen
-    detector is the candidate fitted here, so its memory bank is not built twice."""
+    ``flawed`` are items it accepts; ``flaw_kinds[i]`` names the kind of ``flawed[i]``. With
+    ``subsets`` False only all of ``members`` together is a candidate (the user named them: only the
+    resolution is open). The chosen detector is the candidate fitted here, so its memory bank is not
+    built twice."""
     kinds = np.asarray(flaw_kinds)
     table, fitted = [], {}
     for resolution in resolutions:
@@ -77,7 +80,7 @@ def choose_settings(
         fitted[int(resolution)] = detector
         good_out = detector.member_outputs(encode(goods, resolution))
         flawed_out = detector.member_outputs(encode(flawed, resolution))
-        for size in range(1, len(members) + 1):
+        for size in range(1 if subsets else len(members), len(members) + 1):
             for subset in combinations(detector.members, size):
                 good = np.max([_standardised(good_out[m][0], good_out[m][0]) for m in subset], axis=0)
                 bad = np.max([_standardised(good_out[m][0], flawed_out[m][0]) for m in subset], axis=0)
