@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import sys
-
 import click
 
-from .common import emit_json, force_option, load_model, model_options
+from .common import emit_csv, emit_json, force_option, load_model, model_options
 from .group import main
 
 
@@ -178,9 +175,7 @@ def score(folder, detector_path, heatmaps, roc, as_json, as_csv, model, device, 
         })  # fmt: skip
         return
     if as_csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        emit_csv(rows)
         return
     for row in rows:
         click.echo(f"{row['decision']:<6} {row['score']:10.4f}  {row['path']}" + (f"  [{row['label']}]" if "label" in row else ""))
@@ -264,9 +259,7 @@ def classify(folder, types_path, as_json, as_csv, device):
                    "metrics": metrics})  # fmt: skip
         return
     if as_csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        emit_csv(rows)
         return
     for row in rows:
         click.echo(f"{row['type']:<16} {row['probability']:.3f}  {row['path']}" + (f"  [{row['label']}]" if "label" in row else ""))

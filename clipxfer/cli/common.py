@@ -140,6 +140,21 @@ def json_safe(value):
     return value
 
 
+def emit_csv(rows: list[dict]) -> None:
+    """Print ``rows`` (dicts with the same keys) as CSV on stdout, a header first; cells a
+    spreadsheet would run as formulas are written inert (:func:`~clipxfer.csvcells.safe_cell`)."""
+    import csv
+
+    from ..csvcells import safe_cell
+
+    if not rows:
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({key: safe_cell(value) if isinstance(value, str) else value for key, value in row.items()}
+                     for row in rows)  # fmt: skip
+
+
 def emit_json(value) -> None:
     """Print ``value`` as indented, strict JSON on stdout (NaN and infinities become null)."""
     click.echo(json.dumps(json_safe(value), indent=2, default=str, allow_nan=False))
