@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -21,13 +22,25 @@ def gpu_name() -> str | None:
     return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
+def json_document(text: str):
+    """The first JSON document in a step's stdout that starts a line: a library (Ray, under load)
+    may print lines of its own around the one the command writes."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"^[{\[]", text, re.MULTILINE):
+        try:
+            return decoder.raw_decode(text, match.start())[0]
+        except ValueError:
+            continue
+    raise ValueError("no JSON document in the output")
+
+
 def read_steps(work: Path) -> dict:
     steps = {}
     for meta in sorted(work.glob("*.meta")):
         status, start, end = meta.read_text().split()
         text = meta.with_suffix(".out").read_text()
         try:
-            result = json.loads(text) if text.strip() else None
+            result = json_document(text) if text.strip() else None
         except ValueError:
             result = {"unparsed_output": text[-2000:]}
         steps[meta.stem] = {"status": status, "seconds": round(float(end) - float(start), 2), "result": result}
@@ -51,7 +64,7 @@ def headline(steps: dict) -> dict:
                                                                     "num_train", "accuracy", "val_accuracy")}
         out["finetune_lora"]["command_seconds"] = finetune["seconds"]
     embed = steps.get("embed_ray") or {}
-    if embed.get("status") == "ok":
+    if embed.get("status") == "ok" and "embedded" in (embed.get("result") or {}):
         embedded = embed["result"]["embedded"]
         out["embed_ray"] = {"embedded": embedded, "seconds_with_ray_start": embed["seconds"],
                             "images_per_s": round(embedded / embed["seconds"], 1)}
