@@ -174,15 +174,21 @@ def manifest_source(manifest: str | os.PathLike, raw: str) -> Path:
     return path if path.is_absolute() else Path(manifest).parent / path
 
 
-def manifest_paths(manifest: str | os.PathLike) -> list[Path]:
-    """The files a CSV manifest's ``path`` column names (:func:`manifest_source`), or one clear error."""
-    manifest = Path(manifest)
+def read_manifest_table(manifest: Path, expected: str) -> pd.DataFrame:
+    """A CSV manifest as a table of strings (empty cells stay empty), or one clear error naming the
+    file and what it should hold (``expected``, e.g. "columns path,label[,split]")."""
     try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        return pd.read_csv(manifest, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise ClipxferError(f"{manifest}: manifest not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ClipxferError(f"{manifest}: not a readable CSV ({exc}); expected a 'path' column") from None
+        raise ClipxferError(f"{manifest}: not a readable CSV ({exc}); expected {expected}") from None
+
+
+def manifest_paths(manifest: str | os.PathLike) -> list[Path]:
+    """The files a CSV manifest's ``path`` column names (:func:`manifest_source`), or one clear error."""
+    manifest = Path(manifest)
+    table = read_manifest_table(manifest, "a 'path' column")
     if "path" not in table.columns:
         raise ClipxferError(f"{manifest}: no 'path' column; give a CSV manifest (path,label)")
     return [manifest_source(manifest, cell_text(raw)) for raw in table["path"]]
@@ -224,12 +230,7 @@ def from_csv(manifest: str | os.PathLike, classnames: Sequence[str] | None = Non
     (:func:`label_cells`).
     """
     manifest = Path(manifest)
-    try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise ClipxferError(f"{manifest}: manifest not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ClipxferError(f"{manifest}: not a readable CSV ({exc}); expected columns path,label[,split]") from None
+    table = read_manifest_table(manifest, "columns path,label[,split]")
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise ClipxferError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}; expected path,label[,split]")

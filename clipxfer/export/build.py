@@ -79,13 +79,13 @@ def manifest_calibration_paths(head_path: Path) -> tuple[list[Path], Path]:
     import pandas as pd
 
     from ..csvcells import cell_text
-    from ..datasets.labelled import manifest_source
+    from ..datasets.labelled import manifest_source, read_manifest_table
     from ..fewshot.inputs import manifest_path_for
 
     manifest = manifest_path_for(head_path)
     try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        table = read_manifest_table(manifest, "columns path,label,split")
+    except (ClipxferError, OSError):  # no usable manifest: the caller falls back to the sample photos
         return [], manifest
     if "path" not in table.columns:
         return [], manifest
