@@ -8,7 +8,8 @@ shots of ``train/good`` drawn with the seed. The classes are ``good`` and every 
 last ``--test-per-class`` the test images (the same test images for every K of a seed). Both
 classifiers are the same multinomial logistic regression with the L2 strength chosen by stratified
 cross-validation on the shots (:func:`clipxfer.anomaly.defect_types.fit_linear`); they differ only in
-their inputs. Reported: accuracy overall and per class, K x seeds.
+their inputs, and the defect-type head chooses which of its feature groups to read by the same
+cross-validation (:func:`clipxfer.anomaly.defect_types.fit_on_groups`, what ``anomaly fit-types`` does). Reported: accuracy overall and per class, K x seeds.
 
     PYTHONPATH=. python benchmarks/anomaly_types.py /tmp/i23type_zoo32 --shots 4,16 --seeds 1,2,3 \\
         --out benchmarks/results/anomaly_types.csv
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clipxfer.anomaly.defect_types import GROUPS, design_matrix, fit_linear, standardiser, type_features
+from clipxfer.anomaly.defect_types import GROUPS, design_matrix, fit_linear, fit_on_groups, type_features
 from clipxfer.anomaly.detector import build_detector, split_good
 from clipxfer.anomaly.patches import encode_dense, take_patches
 from clipxfer.anomaly.tiling import working_resolution
@@ -95,13 +96,13 @@ def main():
                 train = np.concatenate([order[i][:k] for i in order])
                 assert not set(train) & set(test), "labelled shots and test images overlap"
                 groups = {name: value[train] for name, value in features[seed].items()}
-                mean, scale = standardiser(groups)
-                x_train = design_matrix(groups, mean, scale)
-                x_test = design_matrix({name: value[test] for name, value in features[seed].items()}, mean, scale)
+                head = fit_on_groups(groups, labels[train], len(classes), seed)
+                x_test = design_matrix({name: value[test] for name, value in features[seed].items()}, head["mean"],
+                                       head["scale"], head["names"])  # fmt: skip
                 base = {"texture": texture, "seed": seed, "shots": k, "resolution": size, "model_id": encoder.id}
-                weights, bias, choice = fit_linear(x_train, labels[train], len(classes), seed)
-                predicted = (x_test @ weights.T + bias).argmax(axis=1)
-                rows += accuracy_rows(predicted, labels[test], classes, {**base, "classifier": "defect-types", "l2": choice["l2"]})
+                predicted = (x_test @ head["weights"].T + head["bias"]).argmax(axis=1)
+                rows += accuracy_rows(predicted, labels[test], classes, {**base, "classifier": "defect-types",
+                                      "l2": head["choice"]["l2"], "groups": "+".join(head["names"])})  # fmt: skip
                 weights, bias, choice = fit_linear(pooled[train], labels[train], len(classes), seed)
                 predicted = (pooled[test] @ weights.T + bias).argmax(axis=1)
                 rows += accuracy_rows(predicted, labels[test], classes, {**base, "classifier": "pooled-probe", "l2": choice["l2"]})

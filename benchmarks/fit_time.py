@@ -26,10 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clipxfer.encoders.base import ImageEncoding, l2_normalize  # noqa: E402
+from clipxfer.encoders.base import ImageEncoding  # noqa: E402
 from clipxfer.heads import HEAD_TYPES  # noqa: E402
 from clipxfer.heads.base import FewShotData  # noqa: E402
 from clipxfer.heads.zeroshot import ZeroShotHead, fit_zeroshot  # noqa: E402
+from clipxfer.vectors import l2_normalize
 
 METHODS = [("probe", "probe", {}), ("tip", "tip", {}), ("tipf", "tip", {"finetune": True}), ("mix", "mix", {}),
            ("lpp", "lpp", {}), ("clap", "clap", {})]

@@ -16,6 +16,7 @@ from clipxfer.anomaly.defect_types import (
     GROUPS,
     fit_defect_types,
     fit_linear,
+    fit_on_groups,
     labelled_type_folders,
     load_defect_types,
     type_features,
@@ -136,3 +137,39 @@ def test_bad_input_is_one_line(parts, tiny, tmp_path):
         result = runner.invoke(main, ["anomaly", "classify", str(base / "test"), "--types",
                                       str(tmp_path / f"{name}.safetensors"), "--device", "cpu"])  # fmt: skip
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, name
+
+
+def test_cross_validation_chooses_the_groups_that_carry_the_classes():
+    """Classes told apart by one group only, every other group noise: the chosen set holds that group,
+    and a set without it is not chosen (its cross-validated log-loss is worse)."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(3), 8)
+    groups = {name: rng.normal(size=(len(labels), 6)) for name in GROUPS}
+    groups["mean_pooled"] = groups["mean_pooled"] + 4 * np.eye(3, 6)[labels]
+    fitted = fit_on_groups(groups, labels, 3, seed=0)
+    assert "mean_pooled" in fitted["names"]
+    losses = fitted["choice"]["cv_log_loss_by_groups"]
+    assert losses["+".join(fitted["names"])] == min(losses.values())
+    assert fitted["weights"].shape == (3, 6 * len(fitted["names"]))
+    # The separating group alone beats the full set padded with three groups of noise.
+    assert losses["mean_pooled"] < losses["+".join(GROUPS)]
+
+
+def test_a_head_on_fewer_groups_saves_loads_and_reads_only_them(parts, tiny, tmp_path, monkeypatch):
+    base, detector = parts
+    import clipxfer.anomaly.defect_types as defect_types
+
+    monkeypatch.setattr(defect_types, "GROUP_SETS", (("map_stats", "mean_pooled"),))
+    head = fit_defect_types(tiny, detector, labelled_type_folders(base / "train"))
+    assert head.groups == ["map_stats", "mean_pooled"]
+    loaded = load_defect_types(head.save(tmp_path / "few"), tiny.id)
+    assert loaded.groups == head.groups
+    patches = encode_dense(tiny, list(find_images(base / "test")), resolution=detector.map_size)
+    np.testing.assert_allclose(loaded.probabilities(patches), head.probabilities(patches), rtol=1e-5, atol=1e-6)
+    from clipxfer.encoders.artifacts import read_artifact_metadata, read_artifact_tensors, write_artifact
+
+    meta, arrays = read_artifact_metadata(tmp_path / "few.safetensors", "head"), read_artifact_tensors(tmp_path / "few.safetensors", "head")
+    meta["config"]["groups"]["colour_histogram"] = 3
+    write_artifact(tmp_path / "odd", arrays, meta, "head")
+    with pytest.raises(ClipxferError, match="feature groups"):
+        load_defect_types(tmp_path / "odd.safetensors")

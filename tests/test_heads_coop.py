@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.encoders.base import ImageEncoding
 from clipxfer.heads import HEAD_TYPES, load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.coop import PromptLearner, text_tower
 from clipxfer.heads.zeroshot import fit_zeroshot
+from clipxfer.vectors import l2_normalize
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.encoders.base import ImageEncoding
 from clipxfer.errors import ClipxferError
 from clipxfer.heads import HEAD_TYPES, load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.zeroshot import ZeroShotHead
+from clipxfer.vectors import l2_normalize
 
 NUM_CLASSES, DIM = 10, 32
 

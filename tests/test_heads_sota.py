@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from clipxfer.bench import BenchConfig, DatasetSpec, run_bench
 from clipxfer.bench.run import plan_cells
 from clipxfer.cli import main
-from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.encoders.base import ImageEncoding
 from clipxfer.errors import ClipxferError
 from clipxfer.heads import load_head
 from clipxfer.heads.base import FewShotData
@@ -31,6 +31,7 @@ from clipxfer.heads.transclip import (
 )  # fmt: skip
 from clipxfer.heads.transductive import agreement, fit_transductive
 from clipxfer.heads.zeroshot import ZeroShotHead
+from clipxfer.vectors import l2_normalize
 
 from .conftest import write_tinted_folder
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.encoders.base import ImageEncoding
 from clipxfer.errors import ClipxferError
 from clipxfer.heads import load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.transductive import TransductiveHead, em_prototypes, fit_transductive
 from clipxfer.heads.zeroshot import ZeroShotHead
+from clipxfer.vectors import l2_normalize
 
 
 def two_clusters(n=400, dim=32, seed=0, prior_noise=1.2):

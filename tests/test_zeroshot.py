@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from clipxfer.datasets.prompts import load_templates
-from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.encoders.base import ImageEncoding
 from clipxfer.heads import load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.zeroshot import ZeroShotHead, class_text_weights, fit_zeroshot
+from clipxfer.vectors import l2_normalize
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 

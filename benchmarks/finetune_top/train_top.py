@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from clipxfer.datasets.labelled import load_dataset
 from clipxfer.datasets.splits import partition_train_test
 from clipxfer.encoders import load_encoder
-from clipxfer.encoders.base import ImageEncoding, l2_normalize
+from clipxfer.encoders.base import ImageEncoding
 from clipxfer.fewshot.task import prepare_task
 from clipxfer.finetune.model import head_logits, working_copy
 from clipxfer.finetune.pixels import augment_batch, decode_pixels
 from clipxfer.heads.linear import PARTS
 from clipxfer.heads.probe import ProbeHead
+from clipxfer.vectors import l2_normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared dev-set draw
 from finetune_recipe import draw_dev_set  # noqa: E402

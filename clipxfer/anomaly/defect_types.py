@@ -11,8 +11,10 @@ is described by four groups of numbers, all from one dense encoding at the detec
 
 Every column is standardised on the labelled shots and each group is divided by the square root of its
 width, so each group weighs alike whatever its size; a multinomial logistic regression (the probe's
-L-BFGS fit, :func:`~clipxfer.heads.probe.fit_logistic`) is fitted on them, its L2 strength chosen by
-stratified cross-validation over the shots (log-loss), never on test images.
+L-BFGS fit, :func:`~clipxfer.heads.probe.fit_logistic`) is fitted on them. Which groups it reads
+(:data:`GROUP_SETS`) and its L2 strength are chosen together by stratified cross-validation over the
+shots (log-loss), never on test images: where the map does not single a flaw out (a speck on grass),
+the wider input only costs shots, and the pooled groups alone do better.
 
 The head is one safetensors file holding its weights and the detector it reads maps from (JSON
 metadata: classes, groups, the detector's config), checked on load by :func:`load_defect_types`.
@@ -44,6 +46,8 @@ from .patches import DensePatches, encode_dense
 #: The format tag of defect-type heads.
 DEFECT_TYPES_FORMAT = "clipxfer-defect-types/1"
 GROUPS = ("map_stats", "peak_patch", "max_pooled", "mean_pooled")
+#: The group sets cross-validation chooses among, fullest first (ties go to the earlier set).
+GROUP_SETS = (GROUPS, ("map_stats", "max_pooled", "mean_pooled"), ("map_stats", "mean_pooled"), ("mean_pooled",))
 #: Map percentiles described (with max, mean and standard deviation).
 PERCENTILES = (90, 99)
 #: Members whose output has a map (the others give an image score only).
@@ -107,18 +111,20 @@ def type_features(detector: AnomalyDetector, patches: DensePatches) -> dict[str,
     }
 
 
-def design_matrix(groups: dict[str, np.ndarray], mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """The groups side by side, standardised with :func:`standardiser`'s ``mean`` and ``scale``."""
-    x = np.concatenate([groups[name] for name in GROUPS], axis=1).astype(np.float64)
+def design_matrix(groups: dict[str, np.ndarray], mean: np.ndarray, scale: np.ndarray,
+                  names: Sequence[str] = GROUPS) -> np.ndarray:  # fmt: skip
+    """The groups ``names`` side by side, standardised with :func:`standardiser`'s ``mean`` and ``scale``."""
+    x = np.concatenate([groups[name] for name in names], axis=1).astype(np.float64)
     return (x - mean) / scale
 
 
-def standardiser(groups: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and scales: each column to unit spread, each group then to unit total weight."""
-    x = np.concatenate([groups[name] for name in GROUPS], axis=1).astype(np.float64)
+def standardiser(groups: dict[str, np.ndarray], names: Sequence[str] = GROUPS) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and scales of the groups ``names``: each column to unit spread, each group then to
+    unit total weight."""
+    x = np.concatenate([groups[name] for name in names], axis=1).astype(np.float64)
     spread = x.std(axis=0)
     spread = np.where(spread > 1e-12 * max(float(np.abs(x).max()), 1.0), spread, 1.0)
-    widths = np.concatenate([np.full(groups[name].shape[1], math.sqrt(groups[name].shape[1])) for name in GROUPS])
+    widths = np.concatenate([np.full(groups[name].shape[1], math.sqrt(groups[name].shape[1])) for name in names])
     return x.mean(axis=0), spread * widths
 
 
@@ -161,6 +167,27 @@ def fit_linear(x: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> tu
     return params["W"].numpy(), params["b"].numpy(), {"l2": l2, "cv_log_loss": losses}
 
 
+def fit_on_groups(groups: dict[str, np.ndarray], labels: np.ndarray, classes: int, seed: int) -> dict[str, Any]:
+    """The cross-validated logistic regression on the group set of :data:`GROUP_SETS` whose best L2
+    strength has the lowest cross-validated log-loss (the fullest set when a class has one shot: nothing
+    to validate on). Returns ``names`` (the chosen groups), ``weights``, ``bias``, ``mean``, ``scale``
+    and ``choice`` (L2, the losses, each set's best loss)."""
+    single = np.bincount(labels, minlength=classes).min() < 2
+    best, set_losses = None, {}
+    for names in GROUP_SETS[:1] if single else GROUP_SETS:
+        mean, scale = standardiser(groups, names)
+        l2, losses = choose_l2(design_matrix(groups, mean, scale, names), labels, classes, seed)
+        loss = min(losses.values()) if losses else float("nan")
+        set_losses["+".join(names)] = loss
+        if best is None or loss < best[0] - 1e-9:
+            best = (loss, names, mean, scale, l2, losses)
+    _, names, mean, scale, l2, losses = best
+    params = fit_logistic(design_matrix(groups, mean, scale, names), labels, classes, l2)
+    choice = {"l2": l2, "cv_log_loss": losses, "cv_log_loss_by_groups": set_losses}
+    return {"names": list(names), "weights": params["W"].numpy(), "bias": params["b"].numpy(), "mean": mean,
+            "scale": scale, "choice": choice}  # fmt: skip
+
+
 class DefectTypeHead:
     """A defect-type classifier over anomaly-map statistics and patch features (see the module)."""
 
@@ -190,16 +217,22 @@ class DefectTypeHead:
         check_type_detector(detector)
         labels = np.asarray(labels, np.int64)
         groups = type_features(detector, patches)
-        mean, scale = standardiser(groups)
-        weights, bias, choice = fit_linear(design_matrix(groups, mean, scale), labels, len(classes), seed)
-        arrays = {"weights": weights, "bias": bias, "feature_mean": mean, "feature_scale": scale}
-        config = {"groups": {name: int(groups[name].shape[1]) for name in GROUPS}, "seed": seed,
-                  "shots": {name: int((labels == i).sum()) for i, name in enumerate(classes)}, **choice}  # fmt: skip
+        fitted = fit_on_groups(groups, labels, len(classes), seed)
+        arrays = {"weights": fitted["weights"], "bias": fitted["bias"], "feature_mean": fitted["mean"],
+                  "feature_scale": fitted["scale"]}  # fmt: skip
+        config = {"groups": {name: int(groups[name].shape[1]) for name in fitted["names"]}, "seed": seed,
+                  "shots": {name: int((labels == i).sum()) for i, name in enumerate(classes)}, **fitted["choice"]}  # fmt: skip
         return cls(detector, list(classes), arrays, config)
+
+    @property
+    def groups(self) -> list[str]:
+        """The feature groups the head reads (in :data:`GROUPS` order)."""
+        return [name for name in GROUPS if name in self.config["groups"]]
 
     def logits(self, patches: DensePatches) -> np.ndarray:
         """``(n, classes)`` logits of encoded parts."""
-        x = design_matrix(type_features(self.detector, patches), self.arrays["feature_mean"], self.arrays["feature_scale"])
+        x = design_matrix(type_features(self.detector, patches), self.arrays["feature_mean"], self.arrays["feature_scale"],
+                          self.groups)  # fmt: skip
         return (x @ self.arrays["weights"].T.astype(np.float64) + self.arrays["bias"]).astype(np.float32)
 
     def probabilities(self, patches: DensePatches) -> np.ndarray:
@@ -252,12 +285,13 @@ def load_defect_types(path: str | os.PathLike, model_id: str | None = None) -> D
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) \
             or len(set(classes)) < len(classes):  # fmt: skip
         raise bad(f"classes {classes!r} are not two or more distinct names")
-    if not isinstance(config, dict) or not isinstance(config.get("groups"), dict) or set(config["groups"]) != set(GROUPS):
+    if not isinstance(config, dict) or not isinstance(config.get("groups"), dict) or not config["groups"] \
+            or not set(config["groups"]) <= set(GROUPS):  # fmt: skip
         raise bad("config does not name its feature groups")
     width = config["groups"]
-    if not all(isinstance(width[name], int) and width[name] > 0 for name in GROUPS):
+    if not all(isinstance(width[name], int) and width[name] > 0 for name in width):
         raise bad(f"feature group widths {width!r} are not positive whole numbers")
-    features = sum(width[name] for name in GROUPS)
+    features = sum(width.values())
     shapes = {"weights": (len(classes), features), "bias": (len(classes),), "feature_mean": (features,),
               "feature_scale": (features,)}  # fmt: skip
     for name, shape in shapes.items():
@@ -269,9 +303,10 @@ def load_defect_types(path: str | os.PathLike, model_id: str | None = None) -> D
     if not (own["feature_scale"] > 0).all():
         raise bad("array 'feature_scale' holds values that are not positive")
     stats = sum(1 + (3 + len(PERCENTILES)) * (member in MAP_MEMBERS) for member in detector.members)
-    if width["map_stats"] != stats:
+    if "map_stats" in width and width["map_stats"] != stats:
         raise bad(f"{width['map_stats']} map statistics, its detector's members give {stats}")
-    if "memory_bank" in detector.arrays and {width[name] for name in GROUPS[1:]} != {detector.arrays["memory_bank"].shape[1]}:
+    patch_widths = {width[name] for name in GROUPS[1:] if name in width}
+    if "memory_bank" in detector.arrays and patch_widths - {detector.arrays["memory_bank"].shape[1]}:
         raise bad("patch feature groups are not as wide as its detector's patches")
     head = DefectTypeHead(detector, classes, own, config)
     if model_id is not None:

@@ -36,6 +36,7 @@ from ..encoders.artifacts import (
 )  # fmt: skip
 from ..errors import ClipxferError
 from ..images import find_images, is_image_path
+from ..vectors import l2_normalize
 from .detector import AnomalyDetector, AnomalyScores, check_detector, load_detector, split_good
 from .fitting import fit_detector
 from .patches import DensePatches, encode_dense, take_patches
@@ -63,8 +64,7 @@ def part_type_folders(root: str | os.PathLike) -> dict[str, list[Path]] | None:
 
 def pooled_directions(local: np.ndarray) -> np.ndarray:
     """``(n, h, w, c)`` patch features -> ``(n, c)`` their mean over positions, L2-normalised."""
-    pooled = np.asarray(local, np.float64).mean(axis=(1, 2))
-    return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return l2_normalize(np.asarray(local, np.float64).mean(axis=(1, 2)), dtype=None).astype(np.float32)
 
 
 def route(local: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +204,7 @@ def fit_routed_detector(
         patches = encode_dense(encoder, [images[i] for i in np.r_[fit_rows, checked]], resolution=common)
         encoded[name] = (patches, len(fit_rows))
         prototypes.append(pooled_directions(take_patches(patches, range(len(fit_rows))).local).mean(axis=0))
-    prototypes = np.stack(prototypes)
-    prototypes /= np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+    prototypes = l2_normalize(np.stack(prototypes))
     names = list(types)
     per_type = {}
     for row, name in enumerate(names):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..encoders import Encoder
 from ..errors import ClipxferError
+from ..vectors import l2_normalize
 
 #: Tiles overlap by at least this share of their side.
 MIN_OVERLAP = 0.25
@@ -108,5 +109,5 @@ def encode_tiled(encoder: Encoder, pixels: np.ndarray, dense) -> tuple[np.ndarra
     local = stitch(local, starts, local_cell, resolution // local_cell)
     if joint is not None:
         joint = stitch(joint, starts, joint_cell, resolution // joint_cell)
-        joint /= np.maximum(np.linalg.norm(joint, axis=-1, keepdims=True), 1e-12)
+        joint = l2_normalize(joint)
     return local, joint

@@ -23,7 +23,7 @@ from ..datasets.features import encode_dataset, take
 from ..datasets.labelled import LabelledImages, load_dataset
 from ..datasets.prompts import load_templates
 from ..datasets.splits import partition_train_test
-from ..encoders import Encoder, ImageEncoding, l2_normalize, load_encoder
+from ..encoders import Encoder, ImageEncoding, load_encoder
 from ..errors import ClipxferError
 from ..fewshot.predict import encoder_for_head
 from ..heads.metalearned import apply_adapter, load_meta
@@ -32,6 +32,7 @@ from ..heads.zeroshot import ZeroShotHead, fit_zeroshot
 from ..metalearn.episodes import check_episode_pool, prototype_logits, sample_episode
 from ..metalearn.train import resolve_classes
 from ..paths import atomic_write_bytes
+from ..vectors import l2_normalize
 
 METHODS = ("zeroshot", "prototypes", "meta", "transductive")
 EPISODE_COLUMNS = ["method", "ways", "shots", "episode", "accuracy"]

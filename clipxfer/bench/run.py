@@ -21,7 +21,7 @@ from ..datasets.features import encode_dataset, take
 from ..datasets.labelled import LabelledImages, check_classes, load_dataset
 from ..datasets.prompts import load_templates
 from ..datasets.splits import FewShotSplit, draw_few_shot, held_out_test
-from ..encoders import Encoder, ImageEncoding, l2_normalize
+from ..encoders import Encoder, ImageEncoding
 from ..encoders.registry import load_encoder_for_results
 from ..errors import ClipxferError
 from ..finetune import fit_finetune_head
@@ -31,6 +31,7 @@ from ..heads.fitting import fit_head
 from ..heads.zeroshot import fit_zeroshot
 from ..metrics import classification_report
 from ..paths import atomic_write_bytes, safe_filename
+from ..vectors import l2_normalize
 from .config import METHODS, BenchConfig, DatasetSpec
 
 CSV_COLUMNS = [

@@ -228,8 +228,8 @@ def fit_types(labelled_dir, detector_path, out, force, seed, as_json, device):
         return
     shots = ", ".join(f"{name} {count}" for name, count in head.config["shots"].items())
     click.echo(f"{path}: defect-type head over {len(head.classes)} types ({shots}), detector "
-               f"{'+'.join(detector.members)} at {detector.map_size} px, L2 {head.config['l2']:g} chosen by "
-               f"cross-validation on the examples")
+               f"{'+'.join(detector.members)} at {detector.map_size} px; features {'+'.join(head.groups)} and "
+               f"L2 {head.config['l2']:g} chosen by cross-validation on the examples")
 
 
 @anomaly.command("classify")

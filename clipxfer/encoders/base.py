@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ClipxferError
 from ..images import ImageLike, load_model_input
+from ..vectors import l2_normalize
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,6 @@ class PatchFeatures:
 
     maps: list[np.ndarray]
     joint: np.ndarray | None
-
-
-def l2_normalize(rows: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (all-zero rows stay zero), as float32."""
-    rows = np.asarray(rows, dtype=np.float32)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows / np.maximum(norms, 1e-12)
 
 
 class Encoder(ABC):

@@ -21,7 +21,8 @@ from ..device import choose_device, choose_precision
 from ..errors import ClipxferError
 from ..extras import import_extra
 from ..paths import cache_dir
-from .base import Encoder, l2_normalize
+from ..vectors import l2_normalize
+from .base import Encoder
 from .ids import LITE_ID
 
 CONSE_TOP_K = 10

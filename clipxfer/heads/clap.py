@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
+from ..vectors import l2_normalize
 from .base import FewShotData, fit_provenance, register_head, softmax
 from .linear import LinearHead, probe_inputs, val_score
 from .lpp import init_alpha
@@ -224,7 +225,7 @@ class CLAPHead(LinearHead):
         else:
             x, anchor, scale = data.train.embeddings, text, model_scale
         weight = fit_clap(x, data.train_labels, anchor, scale, penalties, epochs, lr)
-        unit = weight / np.maximum(np.linalg.norm(weight, axis=1, keepdims=True), 1e-12)
+        unit = l2_normalize(weight, dtype=None)
         if feature_weight is not None:
             share = scale / math.sqrt(1.0 + feature_weight**2)
             width = text.shape[1]

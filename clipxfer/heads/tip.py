@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..encoders.base import ImageEncoding, l2_normalize
+from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
+from ..vectors import l2_normalize
 from .base import FewShotData, Head, fit_provenance, register_head
 from .linear import val_score
 

@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..encoders.base import ImageEncoding, l2_normalize
+from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
+from ..vectors import l2_normalize
 from .base import HEAD_TYPES, FewShotData, Head, fit_provenance, register_head
 from .fitting import fit_head
 
@@ -102,7 +103,7 @@ def update_mu(x: np.ndarray, z: np.ndarray, shots_x: np.ndarray | None, shots_on
     mu = z.T @ x / len(x)
     if shots_x is not None and gamma > 0:
         mu = mu + (TEMPERATURE * gamma / len(shots_x)) * shots_onehot.T @ shots_x
-    return mu / np.maximum(np.linalg.norm(mu, axis=1, keepdims=True), 1e-12)
+    return l2_normalize(mu, dtype=None)
 
 
 def update_var(x: np.ndarray, z: np.ndarray, mu: np.ndarray, shots_x: np.ndarray | None,
@@ -129,7 +130,7 @@ def init_mu(x: np.ndarray, z: np.ndarray, shots_x: np.ndarray | None, shots_oneh
         order = np.argsort(-z, axis=0, kind="stable")[:top]  # (top, C)
         cols = np.arange(z.shape[1])
         mu = np.einsum("tc,tcd->cd", z[order, cols], x[order]) / top
-    return mu / np.maximum(np.linalg.norm(mu, axis=1, keepdims=True), 1e-12)
+    return l2_normalize(mu, dtype=None)
 
 
 def transclip(

@@ -40,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from ..encoders.base import ImageEncoding, l2_normalize
+from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
+from ..vectors import l2_normalize
 from .base import FewShotData, Head, fit_provenance, register_head, softmax
 from .linear import val_score
 
@@ -64,8 +65,7 @@ def agreement(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
 
 def centred_inputs(features: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """Features minus the target centre, L2-normalised (float64 for a reproducible EM)."""
-    rows = np.asarray(features, dtype=np.float64) - centre
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return l2_normalize(np.asarray(features, dtype=np.float64) - centre, dtype=np.float64)
 
 
 def em_prototypes(
@@ -94,15 +94,12 @@ def em_prototypes(
         new_resp = softmax(prior_logits + kappa * x @ prototypes.T)
         change = float(np.abs(new_resp - resp).max())
         resp = new_resp
-        prototypes = _normalize64(resp.T @ x + label_weight * labelled_sum)
+        prototypes = l2_normalize(resp.T @ x + label_weight * labelled_sum, dtype=np.float64)
         if change < tol:
             converged = True
             break
     return prototypes, resp, iteration, converged
 
-
-def _normalize64(rows: np.ndarray) -> np.ndarray:
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 @register_head

@@ -32,6 +32,7 @@ from PIL import Image, ImageEnhance
 
 from ..errors import ClipxferError, ImageDecodeError
 from ..images import open_image
+from ..vectors import l2_normalize
 from . import alignment, store
 
 #: Images of the index copied to learn the copy threshold.
@@ -142,10 +143,6 @@ class DuplicateReport:
         return data
 
 
-def _normalised(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.float32)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-
 
 NEIGHBOURS = 8
 #: Weight of the aligned thumbnail correlation against the model cosine in a pair's copy similarity
@@ -223,7 +220,7 @@ def learn_copy_rule(
         if windows[int(row)] is None:
             continue  # moved or damaged since indexing: learn from the others
         variants = copy_variants(open_image(paths[row]), rng)
-        for vector, variant in zip(_normalised(encode(variants)), variants):
+        for vector, variant in zip(l2_normalize(encode(variants)), variants):
             learned.append((int(row), vector, alignment.signature(variant)))
     if not learned:
         raise ClipxferError("no indexed image could be read to learn what a copy looks like: run 'clipxfer index' again")
@@ -311,7 +308,7 @@ def find_duplicates(
         encoding = encoder.embed_images(images)
         return encoding.features if features is not None else encoding.embeddings
 
-    model = _normalised(features if features is not None else embeddings)
+    model = l2_normalize(features if features is not None else embeddings)
     neighbours, scores = _neighbours(model, model, NEIGHBOURS + 1)
     hashes = [rows[int(i)].sha256 for i in ids]
     windows = Windows([m.path for m in members])
@@ -350,7 +347,7 @@ def find_duplicates(
             copies.append((i, j, sim))
     report.images_compared = len(windows)
     copied = {frozenset(p[:2]) for p in copies} | same_file
-    lookalikes = [p for p in pairs_above(_normalised(embeddings), lookalike_threshold)
+    lookalikes = [p for p in pairs_above(l2_normalize(embeddings), lookalike_threshold)
                   if frozenset(p[:2]) not in copied]
     for tier, pairs in (("exact", exact), ("copy", copies), ("lookalike", lookalikes)):
         for rows_, score in _components(len(ids), pairs):

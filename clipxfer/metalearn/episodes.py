@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..encoders.base import l2_normalize
 from ..errors import ClipxferError
+from ..vectors import l2_normalize
 
 
 @dataclass(frozen=True)

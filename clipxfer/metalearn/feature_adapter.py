@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..encoders.base import l2_normalize
+from ..vectors import l2_normalize
 from .episodes import Episode, check_episode_pool, episodes_accuracy, sample_episode
 from .settings import MetaSettings
 

@@ -14,9 +14,10 @@ import numpy as np
 from ..datasets.features import encode_dataset
 from ..datasets.labelled import LabelledImages, load_dataset
 from ..datasets.splits import partition_train_test
-from ..encoders.base import Encoder, ImageEncoding, l2_normalize
+from ..encoders.base import Encoder, ImageEncoding
 from ..errors import ClipxferError
 from ..heads.metalearned import MetaHead, adapt_encoding
+from ..vectors import l2_normalize
 from .context import train_context
 from .feature_adapter import train_adapter
 from .settings import MetaSettings, make_settings
