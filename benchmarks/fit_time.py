@@ -30,7 +30,7 @@ from clipxfer.encoders.base import ImageEncoding  # noqa: E402
 from clipxfer.heads import HEAD_TYPES  # noqa: E402
 from clipxfer.heads.base import FewShotData  # noqa: E402
 from clipxfer.heads.zeroshot import ZeroShotHead, fit_zeroshot  # noqa: E402
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 METHODS = [("probe", "probe", {}), ("tip", "tip", {}), ("tipf", "tip", {"finetune": True}), ("mix", "mix", {}),
            ("lpp", "lpp", {}), ("clap", "clap", {})]

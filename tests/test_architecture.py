@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipxfer"
 #: its own layer or below, never above, and units never import each other in a loop.
 LAYERS = [
     ("foundations", ["clipxfer", "errors", "paths", "csvcells", "extras", "images", "device", "progress",
-                     "sample_photos", "metrics", "plots", "vectors"]),
+                     "sample_photos", "metrics", "plots", "vector_math"]),
     ("runtime", ["runtime"]),
     ("encoders", ["encoders"]),
     ("datasets", ["datasets"]),

@@ -343,7 +343,7 @@ def write_narrow_folder(root, per_class=40, seed=0, split=""):
 def test_leakage_guard_is_quiet_on_a_narrow_domain(tmp_path, tiny, capsys):
     from clipxfer.datasets.features import encode_dataset
     from clipxfer.datasets.labelled import load_dataset
-    from clipxfer.vectors import l2_normalize
+    from clipxfer.vector_math import l2_normalize
 
     data = write_narrow_folder(tmp_path / "fabric", per_class=40)
     encoding = encode_dataset(tiny, load_dataset(data))

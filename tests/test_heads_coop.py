@@ -11,7 +11,7 @@ from clipxfer.heads import HEAD_TYPES, load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.coop import PromptLearner, text_tower
 from clipxfer.heads.zeroshot import fit_zeroshot
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 

@@ -12,7 +12,7 @@ from clipxfer.errors import ClipxferError
 from clipxfer.heads import HEAD_TYPES, load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.zeroshot import ZeroShotHead
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 NUM_CLASSES, DIM = 10, 32
 

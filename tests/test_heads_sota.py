@@ -31,7 +31,7 @@ from clipxfer.heads.transclip import (
 )  # fmt: skip
 from clipxfer.heads.transductive import agreement, fit_transductive
 from clipxfer.heads.zeroshot import ZeroShotHead
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 from .conftest import write_tinted_folder
 

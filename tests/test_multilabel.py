@@ -11,7 +11,7 @@ from clipxfer.encoders.base import ImageEncoding
 from clipxfer.heads import load_head
 from clipxfer.heads.multilabel import MultiLabelProbeHead, best_thresholds
 from clipxfer.metrics import multilabel_report
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 
 def small_set(per_class=6, classes=3):

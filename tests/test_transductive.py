@@ -12,7 +12,7 @@ from clipxfer.heads import load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.transductive import TransductiveHead, em_prototypes, fit_transductive
 from clipxfer.heads.zeroshot import ZeroShotHead
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 
 def two_clusters(n=400, dim=32, seed=0, prior_noise=1.2):

@@ -10,7 +10,7 @@ from clipxfer.encoders.base import ImageEncoding
 from clipxfer.heads import load_head
 from clipxfer.heads.base import FewShotData
 from clipxfer.heads.zeroshot import ZeroShotHead, class_text_weights, fit_zeroshot
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 

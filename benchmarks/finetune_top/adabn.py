@@ -20,7 +20,7 @@ from clipxfer.fewshot.task import prepare_task
 from clipxfer.finetune.model import working_copy
 from clipxfer.finetune.pixels import augment_batch, decode_pixels
 from clipxfer.heads.probe import ProbeHead
-from clipxfer.vectors import l2_normalize
+from clipxfer.vector_math import l2_normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared dev-set draw
 from finetune_recipe import draw_dev_set  # noqa: E402

@@ -36,7 +36,7 @@ from ..encoders.artifacts import (
 )  # fmt: skip
 from ..errors import ClipxferError
 from ..images import find_images, is_image_path
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .detector import AnomalyDetector, AnomalyScores, check_detector, load_detector, split_good
 from .fitting import fit_detector
 from .patches import DensePatches, encode_dense, take_patches

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..encoders import Encoder
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 
 #: Tiles overlap by at least this share of their side.
 MIN_OVERLAP = 0.25

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..encoders import Encoder
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 
 NORMAL_STATES = [
     "{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage",

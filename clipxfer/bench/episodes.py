@@ -32,7 +32,7 @@ from ..heads.zeroshot import ZeroShotHead, fit_zeroshot
 from ..metalearn.episodes import check_episode_pool, prototype_logits, sample_episode
 from ..metalearn.train import resolve_classes
 from ..paths import atomic_write_bytes
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 
 METHODS = ("zeroshot", "prototypes", "meta", "transductive")
 EPISODE_COLUMNS = ["method", "ways", "shots", "episode", "accuracy"]

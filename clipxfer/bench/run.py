@@ -31,7 +31,7 @@ from ..heads.fitting import fit_head
 from ..heads.zeroshot import fit_zeroshot
 from ..metrics import classification_report
 from ..paths import atomic_write_bytes, safe_filename
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .config import METHODS, BenchConfig, DatasetSpec
 
 CSV_COLUMNS = [

@@ -13,7 +13,7 @@ _EXPORTS = {
     "Encoder": "clipxfer.encoders.base",
     "ImageEncoding": "clipxfer.encoders.base",
     "PatchFeatures": "clipxfer.encoders.base",
-    "l2_normalize": "clipxfer.vectors",
+    "l2_normalize": "clipxfer.vector_math",
     "load_encoder": "clipxfer.encoders.registry",
     "cached_encoder": "clipxfer.encoders.registry",
     "DEFAULT_MODEL": "clipxfer.encoders.ids",

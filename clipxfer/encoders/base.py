@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ClipxferError
 from ..images import ImageLike, load_model_input
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ..device import choose_device, choose_precision
 from ..errors import ClipxferError
 from ..extras import import_extra
 from ..paths import cache_dir
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import Encoder
 from .ids import LITE_ID
 

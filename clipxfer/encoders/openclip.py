@@ -18,7 +18,7 @@ import torch
 
 from ..device import choose_device, choose_precision
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import Encoder
 from .catalog import cached_weights, hf_hub_model_cached
 from .ids import OPEN_CLIP_PREFIX, RANDOM_SEED, RANDOM_TAG

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import FewShotData, fit_provenance, register_head, softmax
 from .linear import LinearHead, probe_inputs, val_score
 from .lpp import init_alpha

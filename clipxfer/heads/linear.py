@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..encoders.base import ImageEncoding
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import Head
 
 PARTS = ("embedding_weights", "feature_weights", "bias")

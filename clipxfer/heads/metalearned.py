@@ -19,7 +19,7 @@ import numpy as np
 
 from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import HEAD_TYPES, FewShotData, Head, load_head, register_head
 
 ADAPTER_KEYS = ("adapter.w1", "adapter.b1", "adapter.w2")

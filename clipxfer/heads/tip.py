@@ -20,7 +20,7 @@ import torch
 
 from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import FewShotData, Head, fit_provenance, register_head
 from .linear import val_score
 

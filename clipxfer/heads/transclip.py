@@ -38,7 +38,7 @@ import scipy.sparse as sp
 
 from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import HEAD_TYPES, FewShotData, Head, fit_provenance, register_head
 from .fitting import fit_head
 

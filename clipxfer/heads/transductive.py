@@ -42,7 +42,7 @@ import numpy as np
 
 from ..encoders.base import ImageEncoding
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import FewShotData, Head, fit_provenance, register_head, softmax
 from .linear import val_score
 

@@ -18,7 +18,7 @@ from safetensors.numpy import load, save
 from ..datasets.prompts import description_texts, load_templates, prompt_name
 from ..encoders.base import Encoder, ImageEncoding
 from ..paths import atomic_write_bytes, cache_dir
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .base import FewShotData, Head, register_head
 
 #: Prompts encoded per call; bounds memory and paces the progress bar.

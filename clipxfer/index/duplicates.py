@@ -32,7 +32,7 @@ from PIL import Image, ImageEnhance
 
 from ..errors import ClipxferError, ImageDecodeError
 from ..images import open_image
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from . import alignment, store
 
 #: Images of the index copied to learn the copy threshold.

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ClipxferError
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .episodes import Episode, check_episode_pool, episodes_accuracy, sample_episode
 from .settings import MetaSettings
 

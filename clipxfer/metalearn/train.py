@@ -17,7 +17,7 @@ from ..datasets.splits import partition_train_test
 from ..encoders.base import Encoder, ImageEncoding
 from ..errors import ClipxferError
 from ..heads.metalearned import MetaHead, adapt_encoding
-from ..vectors import l2_normalize
+from ..vector_math import l2_normalize
 from .context import train_context
 from .feature_adapter import train_adapter
 from .settings import MetaSettings, make_settings
