@@ -165,6 +165,8 @@ def test_serve_classify_with_a_multi_label_head(sample_photo_index, sample_photo
     with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
         data = (sample_photos_dir / "chelsea.jpg").read_bytes()
         answer = client.post("/api/classify", files={"file": ("c.jpg", data, "image/jpeg")}, params={"alpha": 0.2})
+        listed = client.get("/api/heads").json()
+    assert [head["multi_label"] for head in listed] == [True]
     assert answer.status_code == 200, answer.text
     body = answer.json()
     prediction = body["predictions"][0]

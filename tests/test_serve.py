@@ -158,7 +158,8 @@ def test_classify_upload_with_a_loaded_head(client, sample_photos_dir):
     assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
     unknown = client.post("/api/classify", files={"file": ("c.jpg", data, "image/jpeg")}, params={"head": "nope"})
     assert unknown.status_code == 404
-    assert client.get("/api/heads").json()[0]["name"] == "catdog"
+    listed = client.get("/api/heads").json()
+    assert listed[0]["name"] == "catdog" and listed[0]["multi_label"] is False
 
 
 def test_anomaly_without_a_detector_is_a_clear_409(client, sample_photos_dir):

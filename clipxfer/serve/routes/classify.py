@@ -69,12 +69,13 @@ def add_classify_routes(router: APIRouter, state: ServeState) -> None:
     """Add ``/api/heads``, ``/api/classify``, ``/api/anomaly`` to ``router``."""
     @router.get("/api/heads")
     async def heads():
-        """Loaded heads (and ``labelling``, the head of the labelling loop once fitted)."""
+        """Loaded heads (and ``labelling``, the head of the labelling loop once fitted); ``multi_label``
+        says which answer ``/api/classify`` gives (labels per image, or one class)."""
         loaded = dict(state.heads)
         if state.session.head is not None:
             loaded["labelling"] = state.session.head
-        return [{"name": n, "method": h.method, "classes": h.classnames, "model": h.model_id}
-                for n, h in loaded.items()]
+        return [{"name": n, "method": h.method, "classes": h.classnames, "model": h.model_id,
+                 "multi_label": bool(getattr(h, "multi_label", False))} for n, h in loaded.items()]
 
     @router.post("/api/classify")
     async def classify(file: UploadFile = File(...), head: str | None = None, k: int = 5, alpha: float = 0.1):
