@@ -94,11 +94,9 @@ def test_cli_fit_types_and_classify_round_trip(parts, tiny):
     assert metrics["accuracy"] == pytest.approx(np.mean([row["type"] == row["label"] for row in rows]), abs=1e-6)
     head = load_defect_types(out, tiny.id)
     # the encoder the command loads (its precision as `auto` resolves it on this CPU)
-    from clipxfer.cli.common import load_model
-    from clipxfer.encoders.ids import spec_for_id
-    from clipxfer.encoders.registry import precision_for_id
+    from clipxfer.encoders.registry import load_encoder_for_id
 
-    encoder = load_model(spec_for_id(head.model_id), "cpu", precision_for_id(head.model_id, "auto"))
+    encoder = load_encoder_for_id(head.model_id, device="cpu")
     patches = encode_dense(encoder, [row["path"] for row in rows], resolution=head.map_size)
     probabilities = head.probabilities(patches)
     np.testing.assert_allclose(probabilities.max(axis=1), [row["probability"] for row in rows], atol=1e-5)

@@ -154,15 +154,14 @@ def score(folder, detector_path, heatmaps, roc, as_json, as_csv, model, device, 
     """
     from ..anomaly import score_folder
     from ..anomaly.routing import load_any_detector
-    from ..encoders.ids import spec_for_id
-    from ..encoders.registry import precision_for_id
+    from ..encoders.registry import load_encoder_for_id
     from ..errors import ClipxferError
 
     if as_json and as_csv:
         raise ClipxferError("choose one of --json and --csv")
     detector = load_any_detector(detector_path)
     # As a head or an index: `auto` loads the precision the detector's model id names (float or int8).
-    encoder = load_model(model or spec_for_id(detector.model_id), device, precision_for_id(detector.model_id, precision))
+    encoder = load_encoder_for_id(detector.model_id, model, device, precision)
     result = score_folder(detector, encoder, folder, heatmaps, roc, progress=True)
     rows = result.rows()
     n_defect = int(result.decisions.sum()) if result.calibrated else None
@@ -211,13 +210,12 @@ def fit_types(labelled_dir, detector_path, out, force, seed, as_json, device):
     from ..anomaly.detector import progress_bar
     from ..anomaly.routing import load_any_detector
     from ..encoders.artifacts import claim_output
-    from ..encoders.ids import spec_for_id
-    from ..encoders.registry import precision_for_id
+    from ..encoders.registry import load_encoder_for_id
 
     out = claim_output(out, force, "defect-type head")
     detector = check_type_detector(load_any_detector(detector_path))
     types = labelled_type_folders(labelled_dir)
-    encoder = load_model(spec_for_id(detector.model_id), device, precision_for_id(detector.model_id, "auto"))
+    encoder = load_encoder_for_id(detector.model_id, device=device)
     bar = progress_bar(sum(map(len, types.values())), True)
     head = fit_defect_types(encoder, detector, types, seed, progress=bar.update if bar else None)
     if bar:
@@ -245,14 +243,13 @@ def classify(folder, types_path, as_json, as_csv, device):
     Example: clipxfer anomaly classify parts/ --types types.safetensors
     """
     from ..anomaly.defect_types import classify_folder, load_defect_types
-    from ..encoders.ids import spec_for_id
-    from ..encoders.registry import precision_for_id
+    from ..encoders.registry import load_encoder_for_id
     from ..errors import ClipxferError
 
     if as_json and as_csv:
         raise ClipxferError("choose one of --json and --csv")
     head = load_defect_types(types_path)
-    encoder = load_model(spec_for_id(head.model_id), device, precision_for_id(head.model_id, "auto"))
+    encoder = load_encoder_for_id(head.model_id, device=device)
     rows, metrics = classify_folder(head, encoder, folder, progress=True)
     if as_json:
         emit_json({"types": types_path, "model": head.model_id, "classes": head.classes, "results": rows,

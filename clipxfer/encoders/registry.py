@@ -17,6 +17,7 @@ from .ids import (
     adapter_spec,
     is_int8,
     remember_adapted_spec,
+    spec_for_id,
     split_adapter_spec,
 )  # fmt: skip
 
@@ -139,6 +140,13 @@ def precision_for_id(model_id: str, requested: str | None = None) -> str | None:
     if precision != "auto":
         return requested
     return join_compute(runtime, "int8" if is_int8(model_id) else "float")
+
+
+def load_encoder_for_id(model_id: str, model: str | None = None, device: str | None = None,
+                        precision: str | None = "auto") -> Encoder:  # fmt: skip
+    """The encoder to use an artifact (detector, defect-type head) made with ``model_id``: ``model`` when
+    given, else the one the id names, in the precision :func:`precision_for_id` picks for it."""
+    return load_encoder(model or spec_for_id(model_id), device=device, precision=precision_for_id(model_id, precision))
 
 
 def load_encoder_for_results(spec: str | None, model_ids) -> Encoder:
